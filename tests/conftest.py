@@ -1,0 +1,25 @@
+"""Shared fixtures. Every test runs offline on CPU: nothing here may reach a model hub."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusionPipeline saved with save_pretrained (images are 32x32)."""
+    from utils.toy import build_random_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_random_pipeline(path, seed=0)
+    return path

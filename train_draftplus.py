@@ -1,0 +1,566 @@
+#!/usr/bin/env python
+"""DRaFT+ : direct reward fine-tuning of Stable Diffusion LoRAs, with a KL-style regulariser.
+
+Each training sample: draw x_T, denoise with the LoRA UNet (no autograd for the first T-K steps),
+keep gradients through the last K steps and the VAE decoder, score the image with a differentiable
+reward, and minimise
+
+    loss = -mean_b R(x0_b, prompt_b) + kl_coeff * mean_k mean_{b,c,h,w} (eps_theta - eps_ref)^2
+
+where eps_ref is the same UNet with its LoRA disabled, on the same noisy latent. kl_coeff = 0 is
+plain DRaFT. Launch with `accelerate launch train_draftplus.py ...`; `--help` lists every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+LOG = logging.getLogger("draftplus")
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "model": None,  # whatever the model ships in its scheduler/ folder
+}
+VARIANCE_EXPLODING = ("euler",)  # latents are x0 + sigma * eps: DRaFT-LV's re-noising assumes VP
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                   help="Hub id or local directory of a diffusers Stable Diffusion 1.x/2.x pipeline.\n"
+                        "'toy' uses the built-in pretrained toy model (CPU demo, no hub needed).")
+    g.add_argument("--revision", type=str, default=None, help="Hub revision of the model.")
+    g.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
+    g.add_argument("--scheduler", type=str, default="ddim", choices=sorted(SCHEDULERS),
+                   help="Sampler used for the training rollout (default: ddim; 'model' = the model's own).")
+
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompts", type=str, default="animals",
+                   help="Prompt source: 'animals' (45 animals, built in), 'pickapic' (Pick-a-Pic captions,\n"
+                        "from the hub), a .txt file (one prompt per line), a datasets id or local path\n"
+                        "(with --prompt_column), or a webdataset .tar of <key>.txt entries.")
+    g.add_argument("--prompt_column", type=str, default=None, help="Column holding prompts in a dataset.")
+    g.add_argument("--prompt_split", type=str, default="train", help="Dataset split to read prompts from.")
+    g.add_argument("--negative_prompt", type=str, default="", help="Negative prompt for classifier-free guidance.")
+    g.add_argument("--resolution", type=int, default=512, help="Image height and width (multiple of 8).")
+
+    g = p.add_argument_group("rollout")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="T: denoising steps per sample.")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (<=1: off).")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic sampler).")
+    g.add_argument("--truncation_steps", type=int, default=1,
+                   help="K: the last K denoising steps get gradients (DRaFT-K). Default 1.")
+    g.add_argument("--lv_samples", type=int, default=0,
+                   help="DRaFT-LV: re-noise the final latent n times and grade one step on each (0 = off).")
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--reward", type=str, default="pickscore",
+                   help="Reward spec: a name ('pickscore'), a weighted sum ('pickscore=1,aesthetic=0.05'),\n"
+                        "or a custom reward 'path/to/file.py:fn' / 'package.module:fn'. '--reward help' lists them.")
+    g.add_argument("--reward_options", type=str, nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Options for the reward, e.g. 'model=/local/dir' or 'pickscore.model=/path' in a sum.")
+    g.add_argument("--reward_dtype", type=str, default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="Dtype of the reward model (fp32 is the most faithful to the official scorer).")
+    g.add_argument("--reward_gradient_checkpointing", action="store_true",
+                   help="Checkpoint the reward model's activations (less memory, ~30%% more reward compute).")
+    g.add_argument("--kl_coeff", type=float, default=0.1,
+                   help="Weight of the DRaFT+ penalty mean (eps_lora - eps_base)^2. 0 = plain DRaFT.")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank).")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    g.add_argument("--lora_target_modules", type=str, nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"],
+                   help="UNet module names that get LoRA adapters.")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="Scale the learning rate by processes x batch size x accumulation steps.")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help="One of diffusers' schedules: linear, cosine, cosine_with_restarts, polynomial,\n"
+                        "constant, constant_with_warmup.")
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up optimisation steps.")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="Adam beta1.")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="Adam beta2.")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 = off).")
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA only).")
+    g.add_argument("--train_batch_size", type=int, default=1, help="Samples per process per micro-step.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimiser step.")
+    g.add_argument("--max_train_steps", type=int, default=1000, help="Optimiser steps.")
+    g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                   help="Overrides accelerate's config. Frozen weights are cast to this dtype; LoRA stays fp32.")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Checkpoint the graded UNet steps and the VAE decoder (memory flat in K).")
+    g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--seed", type=int, default=0, help="Seed for LoRA init, prompts and noise.")
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_prompts", type=str, nargs="*", default=[],
+                   help="Prompts rendered before and after training (and every --validation_steps).")
+    g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    g.add_argument("--validation_steps", type=int, default=0, help="Render validation images every N steps.")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", type=str, default="draftplus-lora", help="Where the LoRA and checkpoints go.")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="Save accelerate state every N steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help="A checkpoint-N directory, or 'latest' (newest in --output_dir; fresh start if none).")
+    g.add_argument("--report_to", type=str, default="tensorboard",
+                   help="accelerate tracker: tensorboard, wandb, comet_ml, all, or none.")
+    g.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
+    g.add_argument("--push_to_hub", action="store_true", help="Upload the final LoRA and model card to the Hub.")
+    g.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: name of --output_dir).")
+    g.add_argument("--hub_token", type=str, default=None,
+                   help="Hub token (prefer `hf auth login`; the token is never logged or saved).")
+
+    args = p.parse_args(input_args)
+    if args.reward.strip() == "help":
+        from rewards import list_rewards
+
+        print(list_rewards())
+        raise SystemExit(0)
+    check_args(args)
+    return args
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, non-zero exit, nothing loaded or written."""
+    raise SystemExit(f"train_draftplus.py: error: {message}")
+
+
+def parse_reward_options(items: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--reward_options expects KEY=VALUE, got {item!r}")
+        lowered = value.lower()
+        options[key] = True if lowered == "true" else False if lowered == "false" else value
+    return options
+
+
+def check_model_path(name: str, revision: str | None) -> None:
+    if name == "toy" or os.path.isdir(name):
+        if name != "toy" and not os.path.isdir(os.path.join(name, "unet")):
+            fail(f"{name!r} is not a diffusers pipeline directory (no unet/ folder)")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        fail(f"model path {name!r} does not exist")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        fail(f"model {name!r} is neither a local directory nor a valid hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        if not isinstance(try_to_load_from_cache(name, "model_index.json", revision=revision), str):
+            fail(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so bad input fails in a second with one clear line."""
+    from rewards import RewardSpecError, validate_reward_spec
+    from utils.prompts import PromptSourceError, check_prompt_source
+
+    if args.resolution <= 0 or args.resolution % 8:
+        fail(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.num_inference_steps < 1:
+        fail("--num_inference_steps must be at least 1")
+    if not 1 <= args.truncation_steps <= args.num_inference_steps:
+        fail(f"--truncation_steps must be between 1 and --num_inference_steps ({args.num_inference_steps}), "
+             f"got {args.truncation_steps}")
+    if args.lv_samples < 0:
+        fail("--lv_samples must be >= 0")
+    if args.lv_samples and args.truncation_steps != 1:
+        fail("--lv_samples grades a single re-noised step; leave --truncation_steps at 1")
+    if args.lv_samples and args.scheduler in VARIANCE_EXPLODING:
+        fail(f"--lv_samples needs a variance-preserving sampler (ddim, ddpm, dpmsolver), not {args.scheduler}")
+    if args.kl_coeff < 0 or not math.isfinite(args.kl_coeff):
+        fail(f"--kl_coeff must be a finite number >= 0, got {args.kl_coeff}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
+                 "checkpointing_steps", "num_validation_images"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        fail("--checkpoints_total_limit must be at least 1")
+    if not 0 <= args.lora_dropout < 1:
+        fail("--lora_dropout must be in [0, 1)")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        fail("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`")
+    args.reward_options = parse_reward_options(args.reward_options)
+    try:
+        validate_reward_spec(args.reward)
+    except RewardSpecError as e:
+        fail(str(e))
+    try:
+        check_prompt_source(args.prompts)
+    except PromptSourceError as e:
+        fail(str(e))
+    check_model_path(args.pretrained_model_name_or_path, args.revision)
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
+
+
+# ----------------------------------------------------------------------------------------------
+# The DRaFT+ step
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Models:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object  # LoRA UNet as prepared by accelerate (gradients flow here)
+    base_unet: object  # the same model unwrapped: no-grad prefix and adapters-off reference
+    scheduler: object
+
+
+def draftplus_step(models: Models, reward_fn, prompts: list[str], noise, rollout_config, kl_coeff: float,
+                   negative_prompt: str = "", generator=None):
+    """loss = -mean R(x0) + kl_coeff * mean_k mean (eps_theta - eps_ref)^2, for one batch of prompts."""
+    from utils.rollout import encode_prompts, kl_penalty, rollout
+
+    cond = encode_prompts(models.tokenizer, models.text_encoder, prompts, negative_prompt, rollout_config.guided)
+    sample = rollout(models.unet, models.scheduler, models.vae, cond, noise, rollout_config,
+                     base_unet=models.base_unet, with_reference=kl_coeff > 0, generator=generator)
+    rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])
+    penalty = kl_penalty(sample.eps, sample.eps_ref) if kl_coeff > 0 else rewards.new_zeros(())
+    loss = -rewards.mean() + kl_coeff * penalty
+    return loss, rewards.detach(), penalty.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of the training loop
+# ----------------------------------------------------------------------------------------------
+def step_seed(seed: int, *keys: int) -> int:
+    """A per-(step, micro-step, process) seed: resumed runs draw exactly the same noise."""
+    return hash((seed, *keys)) % (2**63)
+
+
+def checkpoint_steps(output_dir: str) -> list[int]:
+    if not os.path.isdir(output_dir):
+        return []
+    names = (re.fullmatch(r"checkpoint-(\d+)", d) for d in os.listdir(output_dir))
+    return sorted(int(m.group(1)) for m in names if m)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """accelerate state into checkpoint-N, written under a temporary name and renamed when complete;
+    old checkpoints are rotated out only after the new one exists."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # same step saved again after a resume: keep the old one until replaced
+            os.replace(final, final + ".old")
+        os.replace(partial, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        if total_limit is not None:
+            for old in checkpoint_steps(output_dir)[:-total_limit]:
+                shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def log_validation(args, accelerator, models: Models, step: int, phase: str) -> list:
+    """Render the validation prompts with fixed seeds through the standard diffusers pipeline."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if not args.validation_prompts:
+        return []
+    pipe = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.base_unet,
+        scheduler=models.scheduler.__class__.from_config(models.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in args.validation_prompts:
+        generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i)
+                      for i in range(args.num_validation_images)]
+        with torch.no_grad(), accelerator.autocast():
+            images += pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators,
+                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                           height=args.resolution, width=args.resolution).images
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images(phase, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({phase: [wandb.Image(im, caption=f"{i}") for i, im in enumerate(images)]}, step=step)
+    return images
+
+
+def save_model_card(args, repo_id: str | None, images: list, output_dir: str) -> None:
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lines = [
+        f"# DRaFT+ LoRA for {args.pretrained_model_name_or_path}",
+        "",
+        f"LoRA weights fine-tuned with [DRaFT+](https://arxiv.org/abs/2311.04911) (draftplus) against the "
+        f"reward `{args.reward}` with kl_coeff={args.kl_coeff}.",
+        "",
+        f"- prompts: `{args.prompts}`; {args.max_train_steps} steps; batch {args.train_batch_size} x "
+        f"{args.gradient_accumulation_steps} accumulation; lr {args.learning_rate}",
+        f"- rollout: {args.num_inference_steps} {args.scheduler} steps, guidance {args.guidance_scale}, "
+        f"eta {args.eta}, gradients through the last {args.truncation_steps} step(s)"
+        + (f", DRaFT-LV with {args.lv_samples} samples" if args.lv_samples else ""),
+        f"- LoRA rank {args.rank}, alpha {args.lora_alpha or args.rank}, targets {' '.join(args.lora_target_modules)}",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f'pipe.load_lora_weights("{repo_id or output_dir}")',
+        "```",
+    ]
+    if images:
+        lines += ["", "Validation images before (top) and after (bottom) training: `validation_before_after.png`."]
+    card = ModelCard.from_template(
+        card_data=ModelCardData(license="creativeml-openrail-m", library_name="diffusers", inference=True,
+                                base_model=args.pretrained_model_name_or_path),
+        template_path=MODEL_CARD_TEMPLATE_PATH,
+        model_description="\n".join(lines),
+    )
+    card = populate_model_card(card, tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",
+                                           "lora", "draftplus", "reward-fine-tuning"])
+    card.save(os.path.join(output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> None:
+    import diffusers
+    import torch
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.utils import make_image_grid
+    from diffusers.utils.torch_utils import randn_tensor
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from rewards import build_reward
+    from utils.lora import add_lora, load_lora_into_unet, save_lora
+    from utils.prompts import load_prompts, sample_prompts
+    from utils.rollout import RolloutConfig
+
+    logger = get_logger("draftplus")
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    for lib in (transformers, diffusers):
+        (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
+         else lib.utils.logging.set_verbosity_error)()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                              token=args.hub_token).repo_id
+
+    # Models. Everything is frozen; only the LoRA adapters added below train.
+    model_path = args.pretrained_model_name_or_path
+    if model_path == "toy":
+        from utils.toy import build_toy_pipeline
+
+        model_path = str(build_toy_pipeline())
+    load = {"revision": args.revision}
+    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **load)
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **load)
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **load)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **load)
+    scheduler_cls = (getattr(diffusers, SCHEDULERS[args.scheduler]) if SCHEDULERS[args.scheduler]
+                     else diffusers.SchedulerMixin)
+    if scheduler_cls is diffusers.SchedulerMixin:
+        config = diffusers.DDIMScheduler.load_config(model_path, subfolder="scheduler", **load)
+        scheduler_cls = getattr(diffusers, config["_class_name"])
+    scheduler = scheduler_cls.from_pretrained(model_path, subfolder="scheduler", **load)
+    if args.lv_samples and scheduler.init_noise_sigma != 1.0:
+        fail(f"--lv_samples needs a variance-preserving sampler; {scheduler_cls.__name__} is not")
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    lora_params = add_lora(unet, args.rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    reward_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reward_dtype]
+    reward_options = dict(args.reward_options)
+    if args.reward_gradient_checkpointing:
+        reward_options["gradient_checkpointing"] = True
+    reward_fn = build_reward(args.reward, device=accelerator.device, dtype=reward_dtype, **reward_options)
+
+    # accelerate save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole UNet.
+    def save_model_hook(models, weights, output_dir):
+        for model in models:
+            save_lora(accelerator.unwrap_model(model), output_dir, is_main_process=accelerator.is_main_process)
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            load_lora_into_unet(accelerator.unwrap_model(models.pop()), input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(lora_params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # The prepared scheduler steps once per process per call, hence the factor (as in diffusers).
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    models = Models(tokenizer, text_encoder, vae, unet, accelerator.unwrap_model(unet), scheduler)
+
+    if accelerator.is_main_process:
+        # Never hand the token to a tracker; lists/None become strings for tensorboard's hparams.
+        config = {k: v if isinstance(v, int | float | str | bool) else str(v)
+                  for k, v in vars(args).items() if k != "hub_token"}
+        accelerator.init_trackers("draftplus", config=config)
+
+    prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
+    rollout_config = RolloutConfig(args.num_inference_steps, args.guidance_scale, args.truncation_steps,
+                                   args.eta, args.lv_samples)
+    latent_channels = models.base_unet.config.in_channels
+    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    latent_shape = (args.train_batch_size, latent_channels, latent_size, latent_size)
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            steps = checkpoint_steps(args.output_dir)
+            path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}") if steps else None
+        else:
+            path = args.resume_from_checkpoint
+        if path is None:
+            accelerator.print("No checkpoint in --output_dir; starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from {path}")
+            accelerator.load_state(path)
+            global_step = int(path.rstrip("/").rsplit("-", 1)[-1])
+
+    logger.info(f"***** DRaFT+ : {len(prompts)} prompts, {args.max_train_steps} steps, batch "
+                f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
+                f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
+    images_before = (log_validation(args, accelerator, models, global_step, "validation_before")
+                     if accelerator.is_main_process else [])
+
+    metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        totals = torch.zeros(3, device=accelerator.device)  # loss, reward, penalty
+        for micro in range(args.gradient_accumulation_steps):
+            keys = (global_step, micro, accelerator.process_index)
+            batch = sample_prompts(prompts, args.train_batch_size, args.seed, *keys)
+            generator = torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, *keys))
+            noise = randn_tensor(latent_shape, generator=generator, device=accelerator.device, dtype=torch.float32)
+            last = micro == args.gradient_accumulation_steps - 1
+            # Only the last micro-step all-reduces gradients across processes.
+            with contextlib.nullcontext() if last else accelerator.no_sync(unet), accelerator.autocast():
+                loss, rewards, penalty = draftplus_step(models, reward_fn, batch, noise, rollout_config,
+                                                        args.kl_coeff, args.negative_prompt, generator)
+                accelerator.backward(loss / args.gradient_accumulation_steps)
+            totals += torch.stack([loss.detach(), rewards.mean(), penalty]) / args.gradient_accumulation_steps
+        grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm or float("inf"))
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        progress.update(1)
+
+        totals = accelerator.reduce(totals, reduction="mean")
+        logs = {"loss": totals[0].item(), "reward": totals[1].item(), "kl_penalty": totals[2].item(),
+                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(reward=f"{logs['reward']:.4f}", kl=f"{logs['kl_penalty']:.2e}")
+        accelerator.log(logs, step=global_step)
+        if accelerator.is_main_process:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"step": global_step, **logs}) + "\n")
+
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            logger.info(f"Saved state to {path}")
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            log_validation(args, accelerator, models, global_step, "validation")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        lora_file = save_lora(models.base_unet, args.output_dir)
+        images_after = log_validation(args, accelerator, models, global_step, "validation_after")
+        if images_after:
+            rows = 2 * len(args.validation_prompts)
+            make_image_grid(images_before + images_after, rows=rows, cols=args.num_validation_images).save(
+                os.path.join(args.output_dir, "validation_before_after.png"))
+        save_model_card(args, repo_id, images_after, args.output_dir)
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                          ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{args.logging_dir}/*",
+                                           "*.partial", ".tmp-*"], token=args.hub_token)
+        accelerator.print(f"LoRA: {lora_file}\nmetrics: {metrics_file}" + (
+            f"\nbefore/after grid: {os.path.join(args.output_dir, 'validation_before_after.png')}"
+            if images_after else ""))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main(parse_args())

@@ -1,0 +1,165 @@
+"""train_draftplus.py as a user runs it: accelerate launch, checkpoints, resume, LoRA reload, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_draftplus.py")
+
+
+def base_args(model, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--reward", "redness", "--prompts", "animals",
+            "--resolution", "32", "--num_inference_steps", "3", "--guidance_scale", "3", "--rank", "4",
+            "--lora_alpha", "8", "--learning_rate", "1e-2", "--output_dir", str(out), "--report_to", "none",
+            *extra]
+
+
+def run(cmd, env=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def accelerate_launch(*args):
+    return run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "accelerate_configs" / "cpu.yaml"), SCRIPT, *args])
+
+
+def test_accelerate_launch_checkpoints_resume_and_lora_reload(tiny_sd_path, tmp_path):
+    out = tmp_path / "run"
+    first = accelerate_launch(*base_args(tiny_sd_path, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                                         "--checkpoints_total_limit", "2", "--validation_prompts", "a cat",
+                                         "--num_validation_images", "2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # rotated
+    assert (out / "checkpoint-3" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "validation_before_after.png").is_file() and (out / "README.md").is_file()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert all(set(m) >= {"loss", "reward", "kl_penalty", "grad_norm", "lr"} for m in metrics(out))
+
+    # Resume from the newest checkpoint: continues at step 4, and the resumed run computes the same
+    # step-4 metrics as an uninterrupted run (same prompts, same noise, same LoRA and optimizer state).
+    second = accelerate_launch(*base_args(tiny_sd_path, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                                          "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming from" in second.stdout + second.stderr and "checkpoint-3" in second.stdout + second.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+    straight = tmp_path / "straight"
+    third = accelerate_launch(*base_args(tiny_sd_path, straight, "--max_train_steps", "4",
+                                         "--checkpointing_steps", "10"))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert metrics(straight)[3]["reward"] == pytest.approx(metrics(out)[3]["reward"], rel=1e-5)
+    assert metrics(straight)[3]["kl_penalty"] == pytest.approx(metrics(out)[3]["kl_penalty"], rel=1e-4)
+
+    # The LoRA loads into a plain diffusers pipeline, keeps alpha != rank, and changes the output.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, height=32, width=32, output_type="pt")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    config = next(iter(pipe.unet.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_two_process_gloo_run(tiny_sd_path, tmp_path):
+    """A real 2-process data-parallel run (DDP over gloo): both ranks train the same LoRA."""
+    out = tmp_path / "ddp"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                  SCRIPT, *base_args(tiny_sd_path, out, "--max_train_steps", "2", "--gradient_accumulation_steps",
+                                     "2", "--truncation_steps", "2", "--checkpointing_steps", "2")],
+                 env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()  # the second rank saved its RNG
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_push_to_hub_uploads_lora_not_checkpoints_and_never_writes_the_token(tiny_sd_path, tmp_path):
+    out = tmp_path / "hub"
+    calls = tmp_path / "calls.json"
+    token = "hf_SECRETtoken1234567890"
+    # Stand-in for the hub: record what would be created and uploaded.
+    wrapper = tmp_path / "fake_hub_run.py"
+    wrapper.write_text(f"""
+import json, sys, huggingface_hub
+from types import SimpleNamespace
+log = []
+huggingface_hub.create_repo = lambda **kw: (log.append(("create", kw)), SimpleNamespace(repo_id="me/" + kw["repo_id"]))[1]
+huggingface_hub.upload_folder = lambda **kw: log.append(("upload", kw))
+sys.argv = ["train_draftplus.py"] + sys.argv[1:]
+import train_draftplus
+train_draftplus.main(train_draftplus.parse_args())
+json.dump(log, open({str(calls)!r}, "w"))
+""")
+    result = run([sys.executable, str(wrapper), *base_args(tiny_sd_path, out, "--max_train_steps", "1",
+                                                           "--push_to_hub", "--hub_token", token,
+                                                           "--report_to", "tensorboard")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = json.loads(calls.read_text())
+    (create, create_kw), (upload, upload_kw) = log
+    assert create == "create" and create_kw["repo_id"] == "hub"
+    assert upload == "upload" and upload_kw["repo_id"] == "me/hub" and upload_kw["folder_path"] == str(out)
+    assert "checkpoint-*" in upload_kw["ignore_patterns"]
+    assert "base_model: " in (out / "README.md").read_text()
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    assert token not in result.stdout + result.stderr
+
+
+BAD_INPUTS = {
+    "unknown reward": (["--reward", "nosuchreward"], "nosuchreward"),
+    "missing model path": (["--pretrained_model_name_or_path", "/nonexistent/model"], "does not exist"),
+    "resolution not multiple of 8": (["--resolution", "30"], "multiple of 8"),
+    "K larger than T": (["--truncation_steps", "4"], "--truncation_steps"),
+    "negative kl_coeff": (["--kl_coeff", "-0.1"], "--kl_coeff"),
+    "empty prompt file": (["--prompts", "{empty}"], "no prompts"),
+    "missing prompt file": (["--prompts", "{tmp}/missing.txt"], "does not exist"),
+    "bad reward option": (["--reward_options", "novalue"], "KEY=VALUE"),
+    "missing resume dir": (["--resume_from_checkpoint", "{tmp}/checkpoint-9"], "does not exist"),
+    "hub id not cached offline": (["--pretrained_model_name_or_path", "someone/not-cached-model"], "HF_HUB_OFFLINE"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_fast_with_one_line(case, tiny_sd_path, tmp_path):
+    extra, expected = BAD_INPUTS[case]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    extra = [e.format(empty=empty, tmp=tmp_path) for e in extra]
+    out = tmp_path / "out"
+    args = base_args(tiny_sd_path, out, "--max_train_steps", "1")
+    # later flags win in argparse, so the bad value overrides the good default
+    result = run([sys.executable, SCRIPT, *args, *extra])
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("train_draftplus.py: error:") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # nothing written, no model loaded
+
+
+def test_help_documents_every_option_and_reward_help_lists_rewards():
+    result = run([sys.executable, SCRIPT, "--help"])
+    assert result.returncode == 0
+    for option in ("--kl_coeff", "--truncation_steps", "--lv_samples", "--reward", "--resume_from_checkpoint",
+                   "--gradient_checkpointing", "--use_8bit_adam", "--hub_token", "--lora_target_modules"):
+        assert option in result.stdout
+    listing = run([sys.executable, SCRIPT, "--pretrained_model_name_or_path", "x", "--reward", "help"])
+    assert listing.returncode == 0 and "pickscore" in listing.stdout and "redness" in listing.stdout

@@ -238,12 +238,15 @@ class Models:
 def draftplus_step(models: Models, reward_fn, prompts: list[str], noise, rollout_config, kl_coeff: float,
                    negative_prompt: str = "", generator=None):
     """loss = -mean R(x0) + kl_coeff * mean_k mean (eps_theta - eps_ref)^2, for one batch of prompts."""
+    from torch.profiler import record_function
+
     from utils.rollout import encode_prompts, kl_penalty, rollout
 
     cond = encode_prompts(models.tokenizer, models.text_encoder, prompts, negative_prompt, rollout_config.guided)
     sample = rollout(models.unet, models.scheduler, models.vae, cond, noise, rollout_config,
                      base_unet=models.base_unet, with_reference=kl_coeff > 0, generator=generator)
-    rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])
+    with record_function("draftplus/reward"):
+        rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])
     penalty = kl_penalty(sample.eps, sample.eps_ref) if kl_coeff > 0 else rewards.new_zeros(())
     loss = -rewards.mean() + kl_coeff * penalty
     return loss, rewards.detach(), penalty.detach()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from torch.profiler import record_function
 
 from utils.lora import adapters_disabled
 
@@ -154,7 +155,7 @@ def rollout(
     latents = noise * scheduler.init_noise_sigma
     graded_from = T if config.lv_samples else T - K
 
-    with torch.no_grad():
+    with torch.no_grad(), record_function("draftplus/no_grad_prefix"):
         for i, t in enumerate(timesteps[:graded_from]):
             eps = guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i))
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
@@ -164,13 +165,15 @@ def rollout(
 
     out = Rollout(images=None)
     for i, t in enumerate(timesteps[graded_from:], start=graded_from):
-        eps = guided_prediction(unet, scheduler, latents, t, cond, config.guidance_at(i))
+        with record_function("draftplus/graded_step"):
+            eps = guided_prediction(unet, scheduler, latents, t, cond, config.guidance_at(i))
         out.eps.append(eps)
         if with_reference:
-            with torch.no_grad(), adapters_disabled(base_unet):
+            with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
                 out.eps_ref.append(guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i)))
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
-    out.images = decode(vae, latents)
+    with record_function("draftplus/vae_decode"):
+        out.images = decode(vae, latents)
     return out
 
 
@@ -183,10 +186,12 @@ def _lv_graded_step(unet, base_unet, scheduler, vae, cond, x0, config, with_refe
     noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t.reshape(1))
     cond = cond.repeat_interleave(n)
-    eps = guided_prediction(unet, scheduler, x_t, t, cond, config.guidance_at(last))
-    out = Rollout(images=decode(vae, predict_x0(scheduler, eps, t, x_t)), eps=[eps], repeats=n)
+    with record_function("draftplus/graded_step"):
+        eps = guided_prediction(unet, scheduler, x_t, t, cond, config.guidance_at(last))
+    with record_function("draftplus/vae_decode"):
+        out = Rollout(images=decode(vae, predict_x0(scheduler, eps, t, x_t)), eps=[eps], repeats=n)
     if with_reference:
-        with torch.no_grad(), adapters_disabled(base_unet):
+        with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
             out.eps_ref.append(guided_prediction(base_unet, scheduler, x_t, t, cond, config.guidance_at(last)))
     return out
 

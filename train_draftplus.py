@@ -543,7 +543,12 @@ def main(args: argparse.Namespace) -> None:
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
             log_validation(args, accelerator, models, global_step, "validation")
 
-    accelerator.wait_for_everyone()
+    # Data parallelism must leave every process with the same LoRA; a silent desync would make the
+    # saved weights depend on which rank wrote them.
+    checksum = torch.stack([p.detach().double().sum() for p in lora_params]).sum().reshape(1)
+    checksums = accelerator.gather(checksum)
+    if not torch.allclose(checksums, checksums[:1].expand_as(checksums)):
+        raise RuntimeError(f"LoRA weights differ across processes: {checksums.tolist()}")
     if accelerator.is_main_process:
         lora_file = save_lora(models.base_unet, args.output_dir)
         images_after = log_validation(args, accelerator, models, global_step, "validation_after")

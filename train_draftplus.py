@@ -133,12 +133,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hub_token", type=str, default=None,
                    help="Hub token (prefer `hf auth login`; the token is never logged or saved).")
 
-    args = p.parse_args(input_args)
-    if args.reward.strip() == "help":
+    # `--reward help` lists the rewards without asking for anything else.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--reward")
+    if pre.parse_known_args(input_args)[0].reward == "help":
         from rewards import list_rewards
 
         print(list_rewards())
         raise SystemExit(0)
+    args = p.parse_args(input_args)
     check_args(args)
     return args
 
@@ -146,17 +149,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 def fail(message: str) -> None:
     """Bad input: one line on stderr, non-zero exit, nothing loaded or written."""
     raise SystemExit(f"train_draftplus.py: error: {message}")
-
-
-def parse_reward_options(items: list[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            fail(f"--reward_options expects KEY=VALUE, got {item!r}")
-        lowered = value.lower()
-        options[key] = True if lowered == "true" else False if lowered == "false" else value
-    return options
 
 
 def check_model_path(name: str, revision: str | None) -> None:
@@ -180,7 +172,7 @@ def check_model_path(name: str, revision: str | None) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model, so bad input fails in a second with one clear line."""
-    from rewards import RewardSpecError, validate_reward_spec
+    from rewards import RewardSpecError, parse_reward_options, validate_reward_spec
     from utils.prompts import PromptSourceError, check_prompt_source
 
     if args.resolution <= 0 or args.resolution % 8:
@@ -208,9 +200,9 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--lora_dropout must be in [0, 1)")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         fail("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`")
-    args.reward_options = parse_reward_options(args.reward_options)
     try:
-        validate_reward_spec(args.reward)
+        args.reward_options = parse_reward_options(args.reward_options)
+        validate_reward_spec(args.reward, **args.reward_options)
     except RewardSpecError as e:
         fail(str(e))
     try:

@@ -76,12 +76,37 @@ def test_accelerate_launch_checkpoints_resume_and_lora_reload(tiny_sd_path, tmp_
     assert (after - before).abs().max() > 1e-3
 
 
-def test_two_process_gloo_run(tiny_sd_path, tmp_path):
-    """A real 2-process data-parallel run (DDP over gloo): both ranks train the same LoRA."""
+def tiny_clip_dir(path):
+    """A tiny random CLIP with a CLIP-like processor, loadable wherever a PickScore/CLIP model is."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from utils.toy import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(path)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=32),
+        projection_dim=16)).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
+    return path
+
+
+def test_two_process_gloo_run_with_model_and_custom_rewards(tiny_sd_path, tmp_path):
+    """A real 2-process data-parallel run (DDP over gloo) against a weighted sum of a model-backed
+    reward (PickScore code path, tiny offline CLIP) and a custom reward loaded from a file."""
     out = tmp_path / "ddp"
+    custom = tmp_path / "my_reward.py"
+    custom.write_text("def blueness(images, prompts):\n    return images[:, 2].mean(dim=(1, 2))\n")
+    clip = tiny_clip_dir(tmp_path / "clip")
+    reward = f"pickscore=0.01,{custom}:blueness=1.0"
     result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                   SCRIPT, *base_args(tiny_sd_path, out, "--max_train_steps", "2", "--gradient_accumulation_steps",
-                                     "2", "--truncation_steps", "2", "--checkpointing_steps", "2")],
+                                     "2", "--truncation_steps", "2", "--checkpointing_steps", "2"),
+                  "--reward", reward, "--reward_options", f"pickscore.model={clip}"],
                  env={"ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
@@ -132,7 +157,8 @@ BAD_INPUTS = {
     "negative kl_coeff": (["--kl_coeff", "-0.1"], "--kl_coeff"),
     "empty prompt file": (["--prompts", "{empty}"], "no prompts"),
     "missing prompt file": (["--prompts", "{tmp}/missing.txt"], "does not exist"),
-    "bad reward option": (["--reward_options", "novalue"], "KEY=VALUE"),
+    "bad reward option": (["--reward_options", "novalue"], "key=value"),
+    "unknown reward option": (["--reward_options", "nosuchoption=1"], "nosuchoption"),
     "missing resume dir": (["--resume_from_checkpoint", "{tmp}/checkpoint-9"], "does not exist"),
     "hub id not cached offline": (["--pretrained_model_name_or_path", "someone/not-cached-model"], "HF_HUB_OFFLINE"),
 }
@@ -162,5 +188,5 @@ def test_help_documents_every_option_and_reward_help_lists_rewards():
     for option in ("--kl_coeff", "--truncation_steps", "--lv_samples", "--reward", "--resume_from_checkpoint",
                    "--gradient_checkpointing", "--use_8bit_adam", "--hub_token", "--lora_target_modules"):
         assert option in result.stdout
-    listing = run([sys.executable, SCRIPT, "--pretrained_model_name_or_path", "x", "--reward", "help"])
+    listing = run([sys.executable, SCRIPT, "--reward", "help"])
     assert listing.returncode == 0 and "pickscore" in listing.stdout and "redness" in listing.stdout

@@ -1,0 +1,68 @@
+"""The `Reward` contract every reward model implements.
+
+A reward maps a batch of images in [0, 1] (and their prompts) to one float32 score per image,
+higher is better, and must be differentiable with respect to the images: DRaFT+ backpropagates
+the reward through the VAE decoder into the UNet's LoRA weights. The reward's own weights are
+never trained, so they are frozen and the module is pinned to eval mode (dropout off, and no
+train-mode batch statistics), even if the trainer calls `.train()` on every module it owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class Reward(nn.Module):
+    """Base class: subclasses implement `forward(images, prompts) -> Tensor[B]`.
+
+    `images` is `[B, 3, H, W]`, float (any dtype) in [0, 1]; `prompts` is a list of B strings.
+    The result is `[B]` float32; gradients flow to `images`.
+    """
+
+    #: Short name used in logs (the registry sets it to the spec name).
+    name: str = "reward"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def freeze(self) -> Reward:
+        """Freeze every parameter and switch to eval mode; returns self."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> Reward:
+        # A reward is a fixed critic: keep it in eval mode whatever the caller asks, so that a
+        # trainer calling `.train()` on all its modules cannot switch dropout on inside it.
+        return super().train(False)
+
+
+def check_inputs(images: Tensor, prompts: Sequence[str] | None = None) -> None:
+    """Raise a one-line ValueError if `images`/`prompts` break the Reward contract."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"reward expects images of shape [B, 3, H, W] in [0, 1], got {shape}")
+    if prompts is not None and len(prompts) != images.shape[0]:
+        raise ValueError(f"reward got {images.shape[0]} images but {len(prompts)} prompts")
+
+
+def check_scores(scores: Tensor, batch_size: int, who: str = "reward") -> Tensor:
+    """Validate a reward's output and return it as float32 `[B]`."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{who} must return a torch.Tensor of shape [B], got {type(scores).__name__}")
+    if scores.ndim == 2 and scores.shape[1] == 1:  # tolerate [B, 1] heads
+        scores = scores[:, 0]
+    if scores.shape != (batch_size,):
+        raise ValueError(f"{who} must return shape [{batch_size}], got {tuple(scores.shape)}")
+    return scores.float()
+
+
+def as_float_images(images: Tensor) -> Tensor:
+    """Images as float32: model-free rewards compute in fp32 even when the VAE decodes in bf16."""
+    return images if images.dtype == torch.float32 else images.float()

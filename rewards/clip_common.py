@@ -1,0 +1,156 @@
+"""Shared machinery of the transformers-CLIP rewards (PickScore, CLIP score, aesthetic).
+
+One class loads a CLIP checkpoint plus its image processor and tokenizer through
+`from_pretrained`, so a hub id and a local directory take the same code path (tests use
+tiny random models saved to a temp dir). Images go through the differentiable copy of the
+processor (`rewards.preprocess`); prompts are encoded once, without grad, and cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Reward, check_inputs
+from .loading import EmbeddingCache, checkpoint_layers, freeze, hf_from_pretrained, pooled, resolve_dtype
+from .preprocess import ImagePreprocessConfig, preprocess_images
+
+
+def load_image_preprocess(processor: str, what: str) -> ImagePreprocessConfig:
+    """Read the image processor config at `processor` (hub id or directory)."""
+    from transformers import AutoImageProcessor
+
+    proc = hf_from_pretrained(AutoImageProcessor, processor, f"{what} image processor")
+    return ImagePreprocessConfig.from_processor(proc)
+
+
+def _load_vision_tower(cls: Any, model: str, what: str, dtype: torch.dtype) -> Any:
+    """`CLIPVisionModelWithProjection` from a full CLIPModel checkpoint (or a vision-only one)."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    config = hf_from_pretrained(AutoConfig, model, f"{what} config")
+    if getattr(config, "model_type", None) == "clip":
+        # The projection size lives on the top-level CLIPConfig; the vision sub-config's own
+        # `projection_dim` is a default (512) unless the checkpoint happened to save it.
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+        config = vision_config
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dropped text-tower weights are expected, not a problem
+    try:
+        return hf_from_pretrained(cls, model, f"{what} vision model", config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class CLIPFamilyReward(Reward):
+    """Base for rewards built on `transformers.CLIPModel`; subclasses define `score`.
+
+    Args:
+        model: hub id or local directory of the CLIP checkpoint.
+        processor: where the image processor (and, unless `tokenizer` is given, the tokenizer)
+            lives; defaults to `model`.
+        tokenizer: where the tokenizer lives; defaults to `processor`.
+        dtype: compute dtype of the model (fp32 by default; "bf16"/"fp16" to save memory).
+        device: where to load the model.
+        gradient_checkpointing: checkpoint the vision transformer layers (saves activation
+            memory for the backward pass through the reward).
+        cache_size: how many prompt embeddings to keep (0 disables the cache).
+    """
+
+    needs_text = True
+    what = "CLIP"
+
+    def __init__(
+        self,
+        model: str,
+        processor: str | None = None,
+        tokenizer: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        gradient_checkpointing: bool = False,
+        cache_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPModel, CLIPVisionModelWithProjection
+
+        self.model_id = str(model)
+        self.compute_dtype = resolve_dtype(dtype)
+        processor = processor or model
+        self.preprocess_config = load_image_preprocess(processor, self.what)
+        if self.needs_text:
+            self.model = hf_from_pretrained(CLIPModel, model, f"{self.what} model", dtype=self.compute_dtype)
+            self.tokenizer = hf_from_pretrained(
+                AutoTokenizer, tokenizer or processor, f"{self.what} tokenizer"
+            )
+            vision = self.model.vision_model
+        else:
+            # Prompt-free rewards need only the image tower: half the memory of a full CLIPModel.
+            self.model = _load_vision_tower(
+                CLIPVisionModelWithProjection, model, self.what, self.compute_dtype
+            )
+            self.tokenizer = None
+            vision = self.model.vision_model
+        freeze(self.model)
+        if device is not None:
+            self.model.to(device)
+        if gradient_checkpointing:
+            checkpoint_layers(vision.encoder.layers)
+        self.text_cache = EmbeddingCache(cache_size)
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def pixel_values(self, images: Tensor) -> Tensor:
+        return preprocess_images(images, self.preprocess_config, dtype=self.compute_dtype)
+
+    def image_embeds(self, images: Tensor) -> Tensor:
+        """L2-normalised projected image embeddings, fp32, differentiable w.r.t. `images`."""
+        pixels = self.pixel_values(images.to(self.device))
+        if self.needs_text:
+            emb = pooled(self.model.get_image_features(pixel_values=pixels))
+        else:
+            emb = self.model(pixel_values=pixels).image_embeds
+        return F.normalize(emb.float(), dim=-1)
+
+    def _encode_text(self, prompts: list[str]) -> Tensor:
+        assert self.tokenizer is not None
+        max_length = min(
+            int(self.tokenizer.model_max_length), int(self.model.config.text_config.max_position_embeddings)
+        )
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.no_grad():
+            emb = pooled(
+                self.model.get_text_features(
+                    input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+                )
+            )
+        return F.normalize(emb.float(), dim=-1)
+
+    def text_embeds(self, prompts: Sequence[str]) -> Tensor:
+        """L2-normalised projected text embeddings, fp32, cached per prompt, no grad."""
+        return self.text_cache.get_many(list(prompts), self._encode_text, self.device)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # .to()/.cuda()/.half() move the model; cached text embeddings must not outlive that.
+        self.text_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, image_embeds: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        check_inputs(images, prompts)
+        return self.score(self.image_embeds(images), prompts).float()

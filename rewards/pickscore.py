@@ -1,0 +1,42 @@
+"""PickScore (Kirstain et al. 2023): CLIP-H/14 fine-tuned on Pick-a-Pic human preferences.
+
+score = logit_scale.exp() * cos(image_embed, text_embed)   (logit_scale.exp() is ~100; scores ~18-24)
+exactly the logits of the official snippet (`model.logit_scale.exp() * text_embs @ image_embs.T`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .clip_common import CLIPFamilyReward
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+class PickScoreReward(CLIPFamilyReward):
+    """PickScore_v1; `model`/`processor`/`tokenizer` may be local directories (see CLIPFamilyReward)."""
+
+    what = "PickScore"
+
+    def __init__(
+        self,
+        model: str = PICKSCORE_MODEL,
+        processor: str | None = PICKSCORE_PROCESSOR,
+        tokenizer: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        gradient_checkpointing: bool = False,
+        cache_size: int = 1024,
+    ) -> None:
+        if processor == PICKSCORE_PROCESSOR and os.path.isfile(os.path.join(model, "preprocessor_config.json")):
+            processor = model  # a complete local copy carries its own processor and tokenizer
+        super().__init__(model, processor, tokenizer, dtype, device, gradient_checkpointing, cache_size)
+
+    def score(self, image_embeds: Tensor, prompts: Sequence[str]) -> Tensor:
+        text = self.text_embeds(prompts)
+        return self.model.logit_scale.detach().float().exp() * (image_embeds * text).sum(-1)

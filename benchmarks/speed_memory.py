@@ -220,7 +220,6 @@ def main() -> None:
         config = RolloutConfig(num_inference_steps=T, guidance_scale=7.5, truncation_steps=K)
         for module in (pipe.unet, pipe.vae):
             (module.enable_gradient_checkpointing if checkpointing else module.disable_gradient_checkpointing)()
-            module.train(checkpointing)  # diffusers checkpoints only in training mode; no dropout in SD
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             n = saved_activation_bytes(lambda: draftplus_step(models, reward, prompts, noise, config, args.kl_coeff))
         peak = None

@@ -150,16 +150,31 @@ def test_draft_lv_grades_n_renoised_copies(models):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(models):
+def saved_bytes(fn):
+    """Bytes of the distinct tensors autograd keeps for backward while fn runs (and fn's result)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
+def test_gradient_checkpointing_saves_memory_and_gives_the_same_gradients(models):
+    """As the trainer runs it (modules in eval mode): checkpointing must be active and exact."""
     m, params, _, _ = models
     config = RolloutConfig(num_inference_steps=3, guidance_scale=3.0, truncation_steps=2)
-    loss, _, _ = draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)
+    step = lambda: draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)  # noqa: E731
+    plain_bytes, (loss, _, _) = saved_bytes(step)
     plain = torch.autograd.grad(loss, params)
     m.unet.enable_gradient_checkpointing()
     m.vae.enable_gradient_checkpointing()
-    m.unet.train()  # diffusers checkpoints only in training mode
-    m.vae.train()
-    loss_ckpt, _, _ = draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)
+    assert not m.unet.training and not m.vae.training
+    ckpt_bytes, (loss_ckpt, _, _) = saved_bytes(step)
+    assert ckpt_bytes < 0.5 * plain_bytes
     for a, b in zip(plain, torch.autograd.grad(loss_ckpt, params)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 

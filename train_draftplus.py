@@ -406,14 +406,11 @@ def main(args: argparse.Namespace) -> None:
     text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **load)
     vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **load)
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **load)
-    scheduler_cls = (getattr(diffusers, SCHEDULERS[args.scheduler]) if SCHEDULERS[args.scheduler]
-                     else diffusers.SchedulerMixin)
-    if scheduler_cls is diffusers.SchedulerMixin:
-        config = diffusers.DDIMScheduler.load_config(model_path, subfolder="scheduler", **load)
-        scheduler_cls = getattr(diffusers, config["_class_name"])
-    scheduler = scheduler_cls.from_pretrained(model_path, subfolder="scheduler", **load)
+    scheduler_name = (SCHEDULERS[args.scheduler]
+                      or diffusers.DDIMScheduler.load_config(model_path, subfolder="scheduler", **load)["_class_name"])
+    scheduler = getattr(diffusers, scheduler_name).from_pretrained(model_path, subfolder="scheduler", **load)
     if args.lv_samples and scheduler.init_noise_sigma != 1.0:
-        fail(f"--lv_samples needs a variance-preserving sampler; {scheduler_cls.__name__} is not")
+        fail(f"--lv_samples needs a variance-preserving sampler; {scheduler_name} is not")
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for model in (text_encoder, vae, unet):

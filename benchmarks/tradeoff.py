@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,9 @@ def train(model: str, kl: float, out: Path, args) -> list[dict]:
            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
            "--checkpointing_steps", str(args.eval_every), "--seed", str(args.seed), "--output_dir", str(out),
            "--report_to", "none"]
-    if not (out / "pytorch_lora_weights.safetensors").exists():
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if not (out / "pytorch_lora_weights.safetensors").exists():  # finished runs are reused
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -72,13 +74,13 @@ def plot(trajectories: dict[float, list[dict]], base: dict, path: Path, metric: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default="toy")
-    p.add_argument("--kl_coeffs", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0])
+    p.add_argument("--kl_coeffs", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
     p.add_argument("--reward", default="redness")
     p.add_argument("--prompts", default=str(ROOT / "assets" / "toy" / "prompts.txt"))
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--num_inference_steps", type=int, default=10)
     p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--learning_rate", type=float, default=2e-2)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--train_batch_size", type=int, default=4)
     p.add_argument("--max_train_steps", type=int, default=40)
@@ -137,12 +139,27 @@ def main() -> None:
                         "diversity_ratio": points[-1]["diversity"] / base["diversity"],
                         "train_reward_first": first, "train_reward_last": last,
                         "final_kl_penalty": log[-1]["kl_penalty"]})
-    rises = {s["kl_coeff"]: s["reward_gain"] > 0 and s["train_reward_last"] > s["train_reward_first"]
-             for s in summary}
-    # 2. ordering in kl_coeff
+    # Judged on the held-out evaluation (same prompts and seeds for every checkpoint): the training log
+    # compares different prompt batches, whose colours alone move the reward by more than training does.
+    rises = {s["kl_coeff"]: s["reward_gain"] > 0 for s in summary}
+    # 2. ordering in kl_coeff: strictly, and up to noise (a reversal smaller than two standard errors
+    # of the difference counts as a tie)
     ordered = sorted(summary, key=lambda s: s["kl_coeff"])
-    reward_monotone = all(a["final_reward"] >= b["final_reward"] for a, b in zip(ordered, ordered[1:]))
-    diversity_monotone = all(a["final_diversity"] <= b["final_diversity"] for a, b in zip(ordered, ordered[1:]))
+    finals = {kl: points[-1] for kl, points in trajectories.items()}
+
+    def sem(row, key):
+        spread = row["reward_std"] if key == "reward_mean" else row["diversity_std"]
+        count = row["num_images"] if key == "reward_mean" else row["num_prompts"]
+        return spread / count**0.5
+
+    def monotone(key, sign, tolerance):
+        pairs = zip(ordered, ordered[1:])
+        return all(sign * (finals[a["kl_coeff"]][key] - finals[b["kl_coeff"]][key])
+                   >= -tolerance * (sem(finals[a["kl_coeff"]], key) ** 2 + sem(finals[b["kl_coeff"]], key) ** 2) ** 0.5
+                   for a, b in pairs)
+
+    reward_monotone, diversity_monotone = monotone("reward_mean", 1, 0), monotone("diversity", -1, 0)
+    reward_monotone_noise, diversity_monotone_noise = monotone("reward_mean", 1, 2), monotone("diversity", -1, 2)
     # 3. matched reward
     matched = []
     if 0.0 in trajectories:
@@ -160,7 +177,8 @@ def main() -> None:
     result = {"settings": {k: v for k, v in vars(args).items()}, "model": model, "diversity_metric": metric,
               "base": base, "summary": summary, "trajectories": {str(k): v for k, v in trajectories.items()},
               "checks": {"reward_rises": {str(k): v for k, v in rises.items()}, "reward_monotone": reward_monotone,
-                         "diversity_monotone": diversity_monotone, "matched_reward": matched}}
+                         "diversity_monotone": diversity_monotone, "reward_monotone_within_2se": reward_monotone_noise,
+                         "diversity_monotone_within_2se": diversity_monotone_noise, "matched_reward": matched}}
     (out / "tradeoff.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     stand_in = metric != "lpips"
@@ -177,17 +195,18 @@ def main() -> None:
                "linear heads on a fixed randomly initialised AlexNet. Rerun with the real weights present for "
                "true LPIPS."]
     md += ["", "| kl_coeff | final reward | gain vs base | final diversity | diversity / base | "
-           "train reward first -> last | final penalty |", "|---|---|---|---|---|---|---|",
+           "train-batch reward first -> last 5 steps | final penalty |", "|---|---|---|---|---|---|---|",
            f"| base | {base['reward_mean']:.4f} | - | {base['diversity']:.4f} | 1.00 | - | - |"]
     md += [f"| {s['kl_coeff']:g}{' (DRaFT)' if s['kl_coeff'] == 0 else ''} | {s['final_reward']:.4f} | "
            f"{s['reward_gain']:+.4f} | {s['final_diversity']:.4f} | {s['diversity_ratio']:.2f} | "
            f"{s['train_reward_first']:.4f} -> {s['train_reward_last']:.4f} | {s['final_kl_penalty']:.2e} |"
            for s in ordered]
     md += ["", "Checks (computed by the script, not edited):", "",
-           f"1. reward rises over training for every setting: **{all(rises.values())}** "
-           f"({', '.join(f'{k:g}: {v}' for k, v in rises.items())})",
-           f"2. lower kl_coeff -> higher final reward: **{reward_monotone}**; -> lower final diversity: "
-           f"**{diversity_monotone}**",
+           f"1. reward rises over training for every setting (held-out reward of the final checkpoint above "
+           f"the base model's): **{all(rises.values())}** ({', '.join(f'{k:g}: {v}' for k, v in rises.items())})",
+           f"2. lower kl_coeff -> higher final reward: strictly **{reward_monotone}**, within 2 standard errors "
+           f"**{reward_monotone_noise}**; -> lower final diversity: strictly **{diversity_monotone}**, within 2 "
+           f"standard errors **{diversity_monotone_noise}**",
            "3. at matched reward, DRaFT+ keeps more diversity than DRaFT (DRaFT's trajectory interpolated at "
            "each DRaFT+ endpoint's reward):", ""]
     for m in matched:

@@ -281,27 +281,32 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return final
 
 
-def log_validation(args, accelerator, models: Models, step: int, phase: str) -> list:
-    """Render the validation prompts with fixed seeds through the standard diffusers pipeline."""
+def log_validation(args, accelerator, models: Models, reward_fn, step: int, phase: str) -> tuple[list, float | None]:
+    """Render the validation prompts with fixed seeds through the standard diffusers pipeline and score
+    them with the training reward (same seeds before and after: the change is the training's doing)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     if not args.validation_prompts:
-        return []
+        return [], None
     pipe = StableDiffusionPipeline(
         vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.base_unet,
         scheduler=models.scheduler.__class__.from_config(models.scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    images = []
+    images, scores = [], []
     for prompt in args.validation_prompts:
         generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i)
                       for i in range(args.num_validation_images)]
         with torch.no_grad(), accelerator.autocast():
-            images += pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators,
-                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                           height=args.resolution, width=args.resolution).images
+            batch = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators,
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                         height=args.resolution, width=args.resolution, output_type="pt").images.float()
+            scores.append(reward_fn(batch, [prompt] * len(batch)))
+        images += pipe.numpy_to_pil(pipe.image_processor.pt_to_numpy(batch))
+    reward = torch.cat(scores).mean().item()
+    accelerator.log({f"{phase}_reward": reward}, step=step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -311,10 +316,10 @@ def log_validation(args, accelerator, models: Models, step: int, phase: str) -> 
             import wandb
 
             tracker.log({phase: [wandb.Image(im, caption=f"{i}") for i, im in enumerate(images)]}, step=step)
-    return images
+    return images, reward
 
 
-def save_model_card(args, repo_id: str | None, images: list, output_dir: str) -> None:
+def save_model_card(args, repo_id: str | None, validation: str | None, output_dir: str) -> None:
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -337,8 +342,9 @@ def save_model_card(args, repo_id: str | None, images: list, output_dir: str) ->
         f'pipe.load_lora_weights("{repo_id or output_dir}")',
         "```",
     ]
-    if images:
-        lines += ["", "Validation images before (top) and after (bottom) training: `validation_before_after.png`."]
+    if validation:
+        lines += ["", f"Validation images before (top) and after (bottom) training: `validation_before_after.png`; "
+                      f"{validation}."]
     card = ModelCard.from_template(
         card_data=ModelCardData(license="creativeml-openrail-m", library_name="diffusers", inference=True,
                                 base_model=args.pretrained_model_name_or_path),
@@ -368,7 +374,7 @@ def main(args: argparse.Namespace) -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from rewards import build_reward
-    from utils.lora import add_lora, load_lora_into_unet, save_lora
+    from utils.lora import adapters_disabled, add_lora, load_lora_into_unet, save_lora
     from utils.prompts import load_prompts, sample_prompts
     from utils.rollout import RolloutConfig
 
@@ -490,8 +496,11 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"***** DRaFT+ : {len(prompts)} prompts, {args.max_train_steps} steps, batch "
                 f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
                 f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
-    images_before = (log_validation(args, accelerator, models, global_step, "validation_before")
-                     if accelerator.is_main_process else [])
+    images_before, reward_before = [], None
+    if accelerator.is_main_process:
+        with adapters_disabled(models.base_unet):  # "before" is the base model, also when resuming
+            images_before, reward_before = log_validation(args, accelerator, models, reward_fn, global_step,
+                                                          "validation_before")
 
     metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
@@ -530,7 +539,7 @@ def main(args: argparse.Namespace) -> None:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             logger.info(f"Saved state to {path}")
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            log_validation(args, accelerator, models, global_step, "validation")
+            log_validation(args, accelerator, models, reward_fn, global_step, "validation")
 
     # Data parallelism must leave every process with the same LoRA; a silent desync would make the
     # saved weights depend on which rank wrote them.
@@ -540,12 +549,20 @@ def main(args: argparse.Namespace) -> None:
         raise RuntimeError(f"LoRA weights differ across processes: {checksums.tolist()}")
     if accelerator.is_main_process:
         lora_file = save_lora(models.base_unet, args.output_dir)
-        images_after = log_validation(args, accelerator, models, global_step, "validation_after")
+        images_after, reward_after = log_validation(args, accelerator, models, reward_fn, global_step,
+                                                    "validation_after")
         if images_after:
             rows = 2 * len(args.validation_prompts)
             make_image_grid(images_before + images_after, rows=rows, cols=args.num_validation_images).save(
                 os.path.join(args.output_dir, "validation_before_after.png"))
-        save_model_card(args, repo_id, images_after, args.output_dir)
+        validation = None
+        if images_after:
+            validation = (f"validation reward ({len(images_after)} images, fixed seeds): "
+                          f"{reward_before:.4f} before -> {reward_after:.4f} after")
+            with open(os.path.join(args.output_dir, "validation_reward.json"), "w") as f:
+                json.dump({"before": reward_before, "after": reward_after, "step": global_step,
+                           "prompts": args.validation_prompts, "images_per_prompt": args.num_validation_images}, f)
+        save_model_card(args, repo_id, validation, args.output_dir)
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 
@@ -553,7 +570,7 @@ def main(args: argparse.Namespace) -> None:
                           ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{args.logging_dir}/*",
                                            "*.partial", ".tmp-*"], token=args.hub_token)
         accelerator.print(f"LoRA: {lora_file}\nmetrics: {metrics_file}" + (
-            f"\nbefore/after grid: {os.path.join(args.output_dir, 'validation_before_after.png')}"
+            f"\nbefore/after grid: {os.path.join(args.output_dir, 'validation_before_after.png')}\n{validation}"
             if images_after else ""))
     accelerator.end_training()
 

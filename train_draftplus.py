@@ -21,19 +21,10 @@ import math
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-LOG = logging.getLogger("draftplus")
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "model": None,  # whatever the model ships in its scheduler/ folder
-}
-VARIANCE_EXPLODING = ("euler",)  # latents are x0 + sigma * eps: DRaFT-LV's re-noising assumes VP
+from utils.schedulers import SCHEDULERS, VARIANCE_EXPLODING
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +221,7 @@ class Models:
 def draftplus_step(models: Models, reward_fn, prompts: list[str], noise, rollout_config, kl_coeff: float,
                    negative_prompt: str = "", generator=None):
     """loss = -mean R(x0) + kl_coeff * mean_k mean (eps_theta - eps_ref)^2, for one batch of prompts."""
+    import torch
     from torch.profiler import record_function
 
     from utils.rollout import encode_prompts, kl_penalty, rollout
@@ -237,7 +229,8 @@ def draftplus_step(models: Models, reward_fn, prompts: list[str], noise, rollout
     cond = encode_prompts(models.tokenizer, models.text_encoder, prompts, negative_prompt, rollout_config.guided)
     sample = rollout(models.unet, models.scheduler, models.vae, cond, noise, rollout_config,
                      base_unet=models.base_unet, with_reference=kl_coeff > 0, generator=generator)
-    with record_function("draftplus/reward"):
+    # The reward runs in its own dtype (--reward_dtype, fp32 by default), not under the UNet's autocast.
+    with record_function("draftplus/reward"), torch.autocast(noise.device.type, enabled=False):
         rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])
     penalty = kl_penalty(sample.eps, sample.eps_ref) if kl_coeff > 0 else rewards.new_zeros(())
     loss = -rewards.mean() + kl_coeff * penalty
@@ -299,10 +292,11 @@ def log_validation(args, accelerator, models: Models, reward_fn, step: int, phas
     for prompt in args.validation_prompts:
         generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i)
                       for i in range(args.num_validation_images)]
-        with torch.no_grad(), accelerator.autocast():
-            batch = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         height=args.resolution, width=args.resolution, output_type="pt").images.float()
+        with torch.no_grad():
+            with accelerator.autocast():
+                batch = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators,
+                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                             height=args.resolution, width=args.resolution, output_type="pt").images.float()
             scores.append(reward_fn(batch, [prompt] * len(batch)))
         images += pipe.numpy_to_pil(pipe.image_processor.pt_to_numpy(batch))
     reward = torch.cat(scores).mean().item()
@@ -553,7 +547,9 @@ def main(args: argparse.Namespace) -> None:
                                                     "validation_after")
         if images_after:
             rows = 2 * len(args.validation_prompts)
-            make_image_grid(images_before + images_after, rows=rows, cols=args.num_validation_images).save(
+            grid = make_image_grid(images_before + images_after, rows=rows, cols=args.num_validation_images)
+            zoom = max(1, 256 // args.resolution)  # toy-sized images: enlarge so the grid can be seen
+            grid.resize((grid.width * zoom, grid.height * zoom), resample=0).save(
                 os.path.join(args.output_dir, "validation_before_after.png"))
         validation = None
         if images_after:
@@ -576,5 +572,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(parse_args())

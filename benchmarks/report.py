@@ -7,10 +7,34 @@ No figure in RESULTS.md is typed by hand: each section is a benchmark's own outp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md")
+
+
+def gpu_training_section() -> str | None:
+    """The short GPU training run of benchmarks/gpu_checks.sh (toy, bf16, gradient checkpointing, 8-bit AdamW)."""
+    metrics, validation = HERE / "results" / "gpu_train_toy_metrics.jsonl", HERE / "results" / "gpu_train_toy_validation.json"
+    if not (metrics.exists() and validation.exists()):
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    v = json.loads(validation.read_text())
+    first, last = rows[:5], rows[-5:]
+
+    def mean(xs):
+        return sum(x["reward"] for x in xs) / len(xs)
+
+    return "\n".join([
+        "## Trainer on a GPU (toy, bf16, gradient checkpointing, 8-bit AdamW)", "",
+        "Step 2 of `bash benchmarks/gpu_checks.sh` on the machine of the CUDA section above (kl_coeff 0.01, "
+        f"lr 2e-2, T=10, batch 4, {len(rows)} steps). It checks that the trainer's GPU paths run "
+        "(accelerate bf16 autocast, checkpointing, bitsandbytes); the numbers are what it logged:", "",
+        f"- training-batch reward, mean of the first 5 steps {mean(first):.4f}, of the last 5 {mean(last):.4f}",
+        f"- validation reward ({len(v['prompts'])} prompts x {v['images_per_prompt']} fixed seeds): "
+        f"{v['before']:.4f} before -> {v['after']:.4f} after",
+    ])
 
 
 def main() -> None:
@@ -26,6 +50,9 @@ def main() -> None:
             continue
         text = path.read_text().replace("](tradeoff.png)", "](results/tradeoff.png)")
         parts += ["---", "", text.replace("\n# ", "\n## ").replace("# ", "## ", 1) if text.startswith("# ") else text, ""]
+    gpu_run = gpu_training_section()
+    if gpu_run:
+        parts += ["---", "", gpu_run, ""]
     if missing:
         parts += ["---", "", "Not measured yet: " + ", ".join(f"`{m}`" for m in missing) +
                   " (`speed_memory_sd15_cuda.md` needs a GPU: `python -m benchmarks.speed_memory --sd15 --device cuda`).", ""]

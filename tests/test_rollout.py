@@ -117,6 +117,22 @@ def test_loss_is_reward_plus_weighted_penalty_and_kl0_is_plain_draft(models):
         torch.testing.assert_close(g0, g)
 
 
+def test_reward_runs_outside_the_unet_autocast(models):
+    """Mixed precision is for the UNet/VAE; the reward keeps its own dtype (--reward_dtype, fp32 by default)."""
+    m, _, _, _ = models
+    seen = []
+
+    def spy(images, prompts):
+        seen.append((torch.is_autocast_enabled("cpu"), images.dtype))
+        return mean_red(images, prompts)
+
+    config = RolloutConfig(num_inference_steps=2, guidance_scale=3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = draftplus_step(m, spy, PROMPTS, noise(), config, kl_coeff=0.1)
+    assert seen == [(False, torch.float32)]
+    assert torch.isfinite(loss)
+
+
 def test_truncation_k2_grades_two_steps_and_backprops_through_both(models):
     m, params, _, _ = models
     cond = encode_prompts(m.tokenizer, m.text_encoder, PROMPTS)

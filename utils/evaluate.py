@@ -23,15 +23,10 @@ from pathlib import Path
 
 import torch
 
+from utils.schedulers import SCHEDULERS
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 DIVERSITY_METRICS = ("lpips", "lpips_random_backbone", "pixel_l2")
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpmsolver": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "model": None,  # whatever the model ships in its scheduler/ folder
-}
 ROW_FIELDS = (
     "model", "path", "reward", "reward_mean", "reward_std", "diversity", "diversity_std", "diversity_metric",
     "num_prompts", "seeds_per_prompt", "num_images", "num_inference_steps", "guidance_scale", "resolution",
@@ -283,6 +278,8 @@ def evaluate(
         from rewards import build_reward
 
         reward = build_reward(reward, device=device, **(reward_options or {}))
+    from diffusers.utils import logging as diffusers_logging
+
     pipe = load_pipeline(pretrained_model_name_or_path, scheduler, device, dtype)
     if resolution is None:  # record the size actually generated, not "default"
         resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -299,7 +296,13 @@ def evaluate(
     for label, file in models:
         if file is not None:
             try:
-                pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+                # UNet-only LoRAs make diffusers warn that the text encoder got none: expected, and checked below.
+                verbosity = diffusers_logging.get_verbosity()
+                diffusers_logging.set_verbosity_error()
+                try:
+                    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+                finally:
+                    diffusers_logging.set_verbosity(verbosity)
             except (ValueError, KeyError, RuntimeError, OSError) as e:
                 raise EvaluationError(f"LoRA {label!r} ({file}) does not load into this base model: "
                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

@@ -354,6 +354,9 @@ def save_model_card(args, repo_id: str | None, validation: str | None, output_di
 # Training
 # ----------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> None:
+    # diffusers imports bitsandbytes for its quantizers; on some CPUs that warns about a 4-bit kernel
+    # package this script never uses. Keep the first lines of a CPU run about the run.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import diffusers
     import torch
     import transformers

@@ -47,6 +47,24 @@ def test_kl_penalty_matches_hand_computation():
     assert kl_penalty(eps, ref).item() == pytest.approx(1.375)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_penalty_compares_noise_predictions_whatever_the_model_predicts(prediction_type):
+    """DRaFT+ penalises eps_theta - eps_ref: v- and x0-predicting models are converted to eps first."""
+    from diffusers import DDIMScheduler
+
+    from utils.rollout import predict_epsilon
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor(301)
+    a = scheduler.alphas_cumprod[t]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    output = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction_type]
+    torch.testing.assert_close(predict_epsilon(scheduler, output, t, x_t), eps, atol=1e-5, rtol=1e-5)
+
+
 def test_rollout_matches_diffusers_pipeline(models):
     """Forward values of the training rollout are exactly what the diffusers pipeline samples."""
     m, _, _, pipe = models

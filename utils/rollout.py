@@ -77,7 +77,7 @@ class RolloutConfig:
 @dataclass
 class Rollout:
     images: torch.Tensor  # [N, 3, H, W] in [0, 1], differentiable w.r.t. the LoRA weights
-    eps: list[torch.Tensor] = field(default_factory=list)  # guided prediction of each graded step
+    eps: list[torch.Tensor] = field(default_factory=list)  # guided noise prediction of each graded step
     eps_ref: list[torch.Tensor] = field(default_factory=list)  # same, adapters disabled; empty if unused
     repeats: int = 1  # images per prompt (lv_samples for DRaFT-LV)
 
@@ -97,6 +97,19 @@ def guided_prediction(unet, scheduler, latents, t, cond: PromptEmbeds, guidance_
         return out
     uncond, text = out.chunk(2)
     return uncond + guidance_scale * (text - uncond)
+
+
+def predict_epsilon(scheduler, model_output, t, model_input) -> torch.Tensor:
+    """The noise eps implied by the model output (epsilon, v or sample prediction): the DRaFT+ penalty
+    compares noise predictions whatever the model predicts. `model_input` is the scaled latent the UNet saw
+    (variance-preserving for every scheduler), so this also holds for sigma-parametrised samplers."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return model_output
+    alpha = scheduler.alphas_cumprod.to(model_input.device)[t].to(model_input.dtype)
+    if kind == "v_prediction":
+        return alpha.sqrt() * model_output + (1 - alpha).sqrt() * model_input
+    return (model_input - alpha.sqrt() * model_output) / (1 - alpha).sqrt()
 
 
 def predict_x0(scheduler, model_output, t, x_t) -> torch.Tensor:
@@ -166,12 +179,14 @@ def rollout(
     out = Rollout(images=None)
     for i, t in enumerate(timesteps[graded_from:], start=graded_from):
         with record_function("draftplus/graded_step"):
-            eps = guided_prediction(unet, scheduler, latents, t, cond, config.guidance_at(i))
-        out.eps.append(eps)
+            prediction = guided_prediction(unet, scheduler, latents, t, cond, config.guidance_at(i))
+        model_input = scheduler.scale_model_input(latents, t)
+        out.eps.append(predict_epsilon(scheduler, prediction, t, model_input))
         if with_reference:
             with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
-                out.eps_ref.append(guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i)))
-        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+                reference = guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i))
+                out.eps_ref.append(predict_epsilon(scheduler, reference, t, model_input))
+        latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
     with record_function("draftplus/vae_decode"):
         out.images = decode(vae, latents)
     return out
@@ -187,12 +202,14 @@ def _lv_graded_step(unet, base_unet, scheduler, vae, cond, x0, config, with_refe
     x_t = scheduler.add_noise(x0, noise, t.reshape(1))
     cond = cond.repeat_interleave(n)
     with record_function("draftplus/graded_step"):
-        eps = guided_prediction(unet, scheduler, x_t, t, cond, config.guidance_at(last))
+        prediction = guided_prediction(unet, scheduler, x_t, t, cond, config.guidance_at(last))
     with record_function("draftplus/vae_decode"):
-        out = Rollout(images=decode(vae, predict_x0(scheduler, eps, t, x_t)), eps=[eps], repeats=n)
+        out = Rollout(images=decode(vae, predict_x0(scheduler, prediction, t, x_t)),
+                      eps=[predict_epsilon(scheduler, prediction, t, x_t)], repeats=n)
     if with_reference:
         with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
-            out.eps_ref.append(guided_prediction(base_unet, scheduler, x_t, t, cond, config.guidance_at(last)))
+            reference = guided_prediction(base_unet, scheduler, x_t, t, cond, config.guidance_at(last))
+            out.eps_ref.append(predict_epsilon(scheduler, reference, t, x_t))
     return out
 
 

@@ -28,8 +28,8 @@ def gpu_training_section() -> str | None:
 
     return "\n".join([
         "## Trainer on a GPU (toy, bf16, gradient checkpointing, 8-bit AdamW)", "",
-        "Step 2 of `bash benchmarks/gpu_checks.sh` on the machine of the CUDA section above (kl_coeff 0.01, "
-        f"lr 2e-2, T=10, batch 4, {len(rows)} steps). It checks that the trainer's GPU paths run "
+        "Step 2 of `bash benchmarks/gpu_checks.sh` (its command holds the settings) on the machine of the CUDA "
+        f"section above, {len(rows)} steps. It checks that the trainer's GPU paths run "
         "(accelerate bf16 autocast, checkpointing, bitsandbytes); the numbers are what it logged:", "",
         f"- training-batch reward, mean of the first 5 steps {mean(first):.4f}, of the last 5 {mean(last):.4f}",
         f"- validation reward ({len(v['prompts'])} prompts x {v['images_per_prompt']} fixed seeds): "

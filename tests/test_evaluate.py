@@ -102,6 +102,20 @@ def test_bad_inputs_fail_before_loading_models(tmp_path):
         ev.evaluate(str(tmp_path / "no-model"), PROMPTS, diversity_metric="fid")
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--reward_options", "novalue"], "key=value"),
+    (["--prompts", "{tmp}/missing.txt"], "does not exist"),
+    (["--reward", "nosuchreward"], "nosuchreward"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, expected):
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--prompts", "animals",
+            "--diversity_metric", "pixel_l2", "--output_dir", str(tmp_path / "out")]
+    assert ev.main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_same_seeds_whatever_the_batching(tiny_sd_path):
     kwargs = {"reward": "redness", "seeds_per_prompt": 3, "diversity_metric": "pixel_l2", "device": "cpu", **FAST}
     rows_a, per_a, _ = ev.evaluate(str(tiny_sd_path), PROMPTS, batch_size=6, **kwargs)

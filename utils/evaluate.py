@@ -393,23 +393,14 @@ def write_outputs(output_dir: str | os.PathLike, rows: list[dict], per_prompt: l
 
 
 def read_prompts(source: str) -> list[str]:
-    """The trainer's prompt sources when `utils.prompts` is available, else a .txt file (one per line)."""
+    """Any prompt source the trainer accepts (`--prompts`): built-in sets, .txt files, datasets, tars."""
+    from utils.prompts import PromptSourceError, check_prompt_source, load_prompts
+
     try:
-        from utils.prompts import load_prompts
-    except ImportError:
-        load_prompts = None
-    if load_prompts is not None:
-        try:
-            return load_prompts(source)
-        except ValueError as e:  # PromptSourceError
-            raise EvaluationError(str(e)) from e
-    if not os.path.isfile(source):
-        raise EvaluationError(f"prompt file {source!r} does not exist")
-    with open(source, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise EvaluationError(f"prompt file {source!r} has no prompts")
-    return prompts
+        check_prompt_source(source)
+        return load_prompts(source)
+    except PromptSourceError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -461,20 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see train_draftplus.main
     args = parse_args(argv)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    from rewards import RewardLoadError, RewardSpecError, parse_reward_options
+
     try:
-        from rewards import RewardSpecError, parse_reward_options
-
-        user_errors: tuple[type[BaseException], ...] = (EvaluationError, RewardSpecError)
-        try:
-            from rewards import RewardLoadError
-
-            user_errors += (RewardLoadError,)
-        except ImportError:
-            pass
         reward_options = parse_reward_options(args.reward_options)
-    except ImportError:
-        user_errors, reward_options = (EvaluationError,), {}
-    try:
         prompts = read_prompts(args.prompts)[: args.max_prompts]
         rows, per_prompt, grids = evaluate(
             args.pretrained_model_name_or_path, prompts, reward=args.reward, loras=args.lora,
@@ -484,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scheduler=args.scheduler, negative_prompt=args.negative_prompt, eta=args.eta, device=args.device,
             dtype=dtype, reward_options=reward_options, include_base=not args.no_base,
             grid_prompts=args.grid_prompts, log=print)
-    except user_errors as e:
+    except (EvaluationError, RewardSpecError, RewardLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     settings = {k: v for k, v in vars(args).items() if k not in ("output_dir",)}

@@ -99,17 +99,18 @@ def guided_prediction(unet, scheduler, latents, t, cond: PromptEmbeds, guidance_
     return uncond + guidance_scale * (text - uncond)
 
 
-def predict_epsilon(scheduler, model_output, t, model_input) -> torch.Tensor:
+def predict_epsilon(scheduler, model_output, t, latents) -> torch.Tensor:
     """The noise eps implied by the model output (epsilon, v or sample prediction): the DRaFT+ penalty
-    compares noise predictions whatever the model predicts. `model_input` is the scaled latent the UNet saw
-    (variance-preserving for every scheduler), so this also holds for sigma-parametrised samplers."""
+    compares noise predictions whatever the model predicts. v and x0 relate to eps through the scaled
+    latent the UNet saw (variance-preserving for every scheduler, sigma-parametrised ones included)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return model_output
-    alpha = scheduler.alphas_cumprod.to(model_input.device)[t].to(model_input.dtype)
+    x_t = scheduler.scale_model_input(latents, t)
+    alpha = scheduler.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
     if kind == "v_prediction":
-        return alpha.sqrt() * model_output + (1 - alpha).sqrt() * model_input
-    return (model_input - alpha.sqrt() * model_output) / (1 - alpha).sqrt()
+        return alpha.sqrt() * model_output + (1 - alpha).sqrt() * x_t
+    return (x_t - alpha.sqrt() * model_output) / (1 - alpha).sqrt()
 
 
 def predict_x0(scheduler, model_output, t, x_t) -> torch.Tensor:
@@ -180,12 +181,11 @@ def rollout(
     for i, t in enumerate(timesteps[graded_from:], start=graded_from):
         with record_function("draftplus/graded_step"):
             prediction = guided_prediction(unet, scheduler, latents, t, cond, config.guidance_at(i))
-        model_input = scheduler.scale_model_input(latents, t)
-        out.eps.append(predict_epsilon(scheduler, prediction, t, model_input))
+        out.eps.append(predict_epsilon(scheduler, prediction, t, latents))
         if with_reference:
             with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
                 reference = guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i))
-                out.eps_ref.append(predict_epsilon(scheduler, reference, t, model_input))
+                out.eps_ref.append(predict_epsilon(scheduler, reference, t, latents))
         latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
     with record_function("draftplus/vae_decode"):
         out.images = decode(vae, latents)

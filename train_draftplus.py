@@ -21,10 +21,9 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from utils.schedulers import SCHEDULERS, VARIANCE_EXPLODING
+from utils.schedulers import SCHEDULERS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,8 +33,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                   help="Hub id or local directory of a diffusers Stable Diffusion 1.x/2.x pipeline.\n"
-                        "'toy' uses the built-in pretrained toy model (CPU demo, no hub needed).")
+                   help="Hub id or local directory of a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline\n"
+                        "(the family is read from model_index.json). 'toy' uses the built-in pretrained toy\n"
+                        "model (CPU demo, no hub needed).")
+    g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                   help="A replacement VAE (hub id or local dir), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL\n"
+                        "in fp16. Without it, SDXL's own VAE is kept in fp32 under fp16, as its pipeline does.")
     g.add_argument("--revision", type=str, default=None, help="Hub revision of the model.")
     g.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
     g.add_argument("--scheduler", type=str, default="ddim", choices=sorted(SCHEDULERS),
@@ -49,7 +52,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt_column", type=str, default=None, help="Column holding prompts in a dataset.")
     g.add_argument("--prompt_split", type=str, default="train", help="Dataset split to read prompts from.")
     g.add_argument("--negative_prompt", type=str, default="", help="Negative prompt for classifier-free guidance.")
-    g.add_argument("--resolution", type=int, default=512, help="Image height and width (multiple of 8).")
+    g.add_argument("--resolution", type=int, default=512,
+                   help="Image height and width (multiple of 8); 1024 for SDXL.")
+    g.add_argument("--height", type=int, default=None, help="Image height (multiple of 8; default --resolution).")
+    g.add_argument("--width", type=int, default=None, help="Image width (multiple of 8; default --resolution).")
 
     g = p.add_argument_group("rollout")
     g.add_argument("--num_inference_steps", type=int, default=50, help="T: denoising steps per sample.")
@@ -59,6 +65,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="K: the last K denoising steps get gradients (DRaFT-K). Default 1.")
     g.add_argument("--lv_samples", type=int, default=0,
                    help="DRaFT-LV: re-noise the final latent n times and grade one step on each (0 = off).")
+    g.add_argument("--final_latent", type=str, default="x0", choices=["x0", "sample"],
+                   help="What the VAE decodes after the last step: the model's x0 prediction (default, as\n"
+                        "NeMo-Aligner's DRaFT+, so kl_coeff means what it means in NVIDIA's recipes), or the\n"
+                        "scheduler's own final sample (images bit-identical to the diffusers pipeline's).")
 
     g = p.add_argument_group("objective")
     g.add_argument("--reward", type=str, default="pickscore",
@@ -77,8 +87,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank).")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
-    g.add_argument("--lora_target_modules", type=str, nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"],
-                   help="UNet module names that get LoRA adapters.")
+    g.add_argument("--lora_target_modules", type=str, nargs="+", default=["attention"],
+                   help="UNet modules that get LoRA adapters: 'attention' (to_q to_k to_v to_out.0, the default,\n"
+                        "as diffusers' scripts), 'attention+ff' (adds ff.net.0.proj ff.net.2, as NeMo-Aligner),\n"
+                        "or module names.")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
@@ -142,10 +154,28 @@ def fail(message: str) -> None:
     raise SystemExit(f"train_draftplus.py: error: {message}")
 
 
-def check_model_path(name: str, revision: str | None) -> None:
+def check_model_path(name: str, revision: str | None, scheduler: str) -> None:
+    """The model exists (locally, or as a hub id we may download), its family is one we train, and
+    its own sampler can serve the rollout when `--scheduler model` asks for it."""
+    check_model_reachable(name, revision)
+    from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
+    from utils.schedulers import SchedulerError, scheduler_class_name
+
+    index = read_model_index(name, revision, local_only=True)  # None: on the hub, checked after download
+    if index is None:
+        return
+    try:
+        family_for_class_name(index.get("_class_name", "?"))
+        own_scheduler = (index.get("scheduler") or [None, None])[1]
+        scheduler_class_name(scheduler, own_scheduler)
+    except (UnsupportedModelError, SchedulerError) as e:
+        fail(str(e))
+
+
+def check_model_reachable(name: str, revision: str | None) -> None:
     if name == "toy" or os.path.isdir(name):
-        if name != "toy" and not os.path.isdir(os.path.join(name, "unet")):
-            fail(f"{name!r} is not a diffusers pipeline directory (no unet/ folder)")
+        if name != "toy" and not os.path.isfile(os.path.join(name, "model_index.json")):
+            fail(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
         return
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         fail(f"model path {name!r} does not exist")
@@ -161,13 +191,25 @@ def check_model_path(name: str, revision: str | None) -> None:
             fail(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set")
 
 
+def check_vae_path(name: str, revision: str | None) -> None:
+    if os.path.isdir(name):
+        if not any(os.path.isfile(os.path.join(name, sub, "config.json")) for sub in ("", "vae")):
+            fail(f"--pretrained_vae_model_name_or_path {name!r} holds no VAE config.json")
+        return
+    if name.startswith(("/", ".", "~")):
+        fail(f"--pretrained_vae_model_name_or_path {name!r} does not exist")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model, so bad input fails in a second with one clear line."""
     from rewards import RewardSpecError, parse_reward_options, validate_reward_spec
     from utils.prompts import PromptSourceError, check_prompt_source
 
-    if args.resolution <= 0 or args.resolution % 8:
-        fail(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    args.height = args.height if args.height is not None else args.resolution
+    args.width = args.width if args.width is not None else args.resolution
+    for name in ("resolution", "height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 8:
+            fail(f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
     if args.num_inference_steps < 1:
         fail("--num_inference_steps must be at least 1")
     if not 1 <= args.truncation_steps <= args.num_inference_steps:
@@ -177,8 +219,6 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--lv_samples must be >= 0")
     if args.lv_samples and args.truncation_steps != 1:
         fail("--lv_samples grades a single re-noised step; leave --truncation_steps at 1")
-    if args.lv_samples and args.scheduler in VARIANCE_EXPLODING:
-        fail(f"--lv_samples needs a variance-preserving sampler (ddim, ddpm, dpmsolver), not {args.scheduler}")
     if args.kl_coeff < 0 or not math.isfinite(args.kl_coeff):
         fail(f"--kl_coeff must be a finite number >= 0, got {args.kl_coeff}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
@@ -200,41 +240,11 @@ def check_args(args: argparse.Namespace) -> None:
         check_prompt_source(args.prompts)
     except PromptSourceError as e:
         fail(str(e))
-    check_model_path(args.pretrained_model_name_or_path, args.revision)
+    check_model_path(args.pretrained_model_name_or_path, args.revision, args.scheduler)
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_vae_path(args.pretrained_vae_model_name_or_path, args.revision)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
-
-
-# ----------------------------------------------------------------------------------------------
-# The DRaFT+ step
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Models:
-    tokenizer: object
-    text_encoder: object
-    vae: object
-    unet: object  # LoRA UNet as prepared by accelerate (gradients flow here)
-    base_unet: object  # the same model unwrapped: no-grad prefix and adapters-off reference
-    scheduler: object
-
-
-def draftplus_step(models: Models, reward_fn, prompts: list[str], noise, rollout_config, kl_coeff: float,
-                   negative_prompt: str = "", generator=None):
-    """loss = -mean R(x0) + kl_coeff * mean_k mean (eps_theta - eps_ref)^2, for one batch of prompts."""
-    import torch
-    from torch.profiler import record_function
-
-    from utils.rollout import encode_prompts, kl_penalty, rollout
-
-    cond = encode_prompts(models.tokenizer, models.text_encoder, prompts, negative_prompt, rollout_config.guided)
-    sample = rollout(models.unet, models.scheduler, models.vae, cond, noise, rollout_config,
-                     base_unet=models.base_unet, with_reference=kl_coeff > 0, generator=generator)
-    # The reward runs in its own dtype (--reward_dtype, fp32 by default), not under the UNet's autocast.
-    with record_function("draftplus/reward"), torch.autocast(noise.device.type, enabled=False):
-        rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])
-    penalty = kl_penalty(sample.eps, sample.eps_ref) if kl_coeff > 0 else rewards.new_zeros(())
-    loss = -rewards.mean() + kl_coeff * penalty
-    return loss, rewards.detach(), penalty.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,29 +284,31 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return final
 
 
-def log_validation(args, accelerator, models: Models, reward_fn, step: int, phase: str) -> tuple[list, float | None]:
-    """Render the validation prompts with fixed seeds through the standard diffusers pipeline and score
-    them with the training reward (same seeds before and after: the change is the training's doing)."""
+def log_validation(args, accelerator, models, reward_fn, step: int, phase: str) -> tuple[list, float | None]:
+    """Render the validation prompts with fixed seeds through the model family's diffusers pipeline and
+    score them with the training reward (same seeds before and after: the change is the training's doing).
+
+    The pipeline denoises; the latents are decoded as the rollout decodes them (outside autocast when
+    the VAE was upcast), so validation and training images agree in precision."""
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from utils.rollout import decode
 
     if not args.validation_prompts:
         return [], None
-    pipe = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.base_unet,
-        scheduler=models.scheduler.__class__.from_config(models.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = models.family.pipe  # its UNet is the raw LoRA UNet; it gets its own scheduler instance
+    pipe.scheduler = models.scheduler.__class__.from_config(models.scheduler.config)
     images, scores = [], []
     for prompt in args.validation_prompts:
         generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i)
                       for i in range(args.num_validation_images)]
         with torch.no_grad():
             with accelerator.autocast():
-                batch = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators,
-                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                             height=args.resolution, width=args.resolution, output_type="pt").images.float()
+                latents = pipe(prompt, negative_prompt=args.negative_prompt or None,
+                               num_images_per_prompt=args.num_validation_images, generator=generators,
+                               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                               eta=args.eta, height=args.height, width=args.width, output_type="latent").images
+                batch = decode(models.vae, latents)
             scores.append(reward_fn(batch, [prompt] * len(batch)))
         images += pipe.numpy_to_pil(pipe.image_processor.pt_to_numpy(batch))
     reward = torch.cat(scores).mean().item()
@@ -313,7 +325,8 @@ def log_validation(args, accelerator, models: Models, reward_fn, step: int, phas
     return images, reward
 
 
-def save_model_card(args, repo_id: str | None, validation: str | None, output_dir: str) -> None:
+def save_model_card(args, repo_id: str | None, validation: str | None, output_dir: str,
+                    pipeline_class_name: str) -> None:
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -331,8 +344,8 @@ def save_model_card(args, repo_id: str | None, validation: str | None, output_di
         f"- LoRA rank {args.rank}, alpha {args.lora_alpha or args.rank}, targets {' '.join(args.lora_target_modules)}",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline",
-        f'pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f"from diffusers import {pipeline_class_name}",
+        f'pipe = {pipeline_class_name}.from_pretrained("{args.pretrained_model_name_or_path}")',
         f'pipe.load_lora_weights("{repo_id or output_dir}")',
         "```",
     ]
@@ -363,17 +376,17 @@ def main(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.utils import make_image_grid
     from diffusers.utils.torch_utils import randn_tensor
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from rewards import build_reward
+    from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
     from utils.lora import adapters_disabled, add_lora, load_lora_into_unet, save_lora
     from utils.prompts import load_prompts, sample_prompts
-    from utils.rollout import RolloutConfig
+    from utils.rollout import Models, RolloutConfig, draftplus_step
+    from utils.schedulers import SchedulerError, scheduler_class_name
 
     logger = get_logger("draftplus")
     accelerator = Accelerator(
@@ -398,26 +411,24 @@ def main(args: argparse.Namespace) -> None:
         repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
                               token=args.hub_token).repo_id
 
-    # Models. Everything is frozen; only the LoRA adapters added below train.
-    model_path = args.pretrained_model_name_or_path
-    if model_path == "toy":
-        from utils.toy import build_toy_pipeline
-
-        model_path = str(build_toy_pipeline())
-    load = {"revision": args.revision}
-    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **load)
-    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **load)
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant, **load)
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **load)
-    scheduler_name = (SCHEDULERS[args.scheduler]
-                      or diffusers.DDIMScheduler.load_config(model_path, subfolder="scheduler", **load)["_class_name"])
-    scheduler = getattr(diffusers, scheduler_name).from_pretrained(model_path, subfolder="scheduler", **load)
-    if args.lv_samples and scheduler.init_noise_sigma != 1.0:
-        fail(f"--lv_samples needs a variance-preserving sampler; {scheduler_name} is not")
+    # Models. The family (SD 1.x/2.x, SDXL) is read from model_index.json before any weight is loaded.
+    # Everything is frozen; only the LoRA adapters added below train.
+    try:
+        index = read_model_index(args.pretrained_model_name_or_path, args.revision) or {}
+        family_cls = family_for_class_name(index.get("_class_name", "?"))
+        own_scheduler = (index.get("scheduler") or [None, None])[1]
+        scheduler_cls = getattr(diffusers, scheduler_class_name(args.scheduler, own_scheduler))
+    except (UnsupportedModelError, SchedulerError) as e:
+        fail(str(e))
+    family = family_cls.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                             vae_name_or_path=args.pretrained_vae_model_name_or_path)
+    unet, vae = family.unet, family.vae
+    scheduler = scheduler_cls.from_config(family.pipe.scheduler.config)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (text_encoder, vae, unet):
+    for model in (*family.text_encoders, unet):
         model.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    vae.requires_grad_(False).eval().to(accelerator.device, dtype=family.vae_dtype(weight_dtype))
     lora_params = add_lora(unet, args.rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -434,12 +445,12 @@ def main(args: argparse.Namespace) -> None:
     # accelerate save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole UNet.
     def save_model_hook(models, weights, output_dir):
         for model in models:
-            save_lora(accelerator.unwrap_model(model), output_dir, is_main_process=accelerator.is_main_process)
+            save_lora(accelerator.unwrap_model(model), output_dir, family, is_main_process=accelerator.is_main_process)
         weights.clear()
 
     def load_model_hook(models, input_dir):
         while models:
-            load_lora_into_unet(accelerator.unwrap_model(models.pop()), input_dir)
+            load_lora_into_unet(accelerator.unwrap_model(models.pop()), input_dir, family)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -461,7 +472,7 @@ def main(args: argparse.Namespace) -> None:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    models = Models(tokenizer, text_encoder, vae, unet, accelerator.unwrap_model(unet), scheduler)
+    models = Models(family=family, unet=unet, raw_unet=accelerator.unwrap_model(unet), vae=vae, scheduler=scheduler)
 
     if accelerator.is_main_process:
         # Never hand the token to a tracker; lists/None become strings for tensorboard's hparams.
@@ -470,11 +481,11 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers("draftplus", config=config)
 
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
-    rollout_config = RolloutConfig(args.num_inference_steps, args.guidance_scale, args.truncation_steps,
-                                   args.eta, args.lv_samples)
-    latent_channels = models.base_unet.config.in_channels
-    latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    latent_shape = (args.train_batch_size, latent_channels, latent_size, latent_size)
+    rollout_config = RolloutConfig(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                   truncation_steps=args.truncation_steps, eta=args.eta, lv_samples=args.lv_samples,
+                                   final_latent=args.final_latent)
+    latent_shape = (args.train_batch_size, models.raw_unet.config.in_channels,
+                    args.height // family.vae_scale_factor, args.width // family.vae_scale_factor)
 
     global_step = 0
     if args.resume_from_checkpoint:
@@ -495,7 +506,7 @@ def main(args: argparse.Namespace) -> None:
                 f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
     images_before, reward_before = [], None
     if accelerator.is_main_process:
-        with adapters_disabled(models.base_unet):  # "before" is the base model, also when resuming
+        with adapters_disabled(models.raw_unet):  # "before" is the base model, also when resuming
             images_before, reward_before = log_validation(args, accelerator, models, reward_fn, global_step,
                                                           "validation_before")
 
@@ -523,6 +534,8 @@ def main(args: argparse.Namespace) -> None:
         global_step += 1
         progress.update(1)
 
+        # Each process draws its own prompts and noise: their rewards differ, and are kept apart.
+        reward_by_process = accelerator.gather(totals[1:2]).tolist()
         totals = accelerator.reduce(totals, reduction="mean")
         logs = {"loss": totals[0].item(), "reward": totals[1].item(), "kl_penalty": totals[2].item(),
                 "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0]}
@@ -530,7 +543,7 @@ def main(args: argparse.Namespace) -> None:
         accelerator.log(logs, step=global_step)
         if accelerator.is_main_process:
             with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": global_step, **logs}) + "\n")
+                f.write(json.dumps({"step": global_step, **logs, "reward_by_process": reward_by_process}) + "\n")
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
@@ -545,13 +558,13 @@ def main(args: argparse.Namespace) -> None:
     if not torch.allclose(checksums, checksums[:1].expand_as(checksums)):
         raise RuntimeError(f"LoRA weights differ across processes: {checksums.tolist()}")
     if accelerator.is_main_process:
-        lora_file = save_lora(models.base_unet, args.output_dir)
+        lora_file = save_lora(models.raw_unet, args.output_dir, family)
         images_after, reward_after = log_validation(args, accelerator, models, reward_fn, global_step,
                                                     "validation_after")
         if images_after:
             rows = 2 * len(args.validation_prompts)
             grid = make_image_grid(images_before + images_after, rows=rows, cols=args.num_validation_images)
-            zoom = max(1, 256 // args.resolution)  # toy-sized images: enlarge so the grid can be seen
+            zoom = max(1, 256 // max(args.height, args.width))  # toy-sized images: enlarge so the grid can be seen
             grid.resize((grid.width * zoom, grid.height * zoom), resample=0).save(
                 os.path.join(args.output_dir, "validation_before_after.png"))
         validation = None
@@ -561,7 +574,7 @@ def main(args: argparse.Namespace) -> None:
             with open(os.path.join(args.output_dir, "validation_reward.json"), "w") as f:
                 json.dump({"before": reward_before, "after": reward_after, "step": global_step,
                            "prompts": args.validation_prompts, "images_per_prompt": args.num_validation_images}, f)
-        save_model_card(args, repo_id, validation, args.output_dir)
+        save_model_card(args, repo_id, validation, args.output_dir, models.family.pipeline_class_name)
         if args.push_to_hub:
             from huggingface_hub import upload_folder
 

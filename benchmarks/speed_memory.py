@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train_draftplus import Models, draftplus_step  # noqa: E402
+from utils.family import family_for_class_name, load_family  # noqa: E402
 from utils.lora import add_lora  # noqa: E402
-from utils.rollout import RolloutConfig  # noqa: E402
+from utils.rollout import Models, RolloutConfig, draftplus_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -50,13 +50,7 @@ def machine(device: torch.device) -> str:
 
 
 def load_toy(path: str | None):
-    from diffusers import StableDiffusionPipeline
-
-    if path is None:
-        from utils.toy import build_toy_pipeline
-
-        path = str(build_toy_pipeline())
-    return StableDiffusionPipeline.from_pretrained(path)
+    return load_family(path or "toy").pipe
 
 
 def build_sd15_random(device: torch.device, dtype: torch.dtype, resolution: int = 512):
@@ -121,7 +115,8 @@ def make_models(pipe, device, rank: int = 4) -> Models:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).to(device)
     add_lora(pipe.unet, rank=rank)
-    return Models(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.unet, pipe.scheduler)
+    family = family_for_class_name(type(pipe).__name__)(pipe)
+    return Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler)
 
 
 def training_sample(models, reward, prompts, noise, config, kl_coeff, autocast_dtype):

@@ -81,7 +81,7 @@ def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path)
     out = tmp_path / "quickstart"
     result = accelerate_launch("--pretrained_model_name_or_path", "toy", "--reward", "redness", "--prompts",
                                str(ROOT / "assets" / "toy" / "prompts.txt"), "--resolution", "32",
-                               "--num_inference_steps", "10", "--guidance_scale", "5", "--kl_coeff", "0.003",
+                               "--num_inference_steps", "10", "--guidance_scale", "5", "--kl_coeff", "0.01",
                                "--learning_rate", "2e-2", "--train_batch_size", "4", "--max_train_steps", "20",
                                "--checkpointing_steps", "20", "--validation_prompts", "a blue circle",
                                "a green square", "--output_dir", str(out), "--report_to", "none")
@@ -93,6 +93,38 @@ def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path)
 
     assert Image.open(out / "validation_before_after.png").size == (4 * 32 * 8, 4 * 32 * 8)  # 4x4 grid, zoom 8
     assert f"{validation['before']:.4f} before" in (out / "README.md").read_text()
+
+
+def test_sdxl_trains_under_accelerate_launch_and_its_lora_loads_into_the_sdxl_pipeline(tiny_sdxl_path, tmp_path):
+    out = tmp_path / "sdxl"
+    result = accelerate_launch(*base_args(tiny_sdxl_path, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                          "--scheduler", "model", "--kl_coeff", "0.1",
+                                          "--lora_target_modules", "attention+ff",
+                                          "--validation_prompts", "a cat", "--num_validation_images", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in metrics(out)] == [1, 2] and all(m["kl_penalty"] >= 0 for m in metrics(out))
+    assert "StableDiffusionXLPipeline" in (out / "README.md").read_text()
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="pt")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert any("ff.net.2" in name for name in pipe.unet.state_dict() if "lora" in name)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_non_square_run_writes_non_square_validation_images(tiny_sd_path, tmp_path):
+    out = tmp_path / "wide"
+    result = accelerate_launch(*base_args(tiny_sd_path, out, "--max_train_steps", "1", "--height", "32", "--width",
+                                          "48", "--validation_prompts", "a cat", "--num_validation_images", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+
+    zoom = 256 // 48
+    # 2 images per row (before, after) x 1 prompt, each 48 wide and 32 high, enlarged by `zoom`
+    assert Image.open(out / "validation_before_after.png").size == (2 * 48 * zoom, 2 * 32 * zoom)
 
 
 def tiny_clip_dir(path):
@@ -129,8 +161,13 @@ def test_two_process_gloo_run_with_model_and_custom_rewards(tiny_sd_path, tmp_pa
                  env={"ACCELERATE_USE_CPU": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
-    # ranks drew different prompts, yet the end-of-run check found identical LoRA weights on both
+    # ranks drew different prompts and noise (their rewards differ at every step), yet the end-of-run
+    # check found identical LoRA weights on both
     assert [m["step"] for m in metrics(out)] == [1, 2]
+    for m in metrics(out):
+        first, second = m["reward_by_process"]
+        assert abs(first - second) > 1e-6, m
+        assert m["reward"] == pytest.approx((first + second) / 2, rel=1e-5)
     assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()  # the second rank saved its RNG
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
@@ -180,6 +217,10 @@ BAD_INPUTS = {
     "unknown reward option": (["--reward_options", "nosuchoption=1"], "nosuchoption"),
     "missing resume dir": (["--resume_from_checkpoint", "{tmp}/checkpoint-9"], "does not exist"),
     "hub id not cached offline": (["--pretrained_model_name_or_path", "someone/not-cached-model"], "HF_HUB_OFFLINE"),
+    "height not multiple of 8": (["--height", "36"], "--height"),
+    "unsupported pipeline": (["--pretrained_model_name_or_path", "{flux}"], "FluxPipeline pipelines are not supported"),
+    "model's sampler cannot train": (["--pretrained_model_name_or_path", "{lcm}", "--scheduler", "model"],
+                                     "LCMScheduler cannot serve a training rollout"),
 }
 
 
@@ -188,7 +229,12 @@ def test_bad_input_fails_fast_with_one_line(case, tiny_sd_path, tmp_path):
     extra, expected = BAD_INPUTS[case]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    extra = [e.format(empty=empty, tmp=tmp_path) for e in extra]
+    for name, index in {"flux": {"_class_name": "FluxPipeline"},
+                        "lcm": {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "LCMScheduler"]}
+                        }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps(index))
+    extra = [e.format(empty=empty, tmp=tmp_path, flux=tmp_path / "flux", lcm=tmp_path / "lcm") for e in extra]
     out = tmp_path / "out"
     args = base_args(tiny_sd_path, out, "--max_train_steps", "1")
     # later flags win in argparse, so the bad value overrides the good default

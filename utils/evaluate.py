@@ -30,6 +30,7 @@ DIVERSITY_METRICS = ("lpips", "lpips_random_backbone", "pixel_l2")
 ROW_FIELDS = (
     "model", "path", "reward", "reward_mean", "reward_std", "diversity", "diversity_std", "diversity_metric",
     "num_prompts", "seeds_per_prompt", "num_images", "num_inference_steps", "guidance_scale", "resolution",
+    "height", "width",
 )
 
 
@@ -139,23 +140,21 @@ def load_pipeline(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ):
-    """A StableDiffusionPipeline with the trainer's sampler choice; `toy` is the built-in toy model."""
+    """The model family's diffusers pipeline (SD 1.x/2.x, SDXL) with the trainer's sampler choice;
+    `toy` is the built-in toy model."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
+
+    from utils.family import UnsupportedModelError, load_family
 
     path = pretrained_model_name_or_path
-    if path == "toy":
-        from utils.toy import build_toy_pipeline
-
-        path = str(build_toy_pipeline())
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_family(path, dtype=dtype).pipe
+    except UnsupportedModelError as e:
+        raise EvaluationError(str(e)) from e
     except (OSError, ValueError) as e:
         raise EvaluationError(f"cannot load the base model {path!r}: {str(e).splitlines()[0]}") from e
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
@@ -172,7 +171,8 @@ def generate(
     seed: int,
     num_inference_steps: int,
     guidance_scale: float,
-    resolution: int | None,
+    height: int | None,
+    width: int | None,
     negative_prompt: str | None = None,
     eta: float = 0.0,
 ) -> torch.Tensor:
@@ -184,8 +184,8 @@ def generate(
         negative_prompt=None if negative_prompt is None else [negative_prompt] * len(pairs),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-        height=resolution,
-        width=resolution,
+        height=height,
+        width=width,
         eta=eta,
         generator=generators,
         output_type="pt",
@@ -245,6 +245,8 @@ def evaluate(
     num_inference_steps: int = 20,
     guidance_scale: float = 7.5,
     resolution: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
     diversity_metric: str = "lpips",
     seed: int = 0,
     batch_size: int = 16,
@@ -281,15 +283,16 @@ def evaluate(
     from diffusers.utils import logging as diffusers_logging
 
     pipe = load_pipeline(pretrained_model_name_or_path, scheduler, device, dtype)
-    if resolution is None:  # record the size actually generated, not "default"
-        resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # record the size actually generated, not "default"
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or resolution, width or resolution
 
     gen_kwargs = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                  "resolution": resolution, "negative_prompt": negative_prompt, "eta": eta}
+                  "height": height, "width": width, "negative_prompt": negative_prompt, "eta": eta}
     common = {"reward": spec, "diversity_metric": diversity_metric, "num_prompts": len(prompts),
               "seeds_per_prompt": seeds_per_prompt, "num_images": len(prompts) * seeds_per_prompt,
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-              "resolution": resolution}
+              "resolution": resolution, "height": height, "width": width}
     models: list[tuple[str, Path | None]] = [("base", None)] if include_base else []
     models += [(label, lora_label_and_file(p)[1]) for label, p in zip(labels, loras, strict=True)]
     rows, per_prompt, grids = [], [], {}
@@ -420,6 +423,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=20, help="Sampler steps.")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
+    p.add_argument("--height", type=int, default=None, help="Image height (default: --resolution).")
+    p.add_argument("--width", type=int, default=None, help="Image width (default: --resolution).")
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS),
                    help="Sampler (default ddim, as the trainer; 'model' = the model's own).")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
@@ -460,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, per_prompt, grids = evaluate(
             args.pretrained_model_name_or_path, prompts, reward=args.reward, loras=args.lora,
             seeds_per_prompt=args.seeds_per_prompt, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, resolution=args.resolution,
+            guidance_scale=args.guidance_scale, resolution=args.resolution, height=args.height, width=args.width,
             diversity_metric=args.diversity_metric, seed=args.seed, batch_size=args.batch_size,
             scheduler=args.scheduler, negative_prompt=args.negative_prompt, eta=args.eta, device=args.device,
             dtype=dtype, reward_options=reward_options, include_base=not args.no_base,

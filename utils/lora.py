@@ -13,14 +13,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import _collate_lora_metadata
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+# `--lora_target_modules` presets; anything else is a list of module names (PEFT's target_modules).
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("to_k", "to_q", "to_v", "to_out.0"),  # diffusers' LoRA training scripts
+    "attention+ff": ("to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),  # as NeMo-Aligner
+}
+DEFAULT_TARGET_MODULES = TARGET_PRESETS["attention"]
+
+
+def expand_target_modules(names: Sequence[str]) -> list[str]:
+    """Presets (`attention`, `attention+ff`) expanded to module names; other names kept, in order."""
+    out: list[str] = []
+    for name in names:
+        for module in TARGET_PRESETS.get(name, (name,)):
+            if module not in out:
+                out.append(module)
+    return out
 
 
 def add_lora(
@@ -37,7 +51,7 @@ def add_lora(
         lora_alpha=lora_alpha if lora_alpha is not None else rank,
         lora_dropout=lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=list(target_modules),
+        target_modules=expand_target_modules(target_modules),
     )
     unet.add_adapter(config)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -67,8 +81,9 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, is_main_process: bool = True) -> Path:
-    """Write `pytorch_lora_weights.safetensors` (+ LoRA metadata) atomically into `output_dir`.
+def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_main_process: bool = True) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (+ LoRA metadata) atomically into `output_dir`, in the
+    format of `family`'s pipeline (a `utils.family.ModelFamily` class or instance).
 
     The file is written next to its destination and then renamed over it, so an interrupted save
     never leaves a truncated LoRA where a good one was.
@@ -80,9 +95,7 @@ def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, is_main_proc
     output_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=state_dict, **_collate_lora_metadata({"unet": unet})
-        )
+        family.save_lora_weights(tmp, unet_lora_layers=state_dict, **_collate_lora_metadata({"unet": unet}))
         written = os.path.join(tmp, LORA_WEIGHTS_NAME)
         umask = os.umask(0)
         os.umask(umask)
@@ -91,10 +104,9 @@ def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, is_main_proc
     return target
 
 
-def load_lora_into_unet(unet: torch.nn.Module, lora_dir: str | os.PathLike) -> None:
+def load_lora_into_unet(unet: torch.nn.Module, lora_dir: str | os.PathLike, family) -> None:
     """Load a saved LoRA into the UNet's existing "default" adapter (used to resume training)."""
-    state_dict = StableDiffusionPipeline.lora_state_dict(str(lora_dir))
-    state_dict = state_dict[0] if isinstance(state_dict, tuple) else state_dict
+    state_dict = family.lora_state_dict(lora_dir)
     unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     unet_state_dict = convert_unet_state_dict_to_peft(unet_state_dict)
     result = set_peft_model_state_dict(unet, unet_state_dict, adapter_name="default")

@@ -1,25 +1,32 @@
-"""The differentiable sampling loop of DRaFT / DRaFT+.
+"""The differentiable sampling loop of DRaFT / DRaFT+, and the DRaFT+ step built on it.
 
 `StableDiffusionPipeline.__call__` runs under `no_grad`, so training needs its own loop over the
-scheduler's `step()`: the first T-K steps without autograd (they keep no activations, so memory
-does not grow with T), the last K with gradients into the LoRA weights. At every graded step the
-same UNet with its adapters disabled gives the reference prediction for the DRaFT+ penalty.
+scheduler's `step()`: the first steps without autograd (they keep no activations, so memory does not
+grow with T), the last K with gradients into the LoRA weights. At every graded step the same UNet
+with its adapters disabled gives the reference prediction for the DRaFT+ penalty.
 
-Model-specific conditioning (SD 1.x/2.x one text encoder; SDXL pooled embeddings and time ids)
-lives in `PromptEmbeds`, so the loop itself is the same for every UNet-based model.
+The loop is the same for every UNet family and sampler: model-specific conditioning (SDXL's pooled
+embeddings and time ids) lives in `PromptEmbeds`, and everything that depends on the noise level goes
+through `alpha_bar`, which reads it from discrete (DDIM, DDPM, PNDM) and sigma-parametrised (Euler,
+DPM-Solver++) schedulers alike. Predictions are converted to eps (the penalty) and to x0 (the decoded
+image) in the variance-preserving parametrisation the UNet was trained in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch.profiler import record_function
 
 from utils.lora import adapters_disabled
+
+FINAL_LATENTS = ("x0", "sample")
 
 
 @dataclass
@@ -43,25 +50,20 @@ class PromptEmbeds:
         return PromptEmbeds(rep(self.encoder_hidden_states), extra, self.guided)
 
 
-@torch.no_grad()
-def encode_prompts(
-    tokenizer, text_encoder, prompts: Sequence[str], negative_prompt: str = "", guided: bool = True
-) -> PromptEmbeds:
-    """SD 1.x/2.x text conditioning, computed once per batch (the text encoder is frozen)."""
-    texts = ([negative_prompt] * len(prompts) if guided else []) + list(prompts)
-    ids = tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)
-    return PromptEmbeds(text_encoder(ids)[0], guided=guided)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class RolloutConfig:
     num_inference_steps: int = 50
     guidance_scale: float | Sequence[float] = 7.5  # a sequence gives one scale per step
     truncation_steps: int = 1  # K: how many final steps get gradients
     eta: float = 0.0
     lv_samples: int = 0  # DRaFT-LV: re-noised copies of x0 graded with one step each (0 = off)
+    # What the last step hands to the VAE: the model's x0 prediction (as NeMo-Aligner's DRaFT+), or
+    # the scheduler's own final sample (bit-identical to the diffusers pipeline's images).
+    final_latent: str = "x0"
+
+    def __post_init__(self) -> None:
+        if self.final_latent not in FINAL_LATENTS:
+            raise ValueError(f"final_latent must be one of {FINAL_LATENTS}, got {self.final_latent!r}")
 
     @property
     def guided(self) -> bool:
@@ -71,7 +73,7 @@ class RolloutConfig:
     def guidance_at(self, step: int) -> float:
         if isinstance(self.guidance_scale, int | float):
             return float(self.guidance_scale)
-        return float(self.guidance_scale[step])
+        return float(self.guidance_scale[min(step, len(self.guidance_scale) - 1)])
 
 
 @dataclass
@@ -80,14 +82,54 @@ class Rollout:
     eps: list[torch.Tensor] = field(default_factory=list)  # guided noise prediction of each graded step
     eps_ref: list[torch.Tensor] = field(default_factory=list)  # same, adapters disabled; empty if unused
     repeats: int = 1  # images per prompt (lv_samples for DRaFT-LV)
+    latents: torch.Tensor | None = None  # what was decoded
 
 
-def guided_prediction(unet, scheduler, latents, t, cond: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
-    """One UNet call on the [uncond, cond] batch, combined with classifier-free guidance."""
-    model_input = torch.cat([latents, latents]) if cond.guided else latents
-    model_input = scheduler.scale_model_input(model_input, t)
+# ---------------------------------------------------------------------------------- noise levels
+
+
+def alpha_bar(scheduler, step_index: int) -> torch.Tensor:
+    """alpha-bar (signal fraction) at step `step_index` of the scheduler's current timesteps.
+
+    Sigma-parametrised schedulers (Euler, DPM-Solver++, ...) keep `sigmas` with one entry per
+    timestep plus the final one, sigma^2 = (1 - alpha_bar) / alpha_bar; their timesteps may be floats,
+    so they are indexed by step, never by `t`. Discrete schedulers index `alphas_cumprod` by `t`.
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        return 1.0 / (1.0 + sigmas[step_index].double() ** 2)
+    return scheduler.alphas_cumprod[int(scheduler.timesteps[step_index])].double()
+
+
+def to_epsilon(prediction_type: str, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The noise implied by a model output (epsilon, v or sample prediction) on the variance-preserving
+    latent `x_t` the UNet saw, at noise level `alpha` (alpha-bar)."""
+    if prediction_type == "epsilon":
+        return output
+    a = alpha.to(x_t.device, x_t.dtype)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * output + (1 - a).sqrt() * x_t
+    return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+
+
+def to_x0(prediction_type: str, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The clean latent implied by a model output, in the same terms as `to_epsilon`."""
+    a = alpha.to(x_t.device, x_t.dtype)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * output
+    return output
+
+
+# ---------------------------------------------------------------------------------- model calls
+
+
+def guided_prediction(unet, x_t: torch.Tensor, t, cond: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+    """One UNet call on the [uncond, cond] batch at the (scaled) model input x_t, combined with
+    classifier-free guidance."""
     out = unet(
-        model_input,
+        torch.cat([x_t, x_t]) if cond.guided else x_t,
         t,
         encoder_hidden_states=cond.encoder_hidden_states,
         added_cond_kwargs=cond.added_cond_kwargs,
@@ -99,48 +141,36 @@ def guided_prediction(unet, scheduler, latents, t, cond: PromptEmbeds, guidance_
     return uncond + guidance_scale * (text - uncond)
 
 
-def predict_epsilon(scheduler, model_output, t, latents) -> torch.Tensor:
-    """The noise eps implied by the model output (epsilon, v or sample prediction): the DRaFT+ penalty
-    compares noise predictions whatever the model predicts. v and x0 relate to eps through the scaled
-    latent the UNet saw (variance-preserving for every scheduler, sigma-parametrised ones included)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return model_output
-    x_t = scheduler.scale_model_input(latents, t)
-    alpha = scheduler.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
-    if kind == "v_prediction":
-        return alpha.sqrt() * model_output + (1 - alpha).sqrt() * x_t
-    return (x_t - alpha.sqrt() * model_output) / (1 - alpha).sqrt()
-
-
-def predict_x0(scheduler, model_output, t, x_t) -> torch.Tensor:
-    """x0 implied by the model output at noise level t (epsilon, v or sample prediction)."""
-    alpha = scheduler.alphas_cumprod.to(x_t.device)[t].to(x_t.dtype)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (x_t - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
-    if kind == "v_prediction":
-        return alpha.sqrt() * x_t - (1 - alpha).sqrt() * model_output
-    return model_output
-
-
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], differentiable."""
-    latents = latents / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        latents = latents + vae.config.shift_factor
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    """Latents -> images in [0, 1], differentiable, un-normalised as the diffusers pipelines do."""
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            latents = latents + config.shift_factor
+    # An fp32 VAE under mixed precision was upcast on purpose (SDXL's VAE overflows in fp16):
+    # autocast would put its convolutions back in half precision.
+    upcast = vae.dtype == torch.float32 and torch.is_autocast_enabled(latents.device.type)
+    with torch.autocast(latents.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def _step_kwargs(scheduler, eta: float, generator) -> dict:
+def _step_kwargs(scheduler, eta: float, generator) -> dict[str, Any]:
     params = inspect.signature(scheduler.step).parameters
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if "eta" in params:
         kwargs["eta"] = eta
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+# ---------------------------------------------------------------------------------- the rollout
 
 
 def rollout(
@@ -151,68 +181,113 @@ def rollout(
     noise: torch.Tensor,
     config: RolloutConfig,
     *,
-    base_unet=None,
+    raw_unet=None,
     with_reference: bool = True,
     generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Sample images from `noise`, with gradients through the last K steps and the VAE decoder.
+    """Sample images from `noise`, with gradients through the last K UNet calls and the VAE decoder.
 
-    `unet` is the model that receives gradients (it may be wrapped, e.g. by DDP); `base_unet` is the
-    same model unwrapped, used for everything that needs no gradient: the T-K step prefix and the
+    `unet` is the model that receives gradients (it may be wrapped, e.g. by DDP); `raw_unet` is the
+    same model unwrapped, used for everything that needs no gradient: the step prefix and the
     reference pass with adapters disabled (wrapped calls there would only add DDP overhead).
     """
-    base_unet = base_unet if base_unet is not None else unet
-    T, K = config.num_inference_steps, config.truncation_steps
-    scheduler.set_timesteps(T, device=noise.device)
+    raw_unet = raw_unet if raw_unet is not None else unet
+    scheduler.set_timesteps(config.num_inference_steps, device=noise.device)
     timesteps = scheduler.timesteps
+    n = len(timesteps)  # PNDM's PLMS schedule has T + 1 entries: count UNet calls, not T
     step_kwargs = _step_kwargs(scheduler, config.eta, generator)
+    kind = scheduler.config.prediction_type
     latents = noise * scheduler.init_noise_sigma
-    graded_from = T if config.lv_samples else T - K
+    graded_from = n if config.lv_samples else n - config.truncation_steps
+
+    def next_latents(prediction, i, latents, x_t):
+        if i == n - 1 and config.final_latent == "x0":
+            return to_x0(kind, prediction, x_t, alpha_bar(scheduler, i))
+        return scheduler.step(prediction, timesteps[i], latents, **step_kwargs, return_dict=False)[0]
 
     with torch.no_grad(), record_function("draftplus/no_grad_prefix"):
-        for i, t in enumerate(timesteps[:graded_from]):
-            eps = guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i))
-            latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        for i in range(graded_from):
+            x_t = scheduler.scale_model_input(latents, timesteps[i])
+            prediction = guided_prediction(raw_unet, x_t, timesteps[i], cond, config.guidance_at(i))
+            latents = next_latents(prediction, i, latents, x_t)
 
     if config.lv_samples:
-        return _lv_graded_step(unet, base_unet, scheduler, vae, cond, latents, config, with_reference, generator)
+        return _lv_graded_step(unet, raw_unet, scheduler, vae, cond, latents, config, with_reference, generator)
 
     out = Rollout(images=None)
-    for i, t in enumerate(timesteps[graded_from:], start=graded_from):
+    for i in range(graded_from, n):
+        t = timesteps[i]
+        x_t = scheduler.scale_model_input(latents, t)
         with record_function("draftplus/graded_step"):
-            prediction = guided_prediction(unet, scheduler, latents, t, cond, config.guidance_at(i))
-        out.eps.append(predict_epsilon(scheduler, prediction, t, latents))
+            prediction = guided_prediction(unet, x_t, t, cond, config.guidance_at(i))
+        out.eps.append(to_epsilon(kind, prediction, x_t, alpha_bar(scheduler, i)))
         if with_reference:
-            with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
-                reference = guided_prediction(base_unet, scheduler, latents, t, cond, config.guidance_at(i))
-                out.eps_ref.append(predict_epsilon(scheduler, reference, t, latents))
-        latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
+            with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
+                reference = guided_prediction(raw_unet, x_t, t, cond, config.guidance_at(i))
+                out.eps_ref.append(to_epsilon(kind, reference, x_t, alpha_bar(scheduler, i)))
+        latents = next_latents(prediction, i, latents, x_t)
     with record_function("draftplus/vae_decode"):
-        out.images = decode(vae, latents)
+        out.images, out.latents = decode(vae, latents), latents
     return out
 
 
-def _lv_graded_step(unet, base_unet, scheduler, vae, cond, x0, config, with_reference, generator) -> Rollout:
+def _lv_graded_step(unet, raw_unet, scheduler, vae, cond, x0, config, with_reference, generator) -> Rollout:
     """DRaFT-LV: re-noise the stop-grad x0 n times to the last step's noise level, denoise each
-    with one graded step. The n samples share one batched UNet call."""
+    with one graded step. The n samples share one batched UNet call.
+
+    The re-noised latent is built in the UNet's own (variance-preserving) terms,
+    x_t = sqrt(a) x0 + sqrt(1 - a) noise, so it is the same for every sampler parametrisation."""
     n, last = config.lv_samples, len(scheduler.timesteps) - 1
-    t = scheduler.timesteps[last]
+    t, a = scheduler.timesteps[last], alpha_bar(scheduler, last)
+    kind = scheduler.config.prediction_type
     x0 = x0.repeat_interleave(n, dim=0)
     noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = scheduler.add_noise(x0, noise, t.reshape(1))
+    a_ = a.to(x0.device, x0.dtype)
+    x_t = a_.sqrt() * x0 + (1 - a_).sqrt() * noise
     cond = cond.repeat_interleave(n)
     with record_function("draftplus/graded_step"):
-        prediction = guided_prediction(unet, scheduler, x_t, t, cond, config.guidance_at(last))
-    with record_function("draftplus/vae_decode"):
-        out = Rollout(images=decode(vae, predict_x0(scheduler, prediction, t, x_t)),
-                      eps=[predict_epsilon(scheduler, prediction, t, x_t)], repeats=n)
+        prediction = guided_prediction(unet, x_t, t, cond, config.guidance_at(last))
+    out = Rollout(images=None, eps=[to_epsilon(kind, prediction, x_t, a)], repeats=n)
     if with_reference:
-        with torch.no_grad(), adapters_disabled(base_unet), record_function("draftplus/reference_pass"):
-            reference = guided_prediction(base_unet, scheduler, x_t, t, cond, config.guidance_at(last))
-            out.eps_ref.append(predict_epsilon(scheduler, reference, t, x_t))
+        with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
+            reference = guided_prediction(raw_unet, x_t, t, cond, config.guidance_at(last))
+            out.eps_ref.append(to_epsilon(kind, reference, x_t, a))
+    with record_function("draftplus/vae_decode"):
+        out.latents = to_x0(kind, prediction, x_t, a)
+        out.images = decode(vae, out.latents)
     return out
 
 
 def kl_penalty(eps: Sequence[torch.Tensor], eps_ref: Sequence[torch.Tensor]) -> torch.Tensor:
     """DRaFT+ penalty: mean over graded steps of mean over (B, C, H, W) of (eps - eps_ref)^2."""
     return torch.stack([(e.float() - r.float()).pow(2).mean() for e, r in zip(eps, eps_ref, strict=True)]).mean()
+
+
+# ---------------------------------------------------------------------------------- the DRaFT+ step
+
+
+@dataclass(kw_only=True)
+class Models:
+    family: Any  # utils.family.ModelFamily: the frozen text encoders, and the prompt conditioning
+    unet: torch.nn.Module  # the LoRA UNet as the optimiser sees it (possibly DDP-wrapped): gradients flow here
+    raw_unet: torch.nn.Module  # the same module unwrapped: no-grad prefix and adapters-off reference
+    vae: torch.nn.Module
+    scheduler: Any  # the training rollout's sampler (its own instance: validation uses another)
+
+
+def draftplus_step(models: Models, reward_fn: Callable, prompts: list[str], noise: torch.Tensor,
+                   config: RolloutConfig, kl_coeff: float, negative_prompt: str = "",
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """loss = -mean R(x0) + kl_coeff * mean_k mean (eps_theta - eps_ref)^2, for one batch of prompts.
+
+    Returns (loss, per-image rewards, penalty); the last two detached, for logging."""
+    height, width = (s * models.family.vae_scale_factor for s in noise.shape[-2:])
+    cond = models.family.encode_prompts(prompts, negative_prompt, config.guided, height=height, width=width)
+    sample = rollout(models.unet, models.scheduler, models.vae, cond, noise, config,
+                     raw_unet=models.raw_unet, with_reference=kl_coeff > 0, generator=generator)
+    # The reward runs in its own dtype (--reward_dtype, fp32 by default), not under the UNet's autocast.
+    with record_function("draftplus/reward"), torch.autocast(noise.device.type, enabled=False):
+        rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])
+    penalty = kl_penalty(sample.eps, sample.eps_ref) if kl_coeff > 0 else rewards.new_zeros(())
+    loss = -rewards.mean() + kl_coeff * penalty
+    return loss, rewards.detach(), penalty.detach()

@@ -26,8 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # Words the generated tokenizer knows as whole tokens; anything else falls back to characters.
 TOY_WORDS = (
@@ -101,6 +108,7 @@ def build_random_components(
     block_out_channels: tuple[int, ...] = (32, 64),
     cross_attention_dim: int = 32,
     model_max_length: int = 77,
+    prediction_type: str = "epsilon",
 ) -> dict:
     """Randomly initialised tiny SD components, the same shapes as diffusers' own pipeline tests.
 
@@ -151,6 +159,7 @@ def build_random_components(
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
     return {
         "unet": unet.eval(),
@@ -166,6 +175,70 @@ def build_random_components(
 def build_random_pipeline(save_dir: str | os.PathLike | None = None, **kwargs) -> StableDiffusionPipeline:
     """A tiny random `StableDiffusionPipeline`; saved with `save_pretrained` when `save_dir` is given."""
     pipe = StableDiffusionPipeline(**build_random_components(**kwargs), requires_safety_checker=False)
+    if save_dir is not None:
+        pipe.save_pretrained(save_dir, safe_serialization=True)
+    return pipe
+
+
+def build_random_sdxl_pipeline(
+    save_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    sample_size: int = 16,
+    prediction_type: str = "epsilon",
+) -> StableDiffusionXLPipeline:
+    """A tiny random `StableDiffusionXLPipeline` (the shapes of diffusers' own SDXL pipeline tests, smaller):
+    two text encoders (the second with a projection), pooled-text and time-id conditioning, an Euler
+    scheduler as SDXL ships. Images are `2 * sample_size` pixels square by default."""
+    torch.manual_seed(seed)
+    text_dim, time_dim = 32, 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_dim + text_dim,  # 6 time ids + pooled text
+        cross_attention_dim=2 * text_dim,  # the two encoders' hidden states, concatenated
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=sample_size * 2,
+        norm_num_groups=32,
+        scaling_factor=0.13025,
+    )
+    tokenizer = build_clip_tokenizer()
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=text_dim,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=len(tokenizer),
+        hidden_act="gelu",
+        projection_dim=text_dim,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=CLIPTextModel(config).eval(), text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet.eval(), scheduler=scheduler, add_watermarker=False,
+    )
     if save_dir is not None:
         pipe.save_pretrained(save_dir, safe_serialization=True)
     return pipe

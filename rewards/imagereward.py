@@ -13,7 +13,7 @@ conflicts with the project's other extras:
 The name stays registered so that `--reward imagereward` fails at validation time, before any
 model is loaded, with this reason instead of "unknown reward". A port onto transformers'
 BLIP classes (BlipVisionModel + BlipTextModel with cross-attention, MLP head, normalised with
-mean 0.16717 / std 1.03334) would lift this; see rewards/README_SECTION.md.
+mean 0.16717 / std 1.03334) would lift this; see "Why no ImageReward" in README.md.
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ from .loading import RewardLoadError
 UNAVAILABLE = (
     "the imagereward reward is not available with the pinned stack: image-reward 1.5 needs transformers<5 "
     "internals (apply_chunking_to_forward, find_pruneable_heads_and_indices), timm==0.6.13 and OpenAI's clip "
-    "package; use pickscore, hpsv2, clip or aesthetic (see rewards/README_SECTION.md)"
+    "package; use pickscore, hpsv2, clip or aesthetic (see 'Why no ImageReward' in README.md)"
 )
 
 
 class ImageRewardReward(Reward):
     """Placeholder that explains why ImageReward cannot be built (see module docstring)."""
+
+    name = "imagereward"
+    description = "ImageReward v1.0 (BLIP + MLP), normalised score; not supported with transformers 5 (see README)"
+    score_range = "~-2 to 2"
 
     @classmethod
     def availability(cls) -> str | None:

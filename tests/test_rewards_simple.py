@@ -271,7 +271,7 @@ def test_bad_specs_are_one_line_errors(spec, pattern):
 def test_validate_loads_no_model_library():
     # validate must be cheap: it may not import transformers/open_clip (let alone load weights).
     code = (
-        "import sys, rewards; rewards.validate_reward_spec('pickscore=1,aesthetic=0.05,clip,redness', gradient_checkpointing=True);"
+        "import sys, rewards; rewards.validate_reward_spec('pickscore=1,aesthetic=0.05,clip,imagereward=0.5,redness', gradient_checkpointing=True);"
         "print(rewards.list_rewards());"
         "bad=[m for m in sys.modules if m.split('.')[0] in ('transformers','open_clip','ImageReward','diffusers')];"
         "assert not bad, bad"

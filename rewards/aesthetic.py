@@ -1,6 +1,6 @@
 """LAION aesthetic predictor v2 ("improved-aesthetic-predictor", sac+logos+ava1-l14-linearMSE).
 
-score = MLP(normalise(CLIP ViT-L/14 image embedding))   (~1-10; prompt-free)
+score = MLP(normalise(CLIP ViT-L/14 image embedding))   (prompt-free)
 The MLP is Linear(768,1024)-Dropout-Linear(1024,128)-Dropout-Linear(128,64)-Dropout-Linear(64,16)-
 Linear(16,1) with no activations (as released), state-dict keys `layers.{0,2,4,6,7}.{weight,bias}`.
 The head is built from the shapes in its state dict, so any linear stack with those key names loads.
@@ -59,6 +59,12 @@ class AestheticReward(CLIPFamilyReward):
     """LAION aesthetic v2. `head` is a `.pth` (loaded with weights_only=True) or `.safetensors` file,
     local or `owner/repo:filename` on the hub."""
 
+    name = "aesthetic"
+    description = (
+        "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE): MLP on the normalised CLIP ViT-L/14 "
+        "image embedding, prompt-free; weight ~0.05 in sums"
+    )
+    score_range = "~1-10"
     needs_text = False
     what = "aesthetic CLIP"
 

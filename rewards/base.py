@@ -22,8 +22,14 @@ class Reward(nn.Module):
     The result is `[B]` float32; gradients flow to `images`.
     """
 
-    #: Short name used in logs (the registry sets it to the spec name).
+    # Metadata lives on the class (as timm keeps it beside each model) so that `--reward help`,
+    # the catalogue and the code cannot drift apart; the options are read from `__init__`.
+    #: The registered name; a built instance carries its spec label instead (used in logs).
     name: str = "reward"
+    #: One line for `--reward help`: what is scored, and how.
+    description: str = ""
+    #: The typical range of scores, as `--reward help` and the README table give it.
+    score_range: str = ""
 
     def __init__(self) -> None:
         super().__init__()

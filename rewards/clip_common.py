@@ -4,6 +4,11 @@ One class loads a CLIP checkpoint plus its image processor and tokenizer through
 `from_pretrained`, so a hub id and a local directory take the same code path (tests use
 tiny random models saved to a temp dir). Images go through the differentiable copy of the
 processor (`rewards.preprocess`); prompts are encoded once, without grad, and cached.
+
+Where the processor and tokenizer come from: `processor=` / `tokenizer=` if given; otherwise a
+local `model=` directory that carries its own (preprocessor_config.json / tokenizer files);
+otherwise the reward's official default (PickScore: the LAION CLIP-H processor; CLIP and
+aesthetic: the model's own repo). The tokenizer otherwise follows the processor.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Reward, check_inputs
-from .loading import EmbeddingCache, checkpoint_layers, freeze, hf_from_pretrained, pooled, resolve_dtype
+from .base import check_inputs
+from .loading import checkpoint_layers, freeze, hf_from_pretrained, pooled, prefer_model_dir, resolve_dtype
 from .preprocess import ImagePreprocessConfig, preprocess_images
+from .text_cache import TextCachedReward
+
+PROCESSOR_FILES = ("preprocessor_config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
 
 def load_image_preprocess(processor: str, what: str) -> ImagePreprocessConfig:
@@ -48,14 +57,15 @@ def _load_vision_tower(cls: Any, model: str, what: str, dtype: torch.dtype) -> A
         hf_logging.set_verbosity(verbosity)
 
 
-class CLIPFamilyReward(Reward):
+class CLIPFamilyReward(TextCachedReward):
     """Base for rewards built on `transformers.CLIPModel`; subclasses define `score`.
 
     Args:
         model: hub id or local directory of the CLIP checkpoint.
         processor: where the image processor (and, unless `tokenizer` is given, the tokenizer)
-            lives; defaults to `model`.
-        tokenizer: where the tokenizer lives; defaults to `processor`.
+            lives; defaults to the model directory if it has one, else `default_processor`, else `model`.
+        tokenizer: where the tokenizer lives; defaults to the model directory if it has one, else
+            to the processor's location.
         dtype: compute dtype of the model (fp32 by default; "bf16"/"fp16" to save memory).
         device: where to load the model.
         gradient_checkpointing: checkpoint the vision transformer layers (saves activation
@@ -65,6 +75,8 @@ class CLIPFamilyReward(Reward):
 
     needs_text = True
     what = "CLIP"
+    #: The official processor when it does not live with the model (None: the model's own repo).
+    default_processor: str | None = None
 
     def __init__(
         self,
@@ -76,18 +88,17 @@ class CLIPFamilyReward(Reward):
         gradient_checkpointing: bool = False,
         cache_size: int = 1024,
     ) -> None:
-        super().__init__()
+        super().__init__(cache_size)
         from transformers import AutoTokenizer, CLIPModel, CLIPVisionModelWithProjection
 
         self.model_id = str(model)
         self.compute_dtype = resolve_dtype(dtype)
-        processor = processor or model
+        processor = prefer_model_dir(model, processor, self.default_processor, PROCESSOR_FILES) or str(model)
+        tokenizer = prefer_model_dir(model, tokenizer, None, TOKENIZER_FILES) or processor
         self.preprocess_config = load_image_preprocess(processor, self.what)
         if self.needs_text:
             self.model = hf_from_pretrained(CLIPModel, model, f"{self.what} model", dtype=self.compute_dtype)
-            self.tokenizer = hf_from_pretrained(
-                AutoTokenizer, tokenizer or processor, f"{self.what} tokenizer"
-            )
+            self.tokenizer = hf_from_pretrained(AutoTokenizer, tokenizer, f"{self.what} tokenizer")
             vision = self.model.vision_model
         else:
             # Prompt-free rewards need only the image tower: half the memory of a full CLIPModel.
@@ -101,13 +112,8 @@ class CLIPFamilyReward(Reward):
             self.model.to(device)
         if gradient_checkpointing:
             checkpoint_layers(vision.encoder.layers)
-        self.text_cache = EmbeddingCache(cache_size)
 
     # -- embeddings ---------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def pixel_values(self, images: Tensor) -> Tensor:
         return preprocess_images(images, self.preprocess_config, dtype=self.compute_dtype)
@@ -139,12 +145,7 @@ class CLIPFamilyReward(Reward):
 
     def text_embeds(self, prompts: Sequence[str]) -> Tensor:
         """L2-normalised projected text embeddings, fp32, cached per prompt, no grad."""
-        return self.text_cache.get_many(list(prompts), self._encode_text, self.device)
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        # .to()/.cuda()/.half() move the model; cached text embeddings must not outlive that.
-        self.text_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
+        return self.text_features(prompts)
 
     # -- scoring ------------------------------------------------------------------------------
 

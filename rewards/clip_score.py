@@ -1,6 +1,6 @@
 """CLIP score (Hessel et al. 2021, as in torchmetrics' CLIPScore without the clamp at 0).
 
-score = 100 * cos(image_embed, text_embed) with OpenAI CLIP ViT-L/14 (~15-35 for matching pairs).
+score = 100 * cos(image_embed, text_embed) with OpenAI CLIP ViT-L/14.
 Not clamped at 0: a clamp would zero the gradient for badly matching images, where it is needed.
 """
 
@@ -19,6 +19,9 @@ CLIP_MODEL = "openai/clip-vit-large-patch14"
 class ClipScoreReward(CLIPFamilyReward):
     """100 * cosine similarity; `model` may be any CLIPModel checkpoint or local directory."""
 
+    name = "clip"
+    description = "CLIP score: 100 * cos(img, txt) with OpenAI CLIP ViT-L/14 (no clamp at 0)"
+    score_range = "~15-35 for matching pairs"
     what = "CLIP"
 
     def __init__(

@@ -1,6 +1,6 @@
 """HPSv2.1 (Wu et al. 2023): open_clip ViT-H-14 fine-tuned on Human Preference Dataset v2.
 
-score = cos(image_embed, text_embed)   (~0.2-0.35), as the official `hpsv2.score`
+score = cos(image_embed, text_embed), as the official `hpsv2.score`
 (`image_features @ text_features.T` of L2-normalised open_clip features, diagonal).
 
 Needs the optional extra `open_clip_torch` (`pip install -r requirements-optional.txt`).
@@ -11,6 +11,7 @@ Preprocessing follows open_clip's validation transform (torchvision `Resize(size
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Reward, check_inputs
+from .base import check_inputs
 from .loading import (
-    EmbeddingCache,
     RewardLoadError,
     checkpoint_layers,
     freeze,
@@ -30,7 +30,8 @@ from .loading import (
     resolve_dtype,
     resolve_file,
 )
-from .preprocess import ImagePreprocessConfig, preprocess_images
+from .preprocess import ImagePreprocessConfig, preprocess_images, torchvision_resize_crop
+from .text_cache import TextCachedReward
 
 HPS_CHECKPOINT = "xswu/HPSv2:HPS_v2.1_compressed.pt"
 HPS_ARCH = "ViT-H-14"
@@ -55,21 +56,20 @@ def open_clip_preprocess_config(preprocess_cfg: dict[str, Any]) -> ImagePreproce
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     mode = preprocess_cfg.get("resize_mode", "shortest") or "shortest"
     resample = _PIL_CODES.get(str(preprocess_cfg.get("interpolation", "bicubic")), 3)
-    common = dict(
+    config = torchvision_resize_crop(
+        height,
+        mean=preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+        std=preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
         resample=resample,
-        rescale=1.0,
-        mean=tuple(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        crop_rounding="round",  # torchvision CenterCrop
     )
     if mode == "squash":
-        return ImagePreprocessConfig(shortest_edge=None, resize_hw=(height, width), crop_hw=None, **common)
+        return dataclasses.replace(config, shortest_edge=None, resize_hw=(height, width), crop_hw=None)
     if mode != "shortest" or height != width:
         raise RewardLoadError(f"open_clip resize_mode={mode!r} with size {size} is not supported by hpsv2")
-    return ImagePreprocessConfig(shortest_edge=height, crop_hw=(height, width), **common)
+    return config
 
 
-class HPSv2Reward(Reward):
+class HPSv2Reward(TextCachedReward):
     """HPSv2.1 preference score.
 
     Args:
@@ -78,6 +78,10 @@ class HPSv2Reward(Reward):
             (registered under its file stem; used by the offline tests with a tiny config).
         dtype, device, gradient_checkpointing, cache_size: as for the CLIP rewards.
     """
+
+    name = "hpsv2"
+    description = "HPSv2.1 (open_clip ViT-H-14 + HPS checkpoint): cos(img, txt) [extra: open_clip_torch]"
+    score_range = "~0.2-0.35"
 
     @classmethod
     def availability(cls) -> str | None:
@@ -95,7 +99,7 @@ class HPSv2Reward(Reward):
         gradient_checkpointing: bool = False,
         cache_size: int = 1024,
     ) -> None:
-        super().__init__()
+        super().__init__(cache_size)
         open_clip = _import_open_clip()
         self.compute_dtype = resolve_dtype(dtype)
         name = str(arch)
@@ -126,24 +130,15 @@ class HPSv2Reward(Reward):
         if gradient_checkpointing:
             checkpoint_layers(self.model.visual.transformer.resblocks)
         self.preprocess_config = open_clip_preprocess_config(dict(self.model.visual.preprocess_cfg))
-        self.text_cache = EmbeddingCache(cache_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _encode_text(self, prompts: list[str]) -> Tensor:
         tokens = self.tokenizer(prompts).to(self.device)
         with torch.no_grad():
             return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        self.text_cache.clear()  # cached embeddings live on the old device/dtype
-        return super()._apply(fn, *args, **kwargs)
-
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_inputs(images, prompts)
         pixels = preprocess_images(images.to(self.device), self.preprocess_config, dtype=self.compute_dtype)
         image = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text = self.text_cache.get_many(list(prompts), self._encode_text, self.device)
+        text = self.text_features(prompts)
         return (image * text).sum(-1)

@@ -1,4 +1,4 @@
-"""Shared loading helpers for model-backed rewards: files, dtypes, state dicts, checkpointing, caches.
+"""Shared loading helpers for model-backed rewards: files, dtypes, state dicts, checkpointing.
 
 Safety rules: weights come from safetensors, or from `torch.load(..., weights_only=True)` for
 legacy `.pt`/`.pth` files; `trust_remote_code` is never used. Hub ids are resolved through
@@ -9,7 +9,6 @@ are used as they are, so the same code path serves offline tests and real runs.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import RewardLoadError
 
-class RewardLoadError(RuntimeError):
-    """A reward model, processor or head could not be loaded; the message says what to pass instead."""
+__all__ = [
+    "RewardLoadError",
+    "checkpoint_layers",
+    "freeze",
+    "hf_from_pretrained",
+    "load_state_dict_file",
+    "pooled",
+    "prefer_model_dir",
+    "resolve_dtype",
+    "resolve_file",
+    "resolve_model_files",
+]
 
 
 _DTYPES = {
@@ -65,6 +75,60 @@ def resolve_file(spec: str | os.PathLike, what: str) -> Path:
                 "pass a local file instead"
             ) from exc
     raise RewardLoadError(f"{what} not found: {text!r} (expected a local file or owner/repo:filename)")
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def resolve_model_files(model: str | os.PathLike, filenames: Sequence[str], what: str) -> dict[str, Path]:
+    """`filenames` inside `model`: a local directory, or a hub repo id (downloaded/cached).
+
+    The same code serves both: a directory is read as it is, a hub id goes through
+    `hf_hub_download` (which honours `HF_HUB_OFFLINE` and the local cache). Either way a missing
+    file is one line naming it and saying how to point at a local copy.
+    """
+    text = str(model)
+    local = Path(text).expanduser()
+    need = ", ".join(filenames)
+    if local.is_dir():
+        missing = [name for name in filenames if not (local / name).is_file()]
+        if missing:
+            raise RewardLoadError(
+                f"{what}: {text!r} has no {', '.join(missing)} (model= must be a directory holding {need})"
+            )
+        return {name: local / name for name in filenames}
+    if _looks_like_path(text):
+        raise RewardLoadError(f"{what} directory not found: {text!r} (expected a directory holding {need})")
+    from huggingface_hub import hf_hub_download
+
+    paths: dict[str, Path] = {}
+    for name in filenames:
+        try:
+            paths[name] = Path(hf_hub_download(text, name))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RewardLoadError(
+                f"could not fetch {name} of {what} from the hub repo {text!r} ({type(exc).__name__}: {first}); "
+                f"pass model=/local/dir holding {need}"
+            ) from exc
+    return paths
+
+
+def prefer_model_dir(
+    model: str | os.PathLike, value: str | None, default: str | None, filenames: Sequence[str]
+) -> str | None:
+    """Where to load a processor/tokenizer from: `value`, unless it was left at its `default` and the
+    local `model` directory carries its own copy (one of `filenames`), which then wins.
+
+    So a complete local checkpoint works with `model=` alone, while a model directory without those
+    files still gets the official default (e.g. PickScore's LAION processor).
+    """
+    if value is None or value == default:
+        local = Path(str(model)).expanduser()
+        if local.is_dir() and any((local / name).is_file() for name in filenames):
+            return str(model)
+    return default if value is None else value
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -129,8 +193,8 @@ def checkpoint_layers(layers: Iterable[nn.Module]) -> int:
     """Activation-checkpoint each layer's forward (non-reentrant); returns how many were wrapped.
 
     transformers only checkpoints modules in training mode, but a reward model stays in eval
-    mode, so we wrap the layers ourselves. Only the image path needs it: it is the one that
-    carries gradients (text embeddings are computed without grad).
+    mode, so we wrap the layers ourselves. Wrap the towers that carry gradients to the image: the
+    image tower everywhere, and ImageReward's text tower too (it cross-attends to the image).
     """
     count = 0
     for layer in layers:
@@ -144,35 +208,3 @@ def checkpoint_layers(layers: Iterable[nn.Module]) -> int:
         layer.forward = wrapped  # type: ignore[method-assign]
         count += 1
     return count
-
-
-class EmbeddingCache:
-    """A small LRU dict prompt -> embedding: DRaFT+ reuses a few prompts for thousands of steps."""
-
-    def __init__(self, max_size: int = 1024) -> None:
-        self.max_size = int(max_size)
-        self._data: OrderedDict[str, Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def get_many(
-        self, keys: Sequence[str], compute: Callable[[list[str]], Tensor], device: torch.device
-    ) -> Tensor:
-        """Stacked embeddings for `keys`, computing (in one batch) only the missing unique ones."""
-        if self.max_size <= 0:
-            return compute(list(keys)).to(device)
-        missing = [k for k in dict.fromkeys(keys) if k not in self._data]
-        if missing:
-            for key, value in zip(missing, compute(missing), strict=True):
-                self._data[key] = value.detach()
-        out = []
-        for key in keys:
-            self._data.move_to_end(key)
-            out.append(self._data[key].to(device))
-        while len(self._data) > self.max_size:
-            self._data.popitem(last=False)
-        return torch.stack(out)

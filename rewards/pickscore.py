@@ -1,12 +1,11 @@
 """PickScore (Kirstain et al. 2023): CLIP-H/14 fine-tuned on Pick-a-Pic human preferences.
 
-score = logit_scale.exp() * cos(image_embed, text_embed)   (logit_scale.exp() is ~100; scores ~18-24)
+score = logit_scale.exp() * cos(image_embed, text_embed)   (logit_scale.exp() is ~100)
 exactly the logits of the official snippet (`model.logit_scale.exp() * text_embs @ image_embs.T`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +20,11 @@ PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 class PickScoreReward(CLIPFamilyReward):
     """PickScore_v1; `model`/`processor`/`tokenizer` may be local directories (see CLIPFamilyReward)."""
 
+    name = "pickscore"
+    description = "PickScore_v1 (CLIP-H/14 fine-tuned on Pick-a-Pic): logit_scale.exp() * cos(img, txt)"
+    score_range = "~18-24"
     what = "PickScore"
+    default_processor = PICKSCORE_PROCESSOR
 
     def __init__(
         self,
@@ -33,8 +36,6 @@ class PickScoreReward(CLIPFamilyReward):
         gradient_checkpointing: bool = False,
         cache_size: int = 1024,
     ) -> None:
-        if processor == PICKSCORE_PROCESSOR and os.path.isfile(os.path.join(model, "preprocessor_config.json")):
-            processor = model  # a complete local copy carries its own processor and tokenizer
         super().__init__(model, processor, tokenizer, dtype, device, gradient_checkpointing, cache_size)
 
     def score(self, image_embeds: Tensor, prompts: Sequence[str]) -> Tensor:

@@ -105,6 +105,28 @@ class ImagePreprocessConfig:
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
 
+def torchvision_resize_crop(
+    size: int,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    resample: int = _PIL_BICUBIC,
+) -> ImagePreprocessConfig:
+    """torchvision's `Resize(size) -> CenterCrop(size) -> ToTensor -> Normalize(mean, std)` on PIL images.
+
+    The validation transform of open_clip (HPSv2) and of CLIP-derived scorers such as ImageReward:
+    the same resize as transformers' processors, but torchvision rounds the crop offset.
+    """
+    return ImagePreprocessConfig(
+        shortest_edge=size,
+        crop_hw=(size, size),
+        resample=resample,
+        rescale=1.0,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        crop_rounding="round",
+    )
+
+
 def _triple(values: float | Sequence[float]) -> tuple[float, ...]:
     if isinstance(values, (int, float)):
         return (float(values),) * 3

@@ -68,6 +68,10 @@ def parse_color(target: str | Sequence[float]) -> tuple[float, float, float]:
 class BrightnessReward(Reward):
     """Mean Rec. 709 luma of the image in [0, 1]."""
 
+    name = "brightness"
+    description = "mean Rec.709 luma 0.2126R+0.7152G+0.0722B (model-free)"
+    score_range = "[0, 1]"
+
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         check_inputs(images, prompts)
         x = as_float_images(images)
@@ -77,6 +81,10 @@ class BrightnessReward(Reward):
 
 class SaturationReward(Reward):
     """Mean HSV saturation (max - min) / max; `eps` keeps it finite (and differentiable) on black."""
+
+    name = "saturation"
+    description = "mean HSV saturation (max-min)/(max+eps) (model-free)"
+    score_range = "[0, 1]"
 
     def __init__(self, eps: float = 1e-3) -> None:
         super().__init__()
@@ -95,6 +103,10 @@ class ColorfulnessReward(Reward):
 
     `eps` inside the square roots keeps the gradient finite on a flat grey image (sqrt'(0) = inf).
     """
+
+    name = "colorfulness"
+    description = "Hasler-Suesstrunk colourfulness sqrt(sd_rg^2+sd_yb^2)+0.3*sqrt(mu_rg^2+mu_yb^2) (model-free)"
+    score_range = "~0-0.6"
 
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
@@ -120,6 +132,10 @@ class CompressibilityReward(Reward):
     which total variation measures. 0 for a flat image, about -0.67 for uniform noise, -2 at most.
     """
 
+    name = "compressibility"
+    description = "-(mean|dI/dx|+mean|dI/dy|): negative total variation, a differentiable JPEG-size proxy"
+    score_range = "[-2, 0]"
+
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         check_inputs(images, prompts)
         x = as_float_images(images)
@@ -134,6 +150,13 @@ class ColorReward(Reward):
     1 for an image filled with the target colour, 0 for greys, negative for the opposite hue.
     For `target="red"` it is exactly mean(R - (G + B) / 2), the toy demo's "redness".
     """
+
+    name = "color"
+    description = (
+        "mean <pixel, c>/|c|^2, c = chroma of the target colour (a name, #rrggbb or r;g;b): "
+        "1 at the target, 0 on greys (model-free)"
+    )
+    score_range = "[-1, 1] for saturated targets"
 
     def __init__(self, target: str | Sequence[float] = "red") -> None:
         super().__init__()
@@ -150,3 +173,14 @@ class ColorReward(Reward):
         x = as_float_images(images)
         d = self.direction.to(x.device).view(1, 3, 1, 1)
         return (x * d).sum(1).mean(dim=(1, 2))
+
+
+class RednessReward(ColorReward):
+    """`color` with the target fixed to red: mean(R - (G + B) / 2), the toy demo's reward."""
+
+    name = "redness"
+    description = "mean(R - (G+B)/2): `color` with target=red, the toy demo's colour reward"
+    score_range = "[-1, 1]"
+
+    def __init__(self) -> None:
+        super().__init__("red")

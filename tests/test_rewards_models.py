@@ -403,10 +403,48 @@ def test_hpsv2_without_open_clip_names_the_extra(monkeypatch):
         HPSv2Reward(model="unused.pt")
 
 
-def test_imagereward_fails_at_validation_with_reason():
-    with pytest.raises(RewardSpecError, match="not available with the pinned stack.*transformers<5") as info:
-        validate_reward_spec("imagereward")
+# ---------------------------------------------------------------- where processor and tokenizer come from
+
+
+@pytest.fixture(scope="module")
+def own_files_dir(assets, tmp_path_factory):
+    """A local CLIP directory carrying its own processor (mean/std 0.5) and tokenizer (max length 32)."""
+    path = tmp_path_factory.mktemp("clip-own-files")
+    assets.clip.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ).save_pretrained(path)  # fmt: skip
+    build_clip_tokenizer(path, model_max_length=32)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip", "aesthetic"])
+def test_model_dir_with_its_own_processor_needs_only_model(assets, own_files_dir, name):
+    options = {"head": str(assets.root / "head.pth")} if name == "aesthetic" else {}
+    reward = build_reward(name, model=own_files_dir, **options)  # offline: no hub default reachable
+    assert reward.preprocess_config.mean == (0.5, 0.5, 0.5)  # read from the model directory
+    if name != "aesthetic":
+        assert reward.tokenizer.model_max_length == 32
+    # An explicit processor= still wins over the directory's.
+    explicit = build_reward(name, model=own_files_dir, processor=assets.proc, **options)
+    assert explicit.preprocess_config.mean == tuple(OPENAI_MEAN)
+
+
+def test_model_dir_without_processor_keeps_the_official_default(assets):
+    # PickScore's official processor is LAION's CLIP-H: still the default when the directory has
+    # none (offline, so loading it fails -- naming it proves it was the one asked for).
+    with pytest.raises(RewardLoadError, match="laion/CLIP-ViT-H-14-laion2B-s32B-b79K") as info:
+        build_reward("pickscore", model=assets.model)
     assert "\n" not in str(info.value)
+
+
+def test_tokenizer_from_model_dir_processor_from_elsewhere(assets, tmp_path):
+    assets.clip.save_pretrained(tmp_path)
+    build_clip_tokenizer(tmp_path, model_max_length=40)  # tokenizer here, no preprocessor_config.json
+    reward = build_reward("pickscore", model=str(tmp_path), processor=assets.proc)
+    assert reward.tokenizer.model_max_length == 40  # the model directory's, not the processor's (77)
+    assert reward.preprocess_config.mean == tuple(OPENAI_MEAN)
 
 
 # ---------------------------------------------------------------- HPSv2 (only with open_clip installed)

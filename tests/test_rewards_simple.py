@@ -1,4 +1,4 @@
-"""Model-free rewards and the spec/registry machinery (no model weights anywhere)."""
+"""Model-free rewards and the spec/catalogue/options machinery (no model weights anywhere)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ import textwrap
 import pytest
 import torch
 
-from rewards import Reward, RewardSpecError, build_reward, list_rewards, validate_reward_spec
-from rewards.registry import WeightedSumReward, parse_reward_options, parse_reward_spec
+from rewards import (
+    Reward,
+    RewardSpecError,
+    WeightedSumReward,
+    build_reward,
+    list_rewards,
+    parse_reward_options,
+    parse_reward_spec,
+    validate_reward_spec,
+)
 
 PROMPTS2 = ["a red circle", "a blue square"]
 
@@ -174,7 +182,7 @@ def test_each_part_evaluated_once_per_batch(tmp_path):
     )
     r = build_reward(f"{f}:counted=2,redness=1")
     r(torch.rand(3, 3, 4, 4), ["a"] * 3)
-    from rewards.registry import resolve_custom
+    from rewards.custom import resolve_custom
 
     module = sys.modules[resolve_custom(f"{f}:counted").__module__]
     assert module.CALLS == [3]
@@ -263,7 +271,7 @@ def test_bad_specs_are_one_line_errors(spec, pattern):
 def test_validate_loads_no_model_library():
     # validate must be cheap: it may not import transformers/open_clip (let alone load weights).
     code = (
-        "import sys, rewards; rewards.validate_reward_spec('pickscore=1,aesthetic=0.05,clip,redness', gradient_checkpointing=True);"
+        "import sys, rewards; rewards.validate_reward_spec('pickscore=1,aesthetic=0.05,clip,imagereward=0.5,redness', gradient_checkpointing=True);"
         "print(rewards.list_rewards());"
         "bad=[m for m in sys.modules if m.split('.')[0] in ('transformers','open_clip','ImageReward','diffusers')];"
         "assert not bad, bad"
@@ -274,14 +282,38 @@ def test_validate_loads_no_model_library():
         assert any(line.strip().startswith(name) for line in out.stdout.splitlines())
 
 
-def test_list_rewards_one_line_per_reward():
-    from rewards.registry import REGISTRY
+def test_list_rewards_reads_each_class():
+    from rewards.catalogue import REWARDS, reward_class
 
     text = list_rewards()
-    for name, entry in REGISTRY.items():
+    for name in REWARDS:
+        cls = reward_class(name)
+        assert cls.name == name  # the catalogue key and the class agree
+        assert cls.description and cls.score_range
         (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(name + " ")]
-        assert entry.description in line
-    assert "yuvalkirstain/PickScore_v1" in text
+        assert cls.description in line and cls.score_range in line
+    # Defaults come from the signatures: the same values the classes are built with.
+    pick = next(ln for ln in text.splitlines() if ln.strip().startswith("pickscore "))
+    assert "model=yuvalkirstain/PickScore_v1 processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in pick
+    assert "range ~18-24" in pick
+    (color,) = [ln for ln in text.splitlines() if ln.strip().startswith("color ")]
+    assert "[target=red]" in color
+
+
+def test_list_rewards_follows_the_class(monkeypatch):
+    # One source of truth: changing the class attribute changes the help text.
+    from rewards.pickscore import PickScoreReward
+
+    monkeypatch.setattr(PickScoreReward, "score_range", "~1-2 (patched)")
+    assert "range ~1-2 (patched)" in list_rewards()
+
+
+def test_redness_is_color_with_target_fixed():
+    from rewards.simple import ColorReward, RednessReward
+
+    assert issubclass(RednessReward, ColorReward)
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(build_reward("redness")(x, PROMPTS2), build_reward("color", target="red")(x, PROMPTS2))
 
 
 def _root():

@@ -307,10 +307,15 @@ def test_bf16_scores_are_float32_and_close(assets, pickscore):
     fp32 = pickscore
     bf16 = build_reward("pickscore", model=assets.model, processor=assets.proc, dtype=torch.bfloat16)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
-    images, _ = make_images(96, 96, n=2)
-    out = bf16(images, PROMPTS[:2])
+    images, _ = make_images(96, 96, n=16, seed=1)
+    prompts = (PROMPTS * 6)[:16]
+    out, reference = bf16(images, prompts), fp32(images, prompts)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, fp32(images, PROMPTS[:2]), atol=2.0, rtol=0)  # bf16 has ~3 digits
+    # Scores are 100 * cos. bf16 keeps 8 mantissa bits: one ulp of a cosine near 1 is 2^-8 = 0.0039, i.e.
+    # 0.39 score points. Observed here: max |bf16 - fp32| = 0.86 over 16 images (2.2 ulps), against a spread
+    # of scores of std 17.6. Allow 3 ulps, and require the ranking of images to survive.
+    assert (out - reference).abs().max() <= 3 * 100 * 2**-8
+    assert torch.corrcoef(torch.stack([out, reference]))[0, 1] > 0.995
 
 
 def test_text_embeddings_cached_per_prompt(assets):

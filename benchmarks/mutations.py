@@ -1,0 +1,159 @@
+"""Mutation check: plant one-line bugs in a scratch copy of the repository and require the tests to catch each.
+
+A test suite earns trust by failing on the bugs that matter. Each mutation below replaces one exact line
+fragment (which must occur exactly once, so the list cannot silently go stale) in a fresh copy of the
+tracked files, runs the tests that should catch it, and records whether they failed.
+
+    python -m benchmarks.mutations                      # all mutations -> benchmarks/results/mutations.md/.json
+    python -m benchmarks.mutations --only reward_sign   # one of them
+
+Exit status 1 if any mutation survives (or no longer applies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    description: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids / -k expressions, run together
+
+
+MUTATIONS = (
+    Mutation("penalty_detached", "the DRaFT+ penalty detached from the graph (DRaFT+ silently becomes DRaFT)",
+             "utils/rollout.py",
+             "penalty = kl_penalty(sample.eps, sample.eps_ref) if kl_coeff > 0",
+             "penalty = kl_penalty([e.detach() for e in sample.eps], sample.eps_ref) if kl_coeff > 0",
+             ("tests/test_rollout.py::test_penalty_alone_gives_the_lora_the_hand_computed_gradient",)),
+    Mutation("reference_unguided", "the reference prediction taken without classifier-free guidance",
+             "utils/rollout.py",
+             "reference = guided_prediction(raw_unet, x_t, t, cond, config.guidance_at(i))",
+             "reference = guided_prediction(raw_unet, x_t, t, cond, 1.0)",
+             ("tests/test_rollout.py::test_reference_is_the_guided_prediction_of_the_adapters_off_unet",)),
+    Mutation("reward_sign", "the reward maximised with the wrong sign",
+             "utils/rollout.py",
+             "loss = -rewards.mean() + kl_coeff * penalty",
+             "loss = rewards.mean() + kl_coeff * penalty",
+             ("tests/test_rollout.py::test_lora_gradient_equals_a_hand_written_nemo_style_step",)),
+    Mutation("process_index_dropped", "the process index dropped from the prompt and noise keys "
+             "(every rank trains on the same samples)",
+             "train_draftplus.py",
+             "keys = (global_step, micro, accelerator.process_index)",
+             "keys = (global_step, micro, 0)",
+             ("tests/test_train.py::test_two_process_gloo_run_with_model_and_custom_rewards",)),
+    Mutation("lv_wrong_timestep", "DRaFT-LV re-noising to the second-to-last step's noise level",
+             "utils/rollout.py",
+             "n, last = config.lv_samples, len(scheduler.timesteps) - 1",
+             "n, last = config.lv_samples, len(scheduler.timesteps) - 2",
+             ("tests/test_rollout.py::test_draft_lv_renoises_x0_to_the_last_steps_noise_level",)),
+    Mutation("negative_prompt_ignored", "the negative prompt ignored by the rollout",
+             "utils/rollout.py",
+             "cond = models.family.encode_prompts(prompts, negative_prompt, config.guided",
+             "cond = models.family.encode_prompts(prompts, \"\", config.guided",
+             ("tests/test_rollout.py::test_negative_prompt_reaches_the_rollout",)),
+    Mutation("preprocess_mean_std_swapped", "the reward preprocessing's mean and std swapped",
+             "rewards/preprocess.py",
+             "x = (x - mean) / std",
+             "x = (x - std) / mean",
+             ("tests/test_rewards_models.py",)),
+    Mutation("final_sample_decoded", "the scheduler's final sample decoded instead of the x0 prediction "
+             "(NVIDIA's kl_coeff scale lost)",
+             "utils/rollout.py",
+             'if i == n - 1 and config.final_latent == "x0":',
+             'if i == n - 1 and config.final_latent == "never":',
+             ("tests/test_rollout.py::test_lora_gradient_equals_a_hand_written_nemo_style_step",)),
+)
+
+
+def tracked_copy(destination: Path) -> None:
+    """The tracked files of the working tree (with uncommitted edits), as CI would check them out."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+
+
+def run_tests(tests: list[str], scratch: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                          cwd=scratch, env=env, capture_output=True, text=True)
+
+
+def run_mutation(mutation: Mutation, scratch: Path) -> dict:
+    path = scratch / mutation.file
+    original = path.read_text()
+    count = original.count(mutation.old)
+    row = {"name": mutation.name, "description": mutation.description, "file": mutation.file,
+           "tests": list(mutation.tests)}
+    if count != 1:
+        return {**row, "status": "does not apply", "detail": f"anchor found {count} times"}
+    path.write_text(original.replace(mutation.old, mutation.new))
+    try:
+        start = time.time()
+        result = run_tests(list(mutation.tests), scratch)
+        lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+        summary = lines[-1] if lines else result.stderr.strip().splitlines()[-1:]
+        caught = result.returncode == 1  # 1: tests failed; 0: survived; others: could not run
+        status = "caught" if caught else ("survived" if result.returncode == 0 else "error")
+        return {**row, "status": status, "seconds": round(time.time() - start, 1), "detail": str(summary)}
+    finally:
+        path.write_text(original)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mutations", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="*", default=None, help="Names of the mutations to run (default: all).")
+    p.add_argument("--output_dir", default=str(RESULTS), help="Where mutations.json/.md go.")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only is None or m.name in args.only]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="draftplus-mutants-") as tmp:
+        scratch = Path(tmp)
+        tracked_copy(scratch)
+        # "Caught" must mean caught because of the mutation: the same tests pass on the unmutated copy.
+        baseline = run_tests(sorted({t for m in chosen for t in m.tests}), scratch)
+        print(f"baseline (unmutated): {baseline.stdout.strip().splitlines()[-1:]}", flush=True)
+        if baseline.returncode != 0:
+            print(baseline.stdout[-3000:], file=sys.stderr)
+            return 2
+        for mutation in chosen:
+            row = run_mutation(mutation, scratch)
+            print(f"{row['status']:>14}: {mutation.name} ({row.get('seconds', '-')} s) {row['detail']}", flush=True)
+            rows.append(row)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mutations.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["# Mutation check", "", "`python -m benchmarks.mutations`: one-line bugs planted in a scratch copy; "
+             "each must make the listed tests fail (which all pass on the unmutated copy first).", "",
+             "| mutation | what it breaks | tests | result |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        tests = "<br>".join(f"`{t.split('::')[-1]}`" for t in row["tests"])
+        lines.append(f"| `{row['name']}` | {row['description']} | {tests} | {row['status']} |")
+    caught = sum(r["status"] == "caught" for r in rows)
+    lines += ["", f"{caught} of {len(rows)} mutations caught."]
+    (out / "mutations.md").write_text("\n".join(lines) + "\n")
+    return 0 if caught == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

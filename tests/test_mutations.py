@@ -1,0 +1,18 @@
+"""The mutation check stays applicable: every planted bug still has its anchor, once, in the code it targets,
+and every test it names exists (a renamed test would otherwise make the mutation 'caught' by an error)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.mutations import MUTATIONS, ROOT
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.name for m in MUTATIONS])
+def test_mutation_anchor_occurs_once_and_its_tests_exist(mutation):
+    assert (ROOT / mutation.file).read_text().count(mutation.old) == 1
+    assert mutation.old != mutation.new
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *mutation.tests], cwd=ROOT, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout[-2000:]

@@ -120,7 +120,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--validation_prompts", type=str, nargs="*", default=[],
                    help="Prompts rendered before and after training (and every --validation_steps).")
     g.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
-    g.add_argument("--validation_steps", type=int, default=0, help="Render validation images every N steps.")
+    g.add_argument("--validation_steps", type=int, default=0,
+                   help="Every N steps, render the validation prompts with the current LoRA from the same noise as\n"
+                        "the base model (rendered once) and save output_dir/validation/step-N.png (base left,\n"
+                        "LoRA right, each image with its reward). 0: only before and after training.")
+    g.add_argument("--validation_diversity", type=str, nargs="?", const="auto", default=None,
+                   choices=["auto", "lpips", "lpips_random_backbone", "pixel_l2"],
+                   help="Also log the validation images' diversity (mean pairwise distance per prompt). Bare flag\n"
+                        "= auto: LPIPS if torchvision's AlexNet weights are available, else the LPIPS stand-in on\n"
+                        "a fixed random AlexNet (lpips_random_backbone); the metric used is logged.")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", type=str, default="draftplus-lora", help="Where the LoRA and checkpoints go.")
@@ -131,7 +139,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--report_to", type=str, default="tensorboard",
                    help="accelerate tracker: tensorboard, wandb, comet_ml, all, or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
-    g.add_argument("--push_to_hub", action="store_true", help="Upload the final LoRA and model card to the Hub.")
+    g.add_argument("--export_kohya", action="store_true",
+                   help="Also write pytorch_lora_weights_kohya.safetensors (kohya format, for AUTOMATIC1111 and\n"
+                        "ComfyUI); `python -m utils.export_kohya DIR` converts an existing output dir.")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the model card, the LoRA (and kohya file), the validation grids and the training\n"
+                        "curves to the Hub (never checkpoints or logs).")
     g.add_argument("--hub_model_id", type=str, default=None, help="Hub repo (default: name of --output_dir).")
     g.add_argument("--hub_token", type=str, default=None,
                    help="Hub token (prefer `hf auth login`; the token is never logged or saved).")
@@ -229,6 +242,10 @@ def check_args(args: argparse.Namespace) -> None:
         fail("--checkpoints_total_limit must be at least 1")
     if not 0 <= args.lora_dropout < 1:
         fail("--lora_dropout must be in [0, 1)")
+    from utils.validation import check_validation_args
+
+    if (problem := check_validation_args(args)) is not None:
+        fail(problem)
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         fail("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`")
     try:
@@ -284,85 +301,6 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     return final
 
 
-def log_validation(args, accelerator, models, reward_fn, step: int, phase: str) -> tuple[list, float | None]:
-    """Render the validation prompts with fixed seeds through the model family's diffusers pipeline and
-    score them with the training reward (same seeds before and after: the change is the training's doing).
-
-    The pipeline denoises; the latents are decoded as the rollout decodes them (outside autocast when
-    the VAE was upcast), so validation and training images agree in precision."""
-    import torch
-
-    from utils.rollout import decode
-
-    if not args.validation_prompts:
-        return [], None
-    pipe = models.family.pipe  # its UNet is the raw LoRA UNet; it gets its own scheduler instance
-    pipe.scheduler = models.scheduler.__class__.from_config(models.scheduler.config)
-    images, scores = [], []
-    for prompt in args.validation_prompts:
-        generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i)
-                      for i in range(args.num_validation_images)]
-        with torch.no_grad():
-            with accelerator.autocast():
-                latents = pipe(prompt, negative_prompt=args.negative_prompt or None,
-                               num_images_per_prompt=args.num_validation_images, generator=generators,
-                               num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                               eta=args.eta, height=args.height, width=args.width, output_type="latent").images
-                batch = decode(models.vae, latents)
-            scores.append(reward_fn(batch, [prompt] * len(batch)))
-        images += pipe.numpy_to_pil(pipe.image_processor.pt_to_numpy(batch))
-    reward = torch.cat(scores).mean().item()
-    accelerator.log({f"{phase}_reward": reward}, step=step)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-
-            tracker.writer.add_images(phase, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({phase: [wandb.Image(im, caption=f"{i}") for i, im in enumerate(images)]}, step=step)
-    return images, reward
-
-
-def save_model_card(args, repo_id: str | None, validation: str | None, output_dir: str,
-                    pipeline_class_name: str) -> None:
-    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
-    from huggingface_hub import ModelCard, ModelCardData
-
-    lines = [
-        f"# DRaFT+ LoRA for {args.pretrained_model_name_or_path}",
-        "",
-        f"LoRA weights fine-tuned with [DRaFT+](https://arxiv.org/abs/2311.04911) (draftplus) against the "
-        f"reward `{args.reward}` with kl_coeff={args.kl_coeff}.",
-        "",
-        f"- prompts: `{args.prompts}`; {args.max_train_steps} steps; batch {args.train_batch_size} x "
-        f"{args.gradient_accumulation_steps} accumulation; lr {args.learning_rate}",
-        f"- rollout: {args.num_inference_steps} {args.scheduler} steps, guidance {args.guidance_scale}, "
-        f"eta {args.eta}, gradients through the last {args.truncation_steps} step(s)"
-        + (f", DRaFT-LV with {args.lv_samples} samples" if args.lv_samples else ""),
-        f"- LoRA rank {args.rank}, alpha {args.lora_alpha or args.rank}, targets {' '.join(args.lora_target_modules)}",
-        "",
-        "```python",
-        f"from diffusers import {pipeline_class_name}",
-        f'pipe = {pipeline_class_name}.from_pretrained("{args.pretrained_model_name_or_path}")',
-        f'pipe.load_lora_weights("{repo_id or output_dir}")',
-        "```",
-    ]
-    if validation:
-        lines += ["", f"Validation images before (top) and after (bottom) training: `validation_before_after.png`; "
-                      f"{validation}."]
-    card = ModelCard.from_template(
-        card_data=ModelCardData(license="creativeml-openrail-m", library_name="diffusers", inference=True,
-                                base_model=args.pretrained_model_name_or_path),
-        template_path=MODEL_CARD_TEMPLATE_PATH,
-        model_description="\n".join(lines),
-    )
-    card = populate_model_card(card, tags=["stable-diffusion", "text-to-image", "diffusers", "diffusers-training",
-                                           "lora", "draftplus", "reward-fine-tuning"])
-    card.save(os.path.join(output_dir, "README.md"))
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -377,16 +315,18 @@ def main(args: argparse.Namespace) -> None:
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.utils import make_image_grid
     from diffusers.utils.torch_utils import randn_tensor
     from tqdm.auto import tqdm
 
     from rewards import build_reward
     from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
-    from utils.lora import adapters_disabled, add_lora, load_lora_into_unet, save_lora
+    from utils.lora import add_lora, load_lora_into_unet, save_lora
     from utils.prompts import load_prompts, sample_prompts
     from utils.rollout import Models, RolloutConfig, draftplus_step
+    from utils.run_outputs import finish_run
     from utils.schedulers import SchedulerError, scheduler_class_name
+    from utils.step_metrics import StepMetrics
+    from utils.validation import Validation
 
     logger = get_logger("draftplus")
     accelerator = Accelerator(
@@ -504,16 +444,17 @@ def main(args: argparse.Namespace) -> None:
     logger.info(f"***** DRaFT+ : {len(prompts)} prompts, {args.max_train_steps} steps, batch "
                 f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
                 f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
-    images_before, reward_before = [], None
-    if accelerator.is_main_process:
-        with adapters_disabled(models.raw_unet):  # "before" is the base model, also when resuming
-            images_before, reward_before = log_validation(args, accelerator, models, reward_fn, global_step,
-                                                          "validation_before")
+    validation = None
+    if accelerator.is_main_process and args.validation_prompts:
+        validation = Validation(args, accelerator, models, reward_fn)
+        validation.render_base()  # once (also when resuming): every validation is compared with it
 
     metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
+    step_metrics = StepMetrics(accelerator.device)
     while global_step < args.max_train_steps:
+        step_metrics.start()
         totals = torch.zeros(3, device=accelerator.device)  # loss, reward, penalty
         for micro in range(args.gradient_accumulation_steps):
             keys = (global_step, micro, accelerator.process_index)
@@ -527,6 +468,7 @@ def main(args: argparse.Namespace) -> None:
                                                         args.kl_coeff, args.negative_prompt, generator)
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             totals += torch.stack([loss.detach(), rewards.mean(), penalty]) / args.gradient_accumulation_steps
+            step_metrics.add(rewards, reward_fn)
         grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm or float("inf"))
         optimizer.step()
         lr_scheduler.step()
@@ -538,7 +480,8 @@ def main(args: argparse.Namespace) -> None:
         reward_by_process = accelerator.gather(totals[1:2]).tolist()
         totals = accelerator.reduce(totals, reduction="mean")
         logs = {"loss": totals[0].item(), "reward": totals[1].item(), "kl_penalty": totals[2].item(),
-                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0]}
+                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+                **step_metrics.collect(accelerator)}  # reward_std, reward/<part>, images_per_s, peak_memory_gib
         progress.set_postfix(reward=f"{logs['reward']:.4f}", kl=f"{logs['kl_penalty']:.2e}")
         accelerator.log(logs, step=global_step)
         if accelerator.is_main_process:
@@ -548,8 +491,8 @@ def main(args: argparse.Namespace) -> None:
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             logger.info(f"Saved state to {path}")
-        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            log_validation(args, accelerator, models, reward_fn, global_step, "validation")
+        if validation is not None and args.validation_steps and global_step % args.validation_steps == 0:
+            validation(global_step)
 
     # Data parallelism must leave every process with the same LoRA; a silent desync would make the
     # saved weights depend on which rank wrote them.
@@ -559,31 +502,8 @@ def main(args: argparse.Namespace) -> None:
         raise RuntimeError(f"LoRA weights differ across processes: {checksums.tolist()}")
     if accelerator.is_main_process:
         lora_file = save_lora(models.raw_unet, args.output_dir, family)
-        images_after, reward_after = log_validation(args, accelerator, models, reward_fn, global_step,
-                                                    "validation_after")
-        if images_after:
-            rows = 2 * len(args.validation_prompts)
-            grid = make_image_grid(images_before + images_after, rows=rows, cols=args.num_validation_images)
-            zoom = max(1, 256 // max(args.height, args.width))  # toy-sized images: enlarge so the grid can be seen
-            grid.resize((grid.width * zoom, grid.height * zoom), resample=0).save(
-                os.path.join(args.output_dir, "validation_before_after.png"))
-        validation = None
-        if images_after:
-            validation = (f"validation reward ({len(images_after)} images, fixed seeds): "
-                          f"{reward_before:.4f} before -> {reward_after:.4f} after")
-            with open(os.path.join(args.output_dir, "validation_reward.json"), "w") as f:
-                json.dump({"before": reward_before, "after": reward_after, "step": global_step,
-                           "prompts": args.validation_prompts, "images_per_prompt": args.num_validation_images}, f)
-        save_model_card(args, repo_id, validation, args.output_dir, models.family.pipeline_class_name)
-        if args.push_to_hub:
-            from huggingface_hub import upload_folder
-
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
-                          ignore_patterns=["step_*", "epoch_*", "checkpoint-*", f"{args.logging_dir}/*",
-                                           "*.partial", ".tmp-*"], token=args.hub_token)
-        accelerator.print(f"LoRA: {lora_file}\nmetrics: {metrics_file}" + (
-            f"\nbefore/after grid: {os.path.join(args.output_dir, 'validation_before_after.png')}\n{validation}"
-            if images_after else ""))
+        # validation after training, kohya export, curves, model card, upload
+        accelerator.print(finish_run(args, accelerator, models, validation, repo_id, global_step, lora_file))
     accelerator.end_training()
 
 

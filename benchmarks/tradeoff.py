@@ -118,10 +118,10 @@ def main() -> None:
     prompts = load_prompts(args.prompts)[: args.eval_prompts]
     print(f"evaluating base + {len(checkpoints)} checkpoints on {len(prompts)} prompts x {args.eval_seeds} seeds "
           f"({metric})", flush=True)
-    rows, _, _ = evaluate(model, prompts, reward=args.reward, loras=[str(c) for _, _, c in checkpoints],
-                          seeds_per_prompt=args.eval_seeds, num_inference_steps=args.num_inference_steps,
-                          guidance_scale=args.guidance_scale, resolution=args.resolution,
-                          diversity_metric=metric, seed=10_000 + args.seed)  # seeds unseen in training
+    rows = evaluate(model, prompts, reward=args.reward, loras=[str(c) for _, _, c in checkpoints],
+                    seeds_per_prompt=args.eval_seeds, num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale, resolution=args.resolution,
+                    diversity_metric=metric, seed=10_000 + args.seed).rows  # seeds unseen in training
     base = rows[0]  # rows: base first, then the LoRAs in the order given
     trajectories = {kl: [dict(base, step=0)] for kl in runs}
     for (kl, step, _), row in zip(checkpoints, rows[1:], strict=True):

@@ -92,7 +92,7 @@ def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path)
     from PIL import Image
 
     assert Image.open(out / "validation_before_after.png").size == (4 * 32 * 8, 4 * 32 * 8)  # 4x4 grid, zoom 8
-    assert f"{validation['before']:.4f} before" in (out / "README.md").read_text()
+    assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in (out / "README.md").read_text()
 
 
 def test_sdxl_trains_under_accelerate_launch_and_its_lora_loads_into_the_sdxl_pipeline(tiny_sdxl_path, tmp_path):
@@ -189,16 +189,33 @@ import train_draftplus
 train_draftplus.main(train_draftplus.parse_args())
 json.dump(log, open({str(calls)!r}, "w"))
 """)
-    result = run([sys.executable, str(wrapper), *base_args(tiny_sd_path, out, "--max_train_steps", "1",
-                                                           "--push_to_hub", "--hub_token", token,
-                                                           "--report_to", "tensorboard")])
+    result = run([sys.executable, str(wrapper), *base_args(tiny_sd_path, out, "--max_train_steps", "2",
+                                                           "--checkpointing_steps", "1", "--validation_steps", "1",
+                                                           "--validation_prompts", "a cat", "--num_validation_images",
+                                                           "2", "--export_kohya", "--push_to_hub", "--hub_token",
+                                                           token, "--report_to", "tensorboard")])
     assert result.returncode == 0, result.stderr[-3000:]
     log = json.loads(calls.read_text())
     (create, create_kw), (upload, upload_kw) = log
     assert create == "create" and create_kw["repo_id"] == "hub"
     assert upload == "upload" and upload_kw["repo_id"] == "me/hub" and upload_kw["folder_path"] == str(out)
-    assert "checkpoint-*" in upload_kw["ignore_patterns"]
-    assert "base_model: " in (out / "README.md").read_text()
+    # what huggingface_hub would upload from the folder with these patterns
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    uploaded = set(filter_repo_objects(files, allow_patterns=upload_kw["allow_patterns"],
+                                       ignore_patterns=upload_kw["ignore_patterns"]))
+    assert uploaded == {"README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
+                        "validation/step-1.png", "validation/step-2.png", "validation/prompt-0.png",
+                        "validation_before_after.png", "training_curves.png"}
+    assert any(f.startswith("checkpoint-") for f in files) and any(f.startswith("logs/") for f in files)
+    from huggingface_hub import ModelCard
+
+    text = (out / "README.md").read_text()
+    card = ModelCard(text)
+    assert "TODO" not in text and "More Information Needed" not in text
+    assert card.data.base_model is None  # a local directory is no hub id
+    assert card.data.widget == [{"text": "a cat", "output": {"url": "validation/prompt-0.png"}}]
     for path in out.rglob("*"):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path

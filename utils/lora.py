@@ -113,3 +113,78 @@ def load_lora_into_unet(unet: torch.nn.Module, lora_dir: str | os.PathLike, fami
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA in {lora_dir} does not match the UNet's adapter: unexpected keys {unexpected[:3]}")
+
+
+# ---------------------------------------------------------------------------------------- kohya export
+
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
+
+
+def _lora_alpha_for(module: str, metadata: dict, rank: int) -> float:
+    """The module's lora_alpha from diffusers' LoRA metadata (alpha_pattern first, as PEFT resolves it);
+    without metadata, diffusers loads alpha = rank, and so must the export."""
+    import re
+
+    alpha_pattern = metadata.get("unet.alpha_pattern") or {}
+    for pattern, alpha in alpha_pattern.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    alpha = metadata.get("unet.lora_alpha")
+    return float(alpha) if alpha is not None else float(rank)
+
+
+def kohya_state_dict(lora_file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA file (as `save_lora` writes) in kohya's format, the one AUTOMATIC1111 and
+    ComfyUI load: `lora_unet_<module>.lora_down/lora_up.weight` plus a `.alpha` per module.
+
+    The keys come from diffusers' `convert_state_dict_to_kohya`; that function writes alpha = rank, so
+    each `.alpha` is then set to the adapter's real lora_alpha (read from the file's LoRA metadata),
+    or the LoRA would act at rank/alpha times its trained strength."""
+    import json
+
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    if not state_dict or not all(k.startswith("unet.") for k in state_dict):
+        raise ValueError(f"{lora_file} is not a draftplus UNet LoRA (expected only 'unet.' keys)")
+    peft_state_dict = convert_unet_state_dict_to_peft(state_dict)
+    kohya = convert_state_dict_to_kohya(peft_state_dict)
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        module = key.removesuffix(".alpha")
+        peft_module = next(k for k in peft_state_dict
+                           if k.endswith(".lora_A.weight") and k.removesuffix(".lora_A.weight").replace(".", "_")
+                           == module.replace("lora_unet", "unet", 1))
+        rank = peft_state_dict[peft_module].shape[0]
+        alpha = _lora_alpha_for(peft_module.removeprefix("unet.").removesuffix(".lora_A.weight"), metadata, rank)
+        kohya[key] = torch.tensor(alpha, dtype=torch.float32)
+    return {k: v.contiguous() for k, v in kohya.items()}
+
+
+def export_kohya(lora: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
+    """Write the kohya/webui version of a draftplus LoRA (an output dir or its .safetensors file) as
+    `pytorch_lora_weights_kohya.safetensors` next to it (or to `output_file`), atomically."""
+    from safetensors.torch import save_file
+
+    lora = Path(lora)
+    lora_file = lora / LORA_WEIGHTS_NAME if lora.is_dir() else lora
+    if not lora_file.is_file():
+        raise FileNotFoundError(f"no {LORA_WEIGHTS_NAME} in {lora}")
+    target = Path(output_file) if output_file is not None else lora_file.with_name(KOHYA_WEIGHTS_NAME)
+    state_dict = kohya_state_dict(lora_file)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-kohya-", suffix=".safetensors",
+                                     delete=False) as tmp:
+        pass
+    try:
+        save_file(state_dict, tmp.name, metadata={"format": "pt", "ss_network_module": "networks.lora",
+                                                  "ss_source": "draftplus"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp.name, 0o666 & ~umask)
+        os.replace(tmp.name, target)
+    finally:
+        if os.path.exists(tmp.name):
+            os.unlink(tmp.name)
+    return target

@@ -1,0 +1,110 @@
+"""utils/model_card.py: a complete card (no placeholders, the right base model, YAML that parses)."""
+
+import pytest
+from huggingface_hub import ModelCard
+
+import train_draftplus
+from utils.model_card import HUB_ALLOW_PATTERNS, ValidationSummary, model_card_text, save_model_card
+
+PLACEHOLDERS = ("TODO", "[More Information Needed]", "More Information Needed", "{{", "}}")
+
+
+def make_args(model, out, *extra):
+    return train_draftplus.parse_args([
+        "--pretrained_model_name_or_path", str(model), "--reward", "redness=1,brightness=0.5", "--prompts", "animals",
+        "--resolution", "32", "--kl_coeff", "0.25", "--rank", "8", "--lora_alpha", "16", "--output_dir", str(out),
+        *extra])
+
+
+def parse(text):
+    card = ModelCard(text)
+    for placeholder in PLACEHOLDERS:
+        assert placeholder not in text, placeholder
+    return card
+
+
+def test_hub_base_model_card_with_license_from_the_hub_cache(tiny_sd_path, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    # a hub cache holding the base model's card, as after a download
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--base-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (cache / "models--someone--base-model" / "refs").mkdir()
+    (cache / "models--someone--base-model" / "refs" / "main").write_text("0123abcd")
+    (snapshot / "README.md").write_text("---\nlicense: creativeml-openrail-m\ntags:\n- x\n---\n# base\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    args = make_args(tiny_sd_path, tmp_path / "out")
+    args.pretrained_model_name_or_path = "someone/base-model"
+    validation = ValidationSummary(reward_before=0.1234, reward_after=0.5678, num_images=8, step=40,
+                                   diversity_before=0.3, diversity_after=0.2, diversity_metric="pixel_l2",
+                                   grid="validation/step-40.png",
+                                   widget=[("a blue circle", "validation/prompt-0.png"),
+                                           ("a green square", "validation/prompt-1.png")])
+    text = model_card_text(args, "StableDiffusionXLPipeline", "me/my-lora", validation, kohya=True,
+                           curves="training_curves.png", mixed_precision="bf16")
+    card = parse(text)
+    assert card.data.base_model == "someone/base-model"
+    assert card.data.license == "creativeml-openrail-m"
+    assert set(card.data.tags) >= {"lora", "diffusers", "diffusers-training", "text-to-image", "draftplus",
+                                   "stable-diffusion-xl", "redness", "brightness"}
+    assert card.data.widget == [{"text": "a blue circle", "output": {"url": "validation/prompt-0.png"}},
+                                {"text": "a green square", "output": {"url": "validation/prompt-1.png"}}]
+    body = card.text
+    assert 'StableDiffusionXLPipeline.from_pretrained("someone/base-model")' in body
+    assert 'pipe.load_lora_weights("me/my-lora")' in body
+    assert "adapter_weights=[0.5]" in body and 'aig_pipeline(pipe, "power_2")' in body  # the two dials
+    assert "| mean reward | 0.1234 | 0.5678 |" in body and "0.3000 | 0.2000" in body
+    assert "validation/step-40.png" in body and "training_curves.png" in body
+    assert "pytorch_lora_weights_kohya.safetensors" in body
+    for setting in ("0.25", "rank 8, alpha 16", "redness=1,brightness=0.5", "bf16", "animals"):
+        assert setting in body, setting
+
+
+def test_toy_card_says_where_the_toy_lives_and_names_no_hub_id(tmp_path):
+    args = make_args("toy", tmp_path / "out")
+    card = parse(model_card_text(args, "StableDiffusionPipeline", None))
+    assert card.data.base_model is None and card.data.license is None
+    assert "toy" not in (card.data.to_dict().get("base_model") or "")
+    assert 'from_pretrained("toy")' not in card.text
+    assert "built-in toy model" in card.text and "assets/toy" in card.text
+    assert 'from_pretrained("assets/toy")' in card.text
+    assert f'load_lora_weights("{tmp_path / "out"}")' in card.text  # no repo: the local output dir
+    assert "## Validation" not in card.text  # no validation prompts: no made-up figures
+
+
+def test_local_base_model_license_from_its_readme_and_no_base_model_id(tiny_sd_path, tmp_path):
+    import shutil
+
+    local = tmp_path / "my-model"
+    shutil.copytree(tiny_sd_path, local)
+    (local / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    args = make_args(local, tmp_path / "out")
+    path = save_model_card(tmp_path, args, "StableDiffusionPipeline", None)
+    card = ModelCard.load(path)
+    assert card.data.base_model is None and card.data.license == "apache-2.0"
+    assert f'from_pretrained("{local}")' in card.text and "local model directory" in card.text
+
+
+def test_upload_patterns_are_the_card_lora_and_pictures_only():
+    import fnmatch
+
+    def uploaded(name):
+        return any(fnmatch.fnmatch(name, p) for p in HUB_ALLOW_PATTERNS)
+
+    for name in ("README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
+                 "validation/step-40.png", "validation/prompt-0.png", "training_curves.png",
+                 "validation_before_after.png"):
+        assert uploaded(name), name
+    for name in ("checkpoint-40/pytorch_lora_weights.safetensors", "checkpoint-40/optimizer.bin", "metrics.jsonl",
+                 "logs/draftplus/events.out.tfevents.1", "validation.jsonl", ".tmp-lora-x/a.safetensors"):
+        assert not uploaded(name), name
+
+
+@pytest.mark.parametrize("spec, tags", [("pickscore", ["pickscore"]), ("redness=1,my.py:fn=0.1", ["redness",
+                                                                                                  "custom-reward"])])
+def test_reward_tags(spec, tags):
+    from utils.model_card import reward_tags
+
+    assert reward_tags(spec) == tags

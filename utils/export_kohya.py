@@ -1,0 +1,40 @@
+"""Convert a draftplus LoRA to kohya's format (AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI):
+
+    python -m utils.export_kohya OUTPUT_DIR [OUTPUT_DIR/checkpoint-200 ...]
+
+writes `pytorch_lora_weights_kohya.safetensors` next to each `pytorch_lora_weights.safetensors`
+(what `train_draftplus.py --export_kohya` does at the end of training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m utils.export_kohya", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lora", nargs="+", metavar="DIR",
+                   help="Trainer output or checkpoint-N directories (or their .safetensors files).")
+    p.add_argument("--output", default=None,
+                   help="Where to write the kohya file (one LoRA only; default: next to the LoRA).")
+    args = p.parse_args(argv)
+    if args.output is not None and len(args.lora) > 1:
+        p.error("--output takes one LoRA")
+    from safetensors import SafetensorError
+
+    from utils.lora import export_kohya
+
+    for lora in args.lora:
+        try:
+            print(export_kohya(lora, args.output))
+        except (OSError, ValueError, SafetensorError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The end of a training run, after the final LoRA is saved (main process): the last validation, the
+before/after grid, the kohya export, the training curves, the model card and the upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def finish_run(args, accelerator, models, validation, repo_id: str | None, step: int, lora_file: Path) -> str:
+    """Write everything besides the LoRA and the checkpoints; returns the summary to print."""
+    from utils.model_card import ValidationSummary, push_to_hub, save_model_card
+    from utils.plots import plot_training_curves
+
+    out = Path(args.output_dir)
+    lines = [f"LoRA: {lora_file}"]
+    kohya = None
+    if args.export_kohya:
+        from utils.lora import export_kohya
+
+        kohya = export_kohya(lora_file)
+        lines.append(f"kohya/webui LoRA: {kohya}")
+    lines.append(f"metrics: {out / 'metrics.jsonl'}")
+
+    summary = None
+    if validation is not None:
+        after, before = validation(step), validation.render_base()
+        validation.save_before_after(out / "validation_before_after.png")
+        summary = ValidationSummary(
+            reward_before=float(before.rewards.mean()), reward_after=float(after.rewards.mean()),
+            num_images=len(after.rewards), step=step, diversity_before=before.diversity,
+            diversity_after=after.diversity, diversity_metric=validation.diversity_metric,
+            grid=f"validation/step-{step}.png", widget=validation.save_widget_images())
+        record = {"before": summary.reward_before, "after": summary.reward_after, "step": step,
+                  "prompts": list(validation.prompts), "images_per_prompt": validation.per_prompt}
+        if after.diversity is not None:
+            record.update(diversity_before=before.diversity, diversity_after=after.diversity,
+                          diversity_metric=validation.diversity_metric)
+        (out / "validation_reward.json").write_text(json.dumps(record))
+        lines += [f"before/after grid: {out / 'validation_before_after.png'} (validation grids: {validation.dir})",
+                  f"validation reward ({summary.num_images} images, fixed seeds): "
+                  f"{summary.reward_before:.4f} before -> {summary.reward_after:.4f} after"]
+
+    curves = plot_training_curves(out)
+    if curves is not None:
+        lines.append(f"training curves: {curves}")
+    card = save_model_card(out, args, models.family.pipeline_class_name, repo_id, summary, kohya=kohya is not None,
+                           curves=curves.name if curves is not None else None,
+                           mixed_precision=accelerator.mixed_precision)
+    lines.append(f"model card: {card}")
+    if args.push_to_hub:
+        push_to_hub(out, repo_id, args.hub_token, args.logging_dir)
+        lines.append(f"uploaded to https://huggingface.co/{repo_id}")
+    return "\n".join(lines)

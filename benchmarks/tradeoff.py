@@ -1,28 +1,53 @@
-"""The DRaFT+ trade-off on the pretrained toy: reward against diversity for several kl_coeff.
+"""The reward-diversity trade-off on the pretrained toy, with every post-hoc control on one plot.
 
-    python -m benchmarks.tradeoff          # ~4 minutes on 2 CPU cores
+    python -m benchmarks.tradeoff                  # train, evaluate, analyse (~30 min on 2 CPU cores)
+    python -m benchmarks.tradeoff --analyse_only   # recompute every table and figure from the raw data
 
-Trains one LoRA per kl_coeff (0 = plain DRaFT) for the same budget, keeping intermediate checkpoints,
-evaluates the base model and every checkpoint on held-out seeds (mean reward; diversity = mean
-pairwise LPIPS between the images of a prompt), and writes benchmarks/results/tradeoff.{json,md,png}.
-It then checks, and reports whether or not they hold:
-  1. reward rises over training for every setting;
-  2. lower kl_coeff gives higher final reward and lower final diversity;
-  3. at matched reward, DRaFT+ keeps more diversity than DRaFT: each DRaFT+ endpoint is compared with
-     DRaFT's own training trajectory (base -> checkpoints) interpolated at the same reward.
+1. Trains one LoRA per kl_coeff (0 = plain DRaFT) for the same budget, keeping a checkpoint every few steps.
+2. Evaluates the base model, every checkpoint, and the DRaFT LoRA under two post-hoc controls (LoRA scale
+   and annealed importance guidance, AIG) on the same prompts and the same initial noise (paired seeds,
+   held out from training): per-image rewards and per-prompt diversities.
+3. Writes the raw data (`tradeoff_raw.json.gz`: per-run training metrics, per-image rewards, per-prompt
+   diversities) and, from that file alone, `tradeoff.md`, `tradeoff.json` and `tradeoff.png`.
+
+Every claim is decided by paired statistics (`benchmarks/stats.py`): a difference counts only beyond
+2 paired standard errors, and a model whose reward did not move beyond noise is never evidence.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.stats import (  # noqa: E402
+    Point,
+    Z,
+    claim_from,
+    compare_fronts,
+    diversity_change,
+    ordering,
+    pareto_front,
+    reward_gain,
+    series_at_rewards,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+RAW_FILE = "tradeoff_raw.json.gz"
+SERIES_NAMES = {"kl": "kl_coeff sweep (final LoRAs)", "scale": "LoRA scale of the DRaFT LoRA",
+                "aig": "AIG schedules of the DRaFT LoRA"}
+
+
+# ----------------------------------------------------------------------------------------- collecting
 
 
 def train(model: str, kl: float, out: Path, args) -> list[dict]:
@@ -35,46 +60,296 @@ def train(model: str, kl: float, out: Path, args) -> list[dict]:
            "--report_to", "none"]
     if not (out / "pytorch_lora_weights.safetensors").exists():  # finished runs are reused
         shutil.rmtree(out, ignore_errors=True)
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def interpolate_diversity_at(trajectory: list[dict], reward: float) -> float | None:
-    """Diversity of a trajectory (ordered points) where it first reaches `reward`, linearly interpolated."""
-    for a, b in zip(trajectory, trajectory[1:]):
-        lo, hi = sorted((a["reward_mean"], b["reward_mean"]))
-        if lo <= reward <= hi and hi > lo:
-            w = (reward - a["reward_mean"]) / (b["reward_mean"] - a["reward_mean"])
-            return a["diversity"] + w * (b["diversity"] - a["diversity"])
-    return None
+def collect(args) -> dict:
+    """Train and evaluate; returns the raw data every table and figure is computed from."""
+    from utils.evaluate import _alexnet_weights_path, evaluate
+    from utils.prompts import load_prompts
+
+    model = args.pretrained_model_name_or_path
+    metric = args.diversity_metric or ("lpips" if _alexnet_weights_path().exists() else "lpips_random_backbone")
+    work = Path(args.work_dir)
+    runs = {}
+    for kl in args.kl_coeffs:
+        out = work / f"kl_{kl:g}"
+        print(f"training kl_coeff={kl:g} -> {out}", flush=True)
+        runs[kl] = {"dir": out, "metrics": train(model, kl, out, args)}
+
+    prompts = load_prompts(args.prompts)[: args.eval_prompts]
+    steps = list(range(args.eval_every, args.max_train_steps + 1, args.eval_every))
+    checkpoints = {str(run["dir"] / f"checkpoint-{s}"): (kl, s) for kl, run in runs.items() for s in steps}
+    common = dict(reward=args.reward, seeds_per_prompt=args.eval_seeds, num_inference_steps=args.num_inference_steps,
+                  guidance_scale=args.guidance_scale, resolution=args.resolution, diversity_metric=metric,
+                  seed=10_000 + args.seed, batch_size=args.batch_size, log=print)  # seeds unseen in training
+    print(f"evaluating base + {len(checkpoints)} checkpoints on {len(prompts)} prompts x {args.eval_seeds} seeds "
+          f"({metric})", flush=True)
+    trained = evaluate(model, prompts, loras=list(checkpoints), output_dir=work / "eval_checkpoints", **common)
+    draft = runs[0.0]["dir"]
+    print(f"evaluating the DRaFT LoRA at scales {args.lora_scales} and AIG schedules {args.aig}", flush=True)
+    controls = evaluate(model, prompts, loras=[str(draft)], include_base=False, lora_scales=args.lora_scales,
+                        aig=args.aig, output_dir=work / "eval_controls", **common)
+
+    label_of = {row["path"]: row["model"] for row in trained.rows}
+    meta = {"base": {"series": "base"}}
+    for path, (kl, step) in checkpoints.items():
+        meta[label_of[path]] = {"series": "checkpoint", "kl_coeff": kl, "step": step}
+    for row in controls.rows:
+        if row["control"] == "lora":
+            meta[row["model"]] = {"series": "draft_final", "kl_coeff": 0.0, "step": args.max_train_steps}
+        elif row["control"] == "scale":
+            meta[row["model"]] = {"series": "scale", "lora_scale": float(row["lora_scale"])}
+        else:
+            meta[row["model"]] = {"series": "aig", "aig": row["aig_schedule"]}
+
+    P, S = len(prompts), args.eval_seeds
+    models = []
+    for ev in (trained, controls):
+        rewards = {row["model"]: np.full((P, S), np.nan) for row in ev.rows}
+        diversities = {row["model"]: np.full(P, np.nan) for row in ev.rows}
+        for r in ev.per_image:
+            rewards[r["model"]][int(r["prompt_index"]), int(r["seed_index"])] = float(r["reward"])
+        for r in ev.per_prompt:
+            diversities[r["model"]][int(r["prompt_index"])] = float(r["diversity"])
+        for row in ev.rows:
+            assert not np.isnan(rewards[row["model"]]).any() and not np.isnan(diversities[row["model"]]).any()
+            models.append({"label": row["model"], **meta[row["model"]],
+                           "rewards": np.round(rewards[row["model"]], 6).tolist(),
+                           "diversities": np.round(diversities[row["model"]], 6).tolist()})
+    settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output_dir", "analyse_only")}
+    return {"settings": settings, "diversity_metric": metric, "prompts": prompts,
+            "runs": {f"{kl:g}": run["metrics"] for kl, run in runs.items()}, "models": models}
 
 
-def plot(trajectories: dict[float, list[dict]], base: dict, path: Path, metric: str, reward: str) -> None:
+# ----------------------------------------------------------------------------------------- analysis
+
+
+def points_of(raw: dict) -> dict[str, Point]:
+    return {m["label"]: Point(m["label"], np.asarray(m["rewards"]), np.asarray(m["diversities"]),
+                              {k: v for k, v in m.items() if k not in ("label", "rewards", "diversities")})
+            for m in raw["models"]}
+
+
+def analyse(raw: dict) -> dict:
+    """Every table and check, from the raw data alone."""
+    pts = points_of(raw)
+    base = pts["base"]
+    kls = sorted({p.meta["kl_coeff"] for p in pts.values() if p.meta["series"] == "checkpoint"})
+    trajectories = {kl: [base] + sorted((p for p in pts.values() if p.meta["series"] == "checkpoint"
+                                         and p.meta["kl_coeff"] == kl), key=lambda p: p.meta["step"])
+                    for kl in kls}
+    finals = {kl: traj[-1] for kl, traj in trajectories.items()}
+
+    summary = []
+    for kl in kls:
+        p, log = finals[kl], raw["runs"][f"{kl:g}"]
+        gain, div = reward_gain(p, base), diversity_change(p, base)
+        summary.append({"kl_coeff": kl, "label": p.label, "step": p.meta["step"], "reward": p.reward,
+                        "reward_gain": gain.as_dict(), "diversity": p.diversity,
+                        "diversity_ratio": p.diversity / base.diversity, "diversity_change": div.as_dict(),
+                        "final_kl_penalty": log[-1]["kl_penalty"]})
+    by_kl = [finals[kl] for kl in kls]  # increasing kl_coeff
+    reward_order = ordering(by_kl, "reward")  # +1: the lower kl_coeff has more reward
+    diversity_order = ordering(by_kl, "diversity")  # -1: the lower kl_coeff has less diversity
+
+    draft_traj = trajectories.get(0.0, [])
+    draftplus_points = [p for kl, traj in trajectories.items() if kl > 0 for p in traj[1:]]
+    front_rows = compare_fronts(draftplus_points, draft_traj[1:], base) if draft_traj else []
+    per_kl_claims = {f"{kl:g}": claim_from(compare_fronts(trajectories[kl][1:], draft_traj[1:], base))
+                     for kl in kls if kl > 0 and draft_traj}
+
+    # Post-hoc controls of the DRaFT LoRA against the kl sweep: curves from the base to the DRaFT LoRA.
+    draft_final = next((p for p in pts.values() if p.meta["series"] == "draft_final"), None)
+    series = {}
+    if draft_final is not None:
+        sweep = sorted((finals[kl] for kl in kls if kl > 0), key=lambda p: p.reward)
+        series = {
+            "kl": [base, *sweep, draft_final],
+            "scale": [base, *sorted((p for p in pts.values() if p.meta["series"] == "scale"),
+                                    key=lambda p: p.meta["lora_scale"]), draft_final],
+            "aig": [base, *sorted((p for p in pts.values() if p.meta["series"] == "aig"),
+                                  key=lambda p: p.reward), draft_final],
+        }
+        top = draft_final.reward - base.reward
+        levels = [base.reward + f * top for f in (0.2, 0.4, 0.6, 0.8)]
+        controls = series_at_rewards(series, levels)
+    else:
+        controls = []
+    return {"base": {"reward": base.reward, "diversity": base.diversity},
+            "summary": summary, "reward_order": reward_order, "diversity_order": diversity_order,
+            "matched_reward": {"rows": front_rows, "claim": claim_from(front_rows), "per_kl": per_kl_claims},
+            "controls": controls,
+            "series": {name: [p.label for p in curve] for name, curve in series.items()},
+            "trajectories": {f"{kl:g}": [{"label": p.label, "step": p.meta.get("step", 0), "reward": p.reward,
+                                          "diversity": p.diversity} for p in traj]
+                             for kl, traj in trajectories.items()},
+            "points": {p.label: {"reward": p.reward, "diversity": p.diversity, **p.meta} for p in pts.values()}}
+
+
+# ----------------------------------------------------------------------------------------- reporting
+
+
+def _diff(d: dict, digits: int = 4) -> str:
+    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f}"
+
+
+def _order_statement(rows: list[dict], want: int, what: str) -> str:
+    resolved = [r for r in rows if r["verdict"] == want]
+    reversed_ = [r for r in rows if r["verdict"] == -want]
+    if len(resolved) == len(rows):
+        return f"holds for every neighbouring pair of kl_coeff ({len(rows)} of {len(rows)} resolved beyond {Z:g} SE)"
+    text = (f"holds where resolved: {len(resolved)} of {len(rows)} neighbouring pairs show {what} beyond {Z:g} SE, "
+            f"{len(rows) - len(resolved) - len(reversed_)} are within noise")
+    if reversed_:
+        text += "; REVERSED beyond noise for " + ", ".join(f"{r['a']} vs {r['b']}" for r in reversed_)
+    return text
+
+
+def report(raw: dict, result: dict, command: str) -> str:
+    s = raw["settings"]
+    metric = raw["diversity_metric"]
+    base = result["base"]
+    lines = ["# DRaFT+ trade-off on the toy model", "",
+             f"Command: `{command}` (the tables below are recomputed from `{RAW_FILE}` by "
+             "`python -m benchmarks.tradeoff --analyse_only`).  ",
+             f"Training: reward `{s['reward']}`, {s['max_train_steps']} steps x batch {s['train_batch_size']}, "
+             f"lr {s['learning_rate']}, rank {s['rank']}, T={s['num_inference_steps']}, guidance {s['guidance_scale']}, "
+             f"K=1, final x0 decoded, seed {s['seed']}, a checkpoint every {s['eval_every']} steps.  ",
+             f"Evaluation: {len(raw['prompts'])} prompts x {s['eval_seeds']} held-out seeds, the same initial noise "
+             f"for every model; diversity = mean pairwise `{metric}` between the images of a prompt. Differences are "
+             f"paired (per image for rewards, per prompt for diversity) and written as mean ± standard error; a "
+             f"difference counts beyond {Z:g} SE."]
+    if metric == "lpips_random_backbone":
+        lines += ["", f"**Diversity metric is a stand-in**: `{metric}`. torchvision's pretrained AlexNet weights "
+                  "cannot be downloaded on the machine that produced this file, so LPIPS runs with its shipped "
+                  "linear heads on a fixed randomly initialised AlexNet. Rerun with the real weights present for "
+                  "true LPIPS."]
+    elif metric != "lpips":
+        lines += ["", f"**Diversity metric is a stand-in**: `{metric}`, not the LPIPS of the DRaFT+ paper."]
+    lines += ["", "## Final LoRAs against the base model", "",
+              "| kl_coeff | reward | reward gain vs base | moved? | diversity | diversity change vs base | "
+              "diversity / base | final penalty |", "|---|---|---|---|---|---|---|---|",
+              f"| base | {base['reward']:.4f} | - | - | {base['diversity']:.4f} | - | 1.00 | - |"]
+    for r in result["summary"]:
+        moved = {1: "yes", 0: "no (within noise)", -1: "down"}[r["reward_gain"]["verdict"]]
+        lines.append(f"| {r['kl_coeff']:g}{' (DRaFT)' if r['kl_coeff'] == 0 else ''} | {r['reward']:.4f} | "
+                     f"{_diff(r['reward_gain'])} | {moved} | {r['diversity']:.4f} | {_diff(r['diversity_change'])} | "
+                     f"{r['diversity_ratio']:.2f} | {r['final_kl_penalty']:.2e} |")
+    rises = [r for r in result["summary"] if r["reward_gain"]["verdict"] == 1]
+    unmoved = ", ".join(f"{r['kl_coeff']:g}" for r in result["summary"] if r["reward_gain"]["verdict"] != 1)
+    lines += ["", "## Claims, as strongly as the statistics allow", "",
+              f"1. **Reward rises** beyond noise for {len(rises)} of {len(result['summary'])} settings"
+              + (f"; not for kl_coeff {unmoved}." if unmoved else "."),
+              f"2. **Lower kl_coeff gives more reward**: {_order_statement(result['reward_order'], 1, 'more reward')}.",
+              f"3. **Lower kl_coeff gives less diversity**: "
+              f"{_order_statement(result['diversity_order'], -1, 'less diversity')}."]
+    claim = result["matched_reward"]["claim"]
+    plain = {True: "holds", False: "does not hold", None: "cannot be decided (nothing comparable)"}
+    verdict = {k: f"**{v}**" for k, v in plain.items()}
+    lines += [f"4. **At matched reward, DRaFT+ keeps more diversity than DRaFT** (the Pareto front of all DRaFT+ "
+              f"checkpoints against DRaFT's, at rewards both reached with a significant gain): {verdict[claim['holds']]}"
+              f" - front points compared: {claim['compared']}; {claim['more']} more, {claim['less']} less, "
+              f"{claim['ties']} within noise."]
+    lines += ["", "| DRaFT+ front point | reward gain vs base | diversity | DRaFT front at that reward | "
+              "diversity difference | verdict |", "|---|---|---|---|---|---|"]
+    for r in result["matched_reward"]["rows"]:
+        if r["status"] == "compared":
+            lines.append(f"| {r['label']} | {_diff(r['reward_gain'])} | {r['diversity']:.4f} | "
+                         f"{r['reference_diversity']:.4f} | {_diff(r['diversity_difference'])} | {r['verdict']} |")
+        else:
+            lines.append(f"| {r['label']} | {_diff(r['reward_gain'])} | {r['diversity']:.4f} | - | - | {r['status']} |")
+    if result["matched_reward"]["per_kl"]:
+        lines += ["", "Per kl_coeff (its own checkpoints' front against DRaFT's): " + "; ".join(
+            f"{kl}: {plain[c['holds']]} ({c['more']} more, {c['less']} less, {c['ties']} ties)"
+            for kl, c in result["matched_reward"]["per_kl"].items()) + "."]
+    if result["controls"]:
+        lines += ["", "## Which control keeps the most diversity at matched reward", "",
+                  "Three ways from the base model to the DRaFT (kl_coeff 0) LoRA, compared at rewards 20-80% of the "
+                  "way: " + "; ".join(f"{SERIES_NAMES[k]}: {' -> '.join(v)}" for k, v in result["series"].items()) + ".",
+                  "", "| reward | " + " | ".join(SERIES_NAMES[k] for k in result["series"]) + " | leader | resolved? |",
+                  "|---" * (len(result["series"]) + 3) + "|"]
+        for row in result["controls"]:
+            cells = [f"{row['diversity'][k]:.4f}" if k in row["diversity"] else "-" for k in result["series"]]
+            vs = "; ".join(f"vs {SERIES_NAMES[k].split(' ')[0]} {_diff(d)}" for k, d in row.get("leader_vs", {}).items())
+            lead = SERIES_NAMES[row["leader"]] if row.get("leader") else "-"
+            lines.append(f"| {row['reward']:.4f} | " + " | ".join(cells) + f" | {lead} | "
+                         f"{'yes' if row.get('best') else 'no'} ({vs}) |")
+        best = [row["best"] for row in result["controls"] if row.get("best")]
+        if best and len(set(best)) == 1 and len(best) == len(result["controls"]):
+            conclusion = f"{SERIES_NAMES[best[0]]} keeps the most diversity at every level, beyond noise."
+        elif best:
+            conclusion = ("Resolved leaders: " + ", ".join(f"{SERIES_NAMES[b]}" for b in best)
+                          + f" at {len(best)} of {len(result['controls'])} levels; the others are within noise.")
+        else:
+            conclusion = "No control beats the others beyond noise at any level."
+        lines += ["", f"On the toy: {conclusion} Jena et al. (WACV 2025) report that AIG beats both KL and LoRA "
+                  "scaling (SDXL, real rewards); this is what the toy shows, and it need not transfer."]
+    lines += ["", "![reward vs diversity](tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(raw: dict, result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.8), dpi=120)
-    for kl, points in sorted(trajectories.items()):
-        xs, ys = [p["diversity"] for p in points], [p["reward_mean"] for p in points]
-        ax.plot(xs, ys, "-o", markersize=4, label=f"kl_coeff={kl:g}" + (" (DRaFT)" if kl == 0 else ""))
-        ax.annotate(f"{kl:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.plot([base["diversity"]], [base["reward_mean"]], "k*", markersize=15, label="base model", zorder=5)
-    ax.set_xlabel(f"diversity: mean pairwise {metric} per prompt")
-    ax.set_ylabel(f"mean reward ({reward})")
-    ax.set_title("DRaFT+ on the toy: training trajectories (base -> checkpoints)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    base = result["base"]
+    for kl, traj in result["trajectories"].items():
+        ax.plot([p["diversity"] for p in traj], [p["reward"] for p in traj], "-o", markersize=3, alpha=0.8,
+                label=f"kl_coeff={kl}" + (" (DRaFT)" if kl == "0" else ""))
+    pts = points_of(raw)
+    for name, members, style in (("DRaFT+ front", [p for p in pts.values() if p.meta["series"] == "checkpoint"
+                                                   and p.meta["kl_coeff"] > 0], "k--"),
+                                 ("DRaFT front", [p for p in pts.values() if p.meta["series"] == "checkpoint"
+                                                  and p.meta["kl_coeff"] == 0], "r:")):
+        front = pareto_front(members)
+        ax.plot([p.diversity for p in front], [p.reward for p in front], style, linewidth=2, label=name)
+    for a in (ax, bx):
+        a.plot([base["diversity"]], [base["reward"]], "k*", markersize=14, label="base model", zorder=5)
+        a.set_xlabel(f"diversity: mean pairwise {raw['diversity_metric']} per prompt")
+        a.set_ylabel(f"mean reward ({raw['settings']['reward']})")
+        a.grid(alpha=0.3)
+    ax.set_title("training trajectories (base -> checkpoints) and Pareto fronts")
+    for name, labels in result["series"].items():
+        curve = [result["points"][label] for label in labels]
+        bx.plot([p["diversity"] for p in curve], [p["reward"] for p in curve], "-o", markersize=4,
+                label=SERIES_NAMES[name])
+    bx.set_title("post-hoc controls vs kl_coeff (base -> DRaFT LoRA)")
+    ax.legend(fontsize=7)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def write(raw: dict, out: Path, command: str) -> dict:
+    result = analyse(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(raw, result, out / "tradeoff.png")
+    (out / "tradeoff.json").write_text(json.dumps({"settings": raw["settings"], "diversity_metric":
+                                                   raw["diversity_metric"], **result}, indent=1, default=str) + "\n")
+    text = report(raw, result, command)
+    (out / "tradeoff.md").write_text(text)
+    return result
+
+
+def read_raw(path: Path) -> dict:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n\n")[0])
+    p.add_argument("--analyse_only", action="store_true",
+                   help=f"Recompute the tables and the figure from {RAW_FILE} in --output_dir (no training).")
     p.add_argument("--pretrained_model_name_or_path", default="toy")
-    p.add_argument("--kl_coeffs", type=float, nargs="+", default=[0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0])
+    p.add_argument("--kl_coeffs", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
+    p.add_argument("--lora_scales", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
+    p.add_argument("--aig", nargs="+", default=["linear", "power_2", "power_4", "step_0.5", "step_0.7", "step_0.9"])
     p.add_argument("--reward", default="redness")
     p.add_argument("--prompts", default=str(ROOT / "assets" / "toy" / "prompts.txt"))
     p.add_argument("--resolution", type=int, default=32)
@@ -84,142 +359,29 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--train_batch_size", type=int, default=4)
     p.add_argument("--max_train_steps", type=int, default=40)
-    p.add_argument("--eval_every", type=int, default=10)
+    p.add_argument("--eval_every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval_prompts", type=int, default=12, help="Evaluate on the first N prompts.")
+    p.add_argument("--eval_prompts", type=int, default=36, help="Evaluate on the first N prompts.")
     p.add_argument("--eval_seeds", type=int, default=6, help="Images per prompt (held-out seeds).")
+    p.add_argument("--batch_size", type=int, default=54, help="Images per evaluation pipeline call.")
     p.add_argument("--diversity_metric", default=None,
                    help="lpips (needs torchvision's AlexNet weights), or an explicit stand-in: "
                         "lpips_random_backbone / pixel_l2. Default: lpips if its weights are present, "
                         "else lpips_random_backbone (and the report says so).")
     p.add_argument("--work_dir", default=str(ROOT / "outputs" / "tradeoff"))
-    p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
-    args = p.parse_args()
-
-    from utils.evaluate import _alexnet_weights_path, evaluate
-    from utils.prompts import load_prompts
-
-    model = args.pretrained_model_name_or_path
-    if model == "toy":
-        from utils.toy import build_toy_pipeline
-
-        model = str(build_toy_pipeline())
-    metric = args.diversity_metric or ("lpips" if _alexnet_weights_path().exists() else "lpips_random_backbone")
-    work = Path(args.work_dir)
-
-    runs = {}
-    for kl in args.kl_coeffs:
-        out = work / f"kl_{kl:g}"
-        print(f"training kl_coeff={kl:g} -> {out}", flush=True)
-        runs[kl] = {"dir": out, "metrics": train(model, kl, out, args)}
-
-    steps = list(range(args.eval_every, args.max_train_steps + 1, args.eval_every))
-    checkpoints = [(kl, s, run["dir"] / f"checkpoint-{s}") for kl, run in runs.items() for s in steps]
-    prompts = load_prompts(args.prompts)[: args.eval_prompts]
-    print(f"evaluating base + {len(checkpoints)} checkpoints on {len(prompts)} prompts x {args.eval_seeds} seeds "
-          f"({metric})", flush=True)
-    rows = evaluate(model, prompts, reward=args.reward, loras=[str(c) for _, _, c in checkpoints],
-                    seeds_per_prompt=args.eval_seeds, num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale, resolution=args.resolution,
-                    diversity_metric=metric, seed=10_000 + args.seed).rows  # seeds unseen in training
-    base = rows[0]  # rows: base first, then the LoRAs in the order given
-    trajectories = {kl: [dict(base, step=0)] for kl in runs}
-    for (kl, step, _), row in zip(checkpoints, rows[1:], strict=True):
-        trajectories[kl].append(dict(row, step=step))
-
-    # 1. reward rises for every setting (held-out evaluation and the training log)
-    summary = []
-    for kl, points in trajectories.items():
-        log = runs[kl]["metrics"]
-        k = max(1, len(log) // 8)
-        first, last = (sum(m["reward"] for m in log[:k]) / k, sum(m["reward"] for m in log[-k:]) / k)
-        summary.append({"kl_coeff": kl, "final_reward": points[-1]["reward_mean"],
-                        "reward_gain": points[-1]["reward_mean"] - base["reward_mean"],
-                        "final_diversity": points[-1]["diversity"],
-                        "diversity_ratio": points[-1]["diversity"] / base["diversity"],
-                        "train_reward_first": first, "train_reward_last": last,
-                        "final_kl_penalty": log[-1]["kl_penalty"]})
-    # Judged on the held-out evaluation (same prompts and seeds for every checkpoint): the training log
-    # compares different prompt batches, whose colours alone move the reward by more than training does.
-    rises = {s["kl_coeff"]: s["reward_gain"] > 0 for s in summary}
-    # 2. ordering in kl_coeff: strictly, and up to noise (a reversal smaller than two standard errors
-    # of the difference counts as a tie)
-    ordered = sorted(summary, key=lambda s: s["kl_coeff"])
-    finals = {kl: points[-1] for kl, points in trajectories.items()}
-
-    def sem(row, key):
-        spread = row["reward_std"] if key == "reward_mean" else row["diversity_std"]
-        count = row["num_images"] if key == "reward_mean" else row["num_prompts"]
-        return spread / count**0.5
-
-    def monotone(key, sign, tolerance):
-        pairs = zip(ordered, ordered[1:])
-        return all(sign * (finals[a["kl_coeff"]][key] - finals[b["kl_coeff"]][key])
-                   >= -tolerance * (sem(finals[a["kl_coeff"]], key) ** 2 + sem(finals[b["kl_coeff"]], key) ** 2) ** 0.5
-                   for a, b in pairs)
-
-    reward_monotone, diversity_monotone = monotone("reward_mean", 1, 0), monotone("diversity", -1, 0)
-    reward_monotone_noise, diversity_monotone_noise = monotone("reward_mean", 1, 2), monotone("diversity", -1, 2)
-    # 3. matched reward
-    matched = []
-    if 0.0 in trajectories:
-        for s in summary:
-            if s["kl_coeff"] == 0:
-                continue
-            draft_div = interpolate_diversity_at(trajectories[0.0], s["final_reward"])
-            matched.append({"kl_coeff": s["kl_coeff"], "reward": s["final_reward"],
-                            "draftplus_diversity": s["final_diversity"], "draft_diversity_at_same_reward": draft_div,
-                            "draftplus_keeps_more": None if draft_div is None else s["final_diversity"] > draft_div})
-
+    p.add_argument("--output_dir", default=str(RESULTS))
+    args = p.parse_args(argv)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(trajectories, base, out / "tradeoff.png", metric, args.reward)
-    result = {"settings": {k: v for k, v in vars(args).items()}, "model": model, "diversity_metric": metric,
-              "base": base, "summary": summary, "trajectories": {str(k): v for k, v in trajectories.items()},
-              "checks": {"reward_rises": {str(k): v for k, v in rises.items()}, "reward_monotone": reward_monotone,
-                         "diversity_monotone": diversity_monotone, "reward_monotone_within_2se": reward_monotone_noise,
-                         "diversity_monotone_within_2se": diversity_monotone_noise, "matched_reward": matched}}
-    (out / "tradeoff.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-
-    stand_in = metric != "lpips"
-    md = ["# DRaFT+ trade-off on the toy model", "",
-          f"Command: `{' '.join(['python -m benchmarks.tradeoff', *sys.argv[1:]])}`  ",
-          f"Training: reward `{args.reward}`, {args.max_train_steps} steps x batch {args.train_batch_size}, "
-          f"lr {args.learning_rate}, rank {args.rank}, T={args.num_inference_steps}, guidance {args.guidance_scale}, "
-          f"K=1, seed {args.seed}.  ",
-          f"Evaluation: {len(prompts)} prompts x {args.eval_seeds} held-out seeds; diversity = mean pairwise "
-          f"`{metric}` between the images of a prompt, averaged over prompts."]
-    if stand_in:
-        md += ["", f"**Diversity metric is a stand-in**: `{metric}`. torchvision's pretrained AlexNet weights "
-               "cannot be downloaded on the machine that produced this file, so LPIPS runs with its shipped "
-               "linear heads on a fixed randomly initialised AlexNet. Rerun with the real weights present for "
-               "true LPIPS."]
-    md += ["", "| kl_coeff | final reward | gain vs base | final diversity | diversity / base | "
-           "train-batch reward first -> last 5 steps | final penalty |", "|---|---|---|---|---|---|---|",
-           f"| base | {base['reward_mean']:.4f} | - | {base['diversity']:.4f} | 1.00 | - | - |"]
-    md += [f"| {s['kl_coeff']:g}{' (DRaFT)' if s['kl_coeff'] == 0 else ''} | {s['final_reward']:.4f} | "
-           f"{s['reward_gain']:+.4f} | {s['final_diversity']:.4f} | {s['diversity_ratio']:.2f} | "
-           f"{s['train_reward_first']:.4f} -> {s['train_reward_last']:.4f} | {s['final_kl_penalty']:.2e} |"
-           for s in ordered]
-    md += ["", "Checks (computed by the script, not edited):", "",
-           f"1. reward rises over training for every setting (held-out reward of the final checkpoint above "
-           f"the base model's): **{all(rises.values())}** ({', '.join(f'{k:g}: {v}' for k, v in rises.items())})",
-           f"2. lower kl_coeff -> higher final reward: strictly **{reward_monotone}**, within 2 standard errors "
-           f"**{reward_monotone_noise}**; -> lower final diversity: strictly **{diversity_monotone}**, within 2 "
-           f"standard errors **{diversity_monotone_noise}**",
-           "3. at matched reward, DRaFT+ keeps more diversity than DRaFT (DRaFT's trajectory interpolated at "
-           "each DRaFT+ endpoint's reward):", ""]
-    for m in matched:
-        if m["draft_diversity_at_same_reward"] is None:
-            md.append(f"   - kl_coeff {m['kl_coeff']:g}: reward {m['reward']:.4f} is outside DRaFT's trajectory; "
-                      "no comparison")
-        else:
-            md.append(f"   - kl_coeff {m['kl_coeff']:g}: reward {m['reward']:.4f}, diversity "
-                      f"{m['draftplus_diversity']:.4f} vs DRaFT {m['draft_diversity_at_same_reward']:.4f} -> "
-                      f"**{m['draftplus_keeps_more']}**")
-    md += ["", "![reward vs diversity](tradeoff.png)", ""]
-    (out / "tradeoff.md").write_text("\n".join(md))
-    print("\n".join(md))
+    if args.analyse_only:
+        raw = read_raw(out / RAW_FILE)
+    else:
+        raw = collect(args)  # the training logs (per-step rewards, penalties) are in it too
+        raw["command"] = " ".join(["python -m benchmarks.tradeoff", *(argv if argv is not None else sys.argv[1:])])
+        out.mkdir(parents=True, exist_ok=True)
+        with gzip.open(out / RAW_FILE, "wt") as f:
+            json.dump(raw, f)
+    write(raw, out, raw["command"])
+    print((out / "tradeoff.md").read_text())
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,16 +38,6 @@ def test_speed_memory_on_the_toy_memory_flat_in_t_and_profile(tmp_path):
     again = speed_memory(tmp_path, "--sections", "profile")
     assert again["timing"] == results["timing"]
     assert [c["sections"] for c in again["commands"]] == [["timing", "peak", "memory", "profile"], ["profile"]]
-
-
-def test_interpolate_diversity_at_matched_reward():
-    from benchmarks.tradeoff import interpolate_diversity_at
-
-    trajectory = [{"reward_mean": 0.1, "diversity": 0.9}, {"reward_mean": 0.3, "diversity": 0.5},
-                  {"reward_mean": 0.5, "diversity": 0.1}]
-    assert interpolate_diversity_at(trajectory, 0.2) == pytest.approx(0.7)
-    assert interpolate_diversity_at(trajectory, 0.4) == pytest.approx(0.3)
-    assert interpolate_diversity_at(trajectory, 0.6) is None  # never reached
 
 
 def test_report_assembles_the_sections_it_finds(tmp_path, monkeypatch):

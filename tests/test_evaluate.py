@@ -80,14 +80,12 @@ def test_lpips_without_alexnet_weights_offline_is_one_clear_line(tmp_path, monke
 
 def test_lpips_download_failure_is_one_clear_line(tmp_path, monkeypatch):
     """Online but unreachable (what happens on this machine: URLError from the name lookup)."""
-    import torchvision.models._api as tv_api
-
     def unreachable(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(tv_api, "load_state_dict_from_url", unreachable)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
     with pytest.raises(ev.EvaluationError, match=r"could not be obtained \(URLError") as info:
         ev.Diversity("lpips")
     assert "\n" not in str(info.value)

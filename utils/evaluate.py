@@ -69,27 +69,51 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _alexnet_state_dict(missing: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet AlexNet weights, downloaded (hash-checked) if absent, loaded without unpickling
+    code (`weights_only=True`: torchvision's own loader would unpickle the file in full)."""
+    from torchvision.models import AlexNet_Weights
+
+    path = _alexnet_weights_path()
+    if not path.is_file():
+        if _offline():
+            raise EvaluationError(missing.format(why="they are not there and HF_HUB_OFFLINE=1 forbids downloads"))
+        url = AlexNet_Weights.IMAGENET1K_V1.url
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=path.stem.rsplit("-", 1)[-1], progress=False)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
+            raise EvaluationError(missing.format(why=f"they could not be obtained ({type(e).__name__}: {e})")) from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:  # truncated or not a state dict
+        raise EvaluationError(missing.format(why=f"{path} does not load ({type(e).__name__}: {e})")) from e
+
+
 def _build_lpips(random_backbone: bool) -> torch.nn.Module:
+    """LPIPS (AlexNet) with lpips' own linear heads. The trunk is torchvision's ImageNet AlexNet, loaded by
+    `_alexnet_state_dict`, or for the stand-in a fixed-seed random one."""
     import lpips
 
-    # lpips ships only its linear heads; the AlexNet trunk comes from torchvision's download. Check
-    # first so that offline runs fail with one actionable line instead of a urllib traceback.
-    weights = _alexnet_weights_path()
-    missing = (f"LPIPS needs torchvision's ImageNet AlexNet weights at {weights}, but {{why}}. Copy "
-               "alexnet-owt-7be5be79.pth there (or set TORCH_HOME), or choose a stand-in with "
+    missing = (f"LPIPS needs torchvision's ImageNet AlexNet weights at {_alexnet_weights_path()}, but {{why}}. "
+               "Copy alexnet-owt-7be5be79.pth there (or set TORCH_HOME), or choose a stand-in with "
                "--diversity_metric lpips_random_backbone or pixel_l2.")
-    if not random_backbone and not weights.is_file() and _offline():
-        raise EvaluationError(missing.format(why="they are not there and HF_HUB_OFFLINE=1 forbids downloads"))
+    trunk = None if random_backbone else _alexnet_state_dict(missing)  # fails before anything is built
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation, said by lpips
         # A random trunk must be the same random trunk every run, or distances are not comparable.
         torch.manual_seed(0)
-        try:
-            model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=random_backbone, verbose=False)
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file a RuntimeError
-            if random_backbone:
-                raise
-            raise EvaluationError(missing.format(why=f"they could not be obtained ({type(e).__name__}: {e})")) from e
+        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
+    if trunk is not None:
+        # lpips splits torchvision's `features` into slices, keeping each layer's index as its name.
+        slices = {name.split(".", 1)[1]: name for name, _ in model.net.named_modules() if name.count(".") == 1}
+        mapped = {f"{slices[k.split('.')[1]]}.{k.rsplit('.', 1)[1]}": v for k, v in trunk.items()
+                  if k.startswith("features.") and k.split(".")[1] in slices}
+        expected = {k for k in model.net.state_dict()}
+        if set(mapped) != expected:
+            raise EvaluationError(missing.format(why=f"the file does not hold AlexNet's feature layers "
+                                                     f"(missing {sorted(expected - set(mapped))[:3]})"))
+        model.net.load_state_dict(mapped)
     return model.eval().requires_grad_(False)
 
 

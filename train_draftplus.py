@@ -19,18 +19,26 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
+import signal
+import sys
 from pathlib import Path
 
+from utils import arg_checks
 from utils.schedulers import SCHEDULERS
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors (bad type, unknown choice, missing value) as one line, like ours."""
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (--help lists the options)")
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                    help="Hub id or local directory of a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline\n"
@@ -51,6 +59,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "(with --prompt_column), or a webdataset .tar of <key>.txt entries.")
     g.add_argument("--prompt_column", type=str, default=None, help="Column holding prompts in a dataset.")
     g.add_argument("--prompt_split", type=str, default="train", help="Dataset split to read prompts from.")
+    g.add_argument("--max_prompts", type=int, default=None,
+                   help="Use the first N distinct prompts of the source. Hub datasets are streamed, so\n"
+                        "'--prompts pickapic --max_prompts 10000' starts in seconds instead of after\n"
+                        "downloading every shard.")
     g.add_argument("--negative_prompt", type=str, default="", help="Negative prompt for classifier-free guidance.")
     g.add_argument("--resolution", type=int, default=512,
                    help="Image height and width (multiple of 8); 1024 for SDXL.")
@@ -105,6 +117,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam epsilon.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 = off).")
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="A step whose loss or gradients are NaN/inf is skipped (no update); this many in a\n"
+                        "row stop the run (exit code 3). Default 10.")
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW (CUDA only).")
     g.add_argument("--train_batch_size", type=int, default=1, help="Samples per process per micro-step.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimiser step.")
@@ -131,7 +146,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "a fixed random AlexNet (lpips_random_backbone); the metric used is logged.")
 
     g = p.add_argument_group("output")
-    g.add_argument("--output_dir", type=str, default="draftplus-lora", help="Where the LoRA and checkpoints go.")
+    g.add_argument("--output_dir", type=str, default="draftplus-lora",
+                   help="Where the LoRA and checkpoints go. One run at a time: a directory another run is\n"
+                        "using is refused, and so is one holding a previous run unless\n"
+                        "--resume_from_checkpoint or --overwrite_output_dir is given.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start over in an --output_dir that holds a previous run: its checkpoints, metrics\n"
+                        "and tracker logs are removed first.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save accelerate state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
@@ -150,7 +171,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="Hub token (prefer `hf auth login`; the token is never logged or saved).")
 
     # `--reward help` lists the rewards without asking for anything else.
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--reward")
     if pre.parse_known_args(input_args)[0].reward == "help":
         from rewards import list_rewards
@@ -162,9 +183,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, non-zero exit, nothing loaded or written."""
-    raise SystemExit(f"train_draftplus.py: error: {message}")
+def fail(message: str, code: int = 2) -> None:
+    """Bad input: one line on stderr (from the first process only), exit code 2, nothing loaded or written."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train_draftplus.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def check_model_path(name: str, revision: str | None, scheduler: str) -> None:
@@ -201,7 +224,8 @@ def check_model_reachable(name: str, revision: str | None) -> None:
         fail(f"model {name!r} is neither a local directory nor a valid hub id")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         if not isinstance(try_to_load_from_cache(name, "model_index.json", revision=revision), str):
-            fail(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set")
+            fail(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set; point "
+                 "--pretrained_model_name_or_path at a local copy (a directory saved with save_pretrained)")
 
 
 def check_vae_path(name: str, revision: str | None) -> None:
@@ -254,7 +278,7 @@ def check_args(args: argparse.Namespace) -> None:
     except RewardSpecError as e:
         fail(str(e))
     try:
-        check_prompt_source(args.prompts)
+        check_prompt_source(args.prompts, args.prompt_column, args.prompt_split)
     except PromptSourceError as e:
         fail(str(e))
     check_model_path(args.pretrained_model_name_or_path, args.revision, args.scheduler)
@@ -262,6 +286,13 @@ def check_args(args: argparse.Namespace) -> None:
         check_vae_path(args.pretrained_vae_model_name_or_path, args.revision)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
+    try:  # finiteness, ranges, device, launch, output directory, resume, reward weights (utils/arg_checks.py)
+        arg_checks.check_all(args)
+    except (arg_checks.ArgumentError, RewardSpecError) as e:
+        fail(str(e))
+    warning = arg_checks.token_warning(args)
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(f"train_draftplus.py: {warning}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,33 +303,6 @@ def step_seed(seed: int, *keys: int) -> int:
     return hash((seed, *keys)) % (2**63)
 
 
-def checkpoint_steps(output_dir: str) -> list[int]:
-    if not os.path.isdir(output_dir):
-        return []
-    names = (re.fullmatch(r"checkpoint-(\d+)", d) for d in os.listdir(output_dir))
-    return sorted(int(m.group(1)) for m in names if m)
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
-    """accelerate state into checkpoint-N, written under a temporary name and renamed when complete;
-    old checkpoints are rotated out only after the new one exists."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    partial = final + ".partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.isdir(final):  # same step saved again after a resume: keep the old one until replaced
-            os.replace(final, final + ".old")
-        os.replace(partial, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        if total_limit is not None:
-            for old in checkpoint_steps(output_dir)[:-total_limit]:
-                shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,16 +322,27 @@ def main(args: argparse.Namespace) -> None:
     from diffusers.utils.torch_utils import randn_tensor
     from tqdm.auto import tqdm
 
-    from rewards import build_reward
+    from rewards import RewardLoadError, build_reward
+    from utils import guards
+    from utils.checkpoints import (
+        CheckpointWriteError,
+        resolve_resume,
+        run_config,
+        save_checkpoint,
+        unet_fingerprint,
+    )
     from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
-    from utils.lora import add_lora, load_lora_into_unet, save_lora
-    from utils.prompts import load_prompts, sample_prompts
+    from utils.lora import add_lora, expand_target_modules, load_lora_into_unet, lora_state_dict, save_lora
+    from utils.preemption import Preemption, exit_code
+    from utils.prompts import PromptSourceError, load_prompts, sample_prompts
     from utils.rollout import Models, RolloutConfig, draftplus_step
+    from utils.run_dir import RunDirError, claim_output_dir, truncate_metrics
     from utils.run_outputs import finish_run
     from utils.schedulers import SchedulerError, scheduler_class_name
     from utils.step_metrics import StepMetrics
     from utils.validation import Validation
 
+    preemption = Preemption().install()  # before training: a signal exits at once, releasing the lock
     logger = get_logger("draftplus")
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -341,8 +356,19 @@ def main(args: argparse.Namespace) -> None:
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else lib.utils.logging.set_verbosity_error)()
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        arg_checks.check_process_count(accelerator.num_processes)
+        # One run per directory: the main process takes the lock before anything is written (and removes
+        # it on exit); all processes learn whether it could, so they exit together when it could not.
+        notice = claim_output_dir(accelerator, args.output_dir, args.overwrite_output_dir, args.logging_dir)
+    except (arg_checks.ArgumentError, RunDirError) as e:
+        fail(str(e))
+    if notice:
+        logger.warning(notice)
+    try:  # before the models: a prompt source that gives no prompts costs seconds, not minutes
+        prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, max_prompts=args.max_prompts)
+    except PromptSourceError as e:
+        fail(str(e))
 
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
@@ -360,8 +386,12 @@ def main(args: argparse.Namespace) -> None:
         scheduler_cls = getattr(diffusers, scheduler_class_name(args.scheduler, own_scheduler))
     except (UnsupportedModelError, SchedulerError) as e:
         fail(str(e))
-    family = family_cls.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                             vae_name_or_path=args.pretrained_vae_model_name_or_path)
+    try:
+        family = family_cls.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                 vae_name_or_path=args.pretrained_vae_model_name_or_path)
+    except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
+        fail(f"could not load the model {args.pretrained_model_name_or_path!r} ({str(e).strip().splitlines()[0]}); "
+             "point --pretrained_model_name_or_path at a local copy (a directory saved with save_pretrained)")
     unet, vae = family.unet, family.vae
     scheduler = scheduler_cls.from_config(family.pipe.scheduler.config)
 
@@ -369,6 +399,10 @@ def main(args: argparse.Namespace) -> None:
     for model in (*family.text_encoders, unet):
         model.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
     vae.requires_grad_(False).eval().to(accelerator.device, dtype=family.vae_dtype(weight_dtype))
+    try:
+        arg_checks.check_lora_targets(unet, expand_target_modules(args.lora_target_modules))
+    except arg_checks.ArgumentError as e:
+        fail(str(e))
     lora_params = add_lora(unet, args.rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -380,7 +414,10 @@ def main(args: argparse.Namespace) -> None:
     reward_options = dict(args.reward_options)
     if args.reward_gradient_checkpointing:
         reward_options["gradient_checkpointing"] = True
-    reward_fn = build_reward(args.reward, device=accelerator.device, dtype=reward_dtype, **reward_options)
+    try:
+        reward_fn = build_reward(args.reward, device=accelerator.device, dtype=reward_dtype, **reward_options)
+    except RewardLoadError as e:
+        fail(str(e))
 
     # accelerate save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole UNet.
     def save_model_hook(models, weights, output_dir):
@@ -419,8 +456,9 @@ def main(args: argparse.Namespace) -> None:
         config = {k: v if isinstance(v, int | float | str | bool) else str(v)
                   for k, v in vars(args).items() if k != "hub_token"}
         accelerator.init_trackers("draftplus", config=config)
-
-    prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split)
+    # What each checkpoint records, so that a resume with another model or LoRA shape is refused.
+    checkpoint_config = run_config(args, expand_target_modules(args.lora_target_modules),
+                                   unet_fingerprint(args.pretrained_model_name_or_path, args.revision))
     rollout_config = RolloutConfig(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                    truncation_steps=args.truncation_steps, eta=args.eta, lv_samples=args.lv_samples,
                                    final_latent=args.final_latent)
@@ -429,17 +467,16 @@ def main(args: argparse.Namespace) -> None:
 
     global_step = 0
     if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            steps = checkpoint_steps(args.output_dir)
-            path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}") if steps else None
-        else:
-            path = args.resume_from_checkpoint
+        path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
         if path is None:
             accelerator.print("No checkpoint in --output_dir; starting a new training run.")
         else:
             accelerator.print(f"Resuming from {path}")
             accelerator.load_state(path)
             global_step = int(path.rstrip("/").rsplit("-", 1)[-1])
+    metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
+    if accelerator.is_main_process:  # the history is this run's own: lines past the resumed step go
+        truncate_metrics(metrics_file, global_step)
 
     logger.info(f"***** DRaFT+ : {len(prompts)} prompts, {args.max_train_steps} steps, batch "
                 f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
@@ -449,7 +486,27 @@ def main(args: argparse.Namespace) -> None:
         validation = Validation(args, accelerator, models, reward_fn)
         validation.render_base()  # once (also when resuming): every validation is compared with it
 
-    metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
+    nonfinite = guards.NonFiniteSteps(args.max_nonfinite_steps)
+    last_checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+
+    def checkpoint(step: int, fatal: bool) -> None:
+        """checkpoint-<step>, never with non-finite weights. A failed write (disk full, permissions) is
+        reported with the earlier checkpoints intact; it ends the run only when `fatal`."""
+        nonlocal last_checkpoint
+        try:
+            guards.ensure_finite_weights(accelerator, lora_params, f"checkpoint-{step}")
+            last_checkpoint = save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit,
+                                              checkpoint_config)
+        except guards.NonFiniteError as e:
+            fail(str(e), guards.EXIT_NONFINITE)
+        except CheckpointWriteError as e:
+            if fatal:
+                fail(str(e), 1)
+            logger.error(f"{e}; training goes on")
+            return
+        logger.info(f"Saved state to {last_checkpoint}")
+
+    preemption.arm()  # from here a signal stops the run at the next step boundary, with a checkpoint
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     step_metrics = StepMetrics(accelerator.device)
@@ -470,8 +527,9 @@ def main(args: argparse.Namespace) -> None:
             totals += torch.stack([loss.detach(), rewards.mean(), penalty]) / args.gradient_accumulation_steps
             step_metrics.add(rewards, reward_fn)
         grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm or float("inf"))
-        optimizer.step()
-        lr_scheduler.step()
+        if nonfinite.check(accelerator, totals[0], grad_norm, global_step + 1):  # else: skipped, no update
+            optimizer.step()
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         progress.update(1)
@@ -480,28 +538,49 @@ def main(args: argparse.Namespace) -> None:
         reward_by_process = accelerator.gather(totals[1:2]).tolist()
         totals = accelerator.reduce(totals, reduction="mean")
         logs = {"loss": totals[0].item(), "reward": totals[1].item(), "kl_penalty": totals[2].item(),
-                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite.total,
                 **step_metrics.collect(accelerator)}  # reward_std, reward/<part>, images_per_s, peak_memory_gib
         progress.set_postfix(reward=f"{logs['reward']:.4f}", kl=f"{logs['kl_penalty']:.2e}")
         accelerator.log(logs, step=global_step)
         if accelerator.is_main_process:
             with open(metrics_file, "a") as f:
-                f.write(json.dumps({"step": global_step, **logs, "reward_by_process": reward_by_process}) + "\n")
+                line = guards.finite_or_none({"step": global_step, **logs, "reward_by_process": reward_by_process})
+                f.write(json.dumps(line) + "\n")
+        if nonfinite.exhausted:
+            progress.close()
+            fail(nonfinite.stop_message(last_checkpoint), guards.EXIT_NONFINITE)
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            logger.info(f"Saved state to {path}")
+            checkpoint(global_step, fatal=False)
         if validation is not None and args.validation_steps and global_step % args.validation_steps == 0:
             validation(global_step)
+        signum = preemption.requested(accelerator)  # agreed by all ranks
+        if signum and global_step < args.max_train_steps:
+            progress.close()
+            if not (last_checkpoint or "").endswith(f"checkpoint-{global_step}"):
+                checkpoint(global_step, fatal=True)
+            accelerator.print(f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved "
+                              f"{last_checkpoint}. Continue with --resume_from_checkpoint latest.")
+            accelerator.end_training()
+            raise SystemExit(exit_code(signum))
 
     # Data parallelism must leave every process with the same LoRA; a silent desync would make the
     # saved weights depend on which rank wrote them.
-    checksum = torch.stack([p.detach().double().sum() for p in lora_params]).sum().reshape(1)
-    checksums = accelerator.gather(checksum)
-    if not torch.allclose(checksums, checksums[:1].expand_as(checksums)):
-        raise RuntimeError(f"LoRA weights differ across processes: {checksums.tolist()}")
+    try:
+        guards.ensure_finite_weights(accelerator, lora_params, "the LoRA")
+    except guards.NonFiniteError as e:
+        fail(str(e), guards.EXIT_NONFINITE)
+    digests = guards.lora_digests_across_ranks(accelerator, lora_state_dict(models.raw_unet))
+    if len(set(digests)) > 1:
+        fail(f"the LoRA weights differ across processes (sha256 {', '.join(d[:12] for d in digests)}), a "
+             "data-parallel desync; the LoRA was not written", 1)
+    logger.info(f"LoRA sha256 {digests[0]} (process {accelerator.process_index}, equal on all "
+                f"{accelerator.num_processes})", main_process_only=False)
     if accelerator.is_main_process:
-        lora_file = save_lora(models.raw_unet, args.output_dir, family)
+        try:
+            lora_file = save_lora(models.raw_unet, args.output_dir, family)
+        except OSError as e:
+            fail(f"{e}; the newest checkpoint is {last_checkpoint}", 1)
         # validation after training, kohya export, curves, model card, upload
         accelerator.print(finish_run(args, accelerator, models, validation, repo_id, global_step, lora_file))
     accelerator.end_training()

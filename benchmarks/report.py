@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md")
+SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "endurance_toy_cpu.md")
 
 
 def gpu_training_section() -> str | None:

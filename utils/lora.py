@@ -81,26 +81,35 @@ def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
+class LoraWriteError(OSError):
+    """The LoRA file could not be written (disk full, permissions); the one already there is intact."""
+
+
 def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_main_process: bool = True) -> Path:
     """Write `pytorch_lora_weights.safetensors` (+ LoRA metadata) atomically into `output_dir`, in the
     format of `family`'s pipeline (a `utils.family.ModelFamily` class or instance).
 
-    The file is written next to its destination and then renamed over it, so an interrupted save
-    never leaves a truncated LoRA where a good one was.
+    The file is written next to its destination and then renamed over it, so an interrupted or
+    failed save never leaves a truncated LoRA where a good one was; a failure raises LoraWriteError
+    saying what failed.
     """
     output_dir = Path(output_dir)
     target = output_dir / LORA_WEIGHTS_NAME
     if not is_main_process:
         return target
-    output_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
-        family.save_lora_weights(tmp, unet_lora_layers=state_dict, **_collate_lora_metadata({"unet": unet}))
-        written = os.path.join(tmp, LORA_WEIGHTS_NAME)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(written, 0o666 & ~umask)  # files in a private temp dir are created 0600
-        os.replace(written, target)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
+            family.save_lora_weights(tmp, unet_lora_layers=state_dict, **_collate_lora_metadata({"unet": unet}))
+            written = os.path.join(tmp, LORA_WEIGHTS_NAME)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(written, 0o666 & ~umask)  # files in a private temp dir are created 0600
+            os.replace(written, target)
+    except Exception as e:  # OSError, or safetensors' own error type for a failed write
+        kept = "the LoRA already there is intact" if target.exists() else "no LoRA was there before"
+        raise LoraWriteError(f"could not write {target} ({type(e).__name__}: {e}); {kept}") from e
     return target
 
 

@@ -2,6 +2,10 @@
 
 DRaFT+ needs prompts only (no images), so every source reduces to a list of strings. Cheap checks
 live in `check_prompt_source` so the trainer can reject bad input before it loads any model.
+
+Large sources: `max_prompts` keeps the first N distinct prompts. With it a hub dataset is streamed
+(datasets' `streaming=True`), so only the first rows are fetched instead of every shard, and a local
+data file is read only as far as needed.
 """
 
 from __future__ import annotations
@@ -26,13 +30,49 @@ class PromptSourceError(ValueError):
     """A `--prompts` value that cannot give any prompt."""
 
 
+DATA_FILE_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")
+LOCAL_COPY_HINT = ("point --prompts at a local copy (a .txt file, a .csv/.jsonl/.parquet file or a directory "
+                   "saved with save_to_disk)")
+
+
 def _is_local_dataset(source: str) -> bool:
-    return os.path.isdir(source) or source.endswith((".csv", ".json", ".jsonl", ".parquet"))
+    return os.path.isdir(source) or source.endswith(DATA_FILE_SUFFIXES)
 
 
-def check_prompt_source(source: str) -> None:
-    """Fail fast (one line) on sources that can be checked without loading a dataset."""
-    if source in BUILTIN_SOURCES:
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_dataset_id(source: str) -> str | None:
+    """The hub dataset a source names (`pickapic` or a dataset id); None for local and built-in sources."""
+    if source == "pickapic":
+        return PICKAPIC_DATASET
+    if source == "animals" or source.startswith(("/", "./", "../", "~")) or source.endswith((".txt", ".tar")):
+        return None
+    return None if _is_local_dataset(source) or os.path.exists(source) else source
+
+
+def _hub_dataset_cached(repo_id: str) -> bool:
+    """Whether an offline run can read `repo_id`: in the hub cache, or prepared in datasets' cache."""
+    from datasets import config as datasets_config
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    hub = os.path.join(HF_HUB_CACHE, "datasets--" + repo_id.replace("/", "--"), "snapshots")
+    prepared = os.path.join(str(datasets_config.HF_DATASETS_CACHE), repo_id.replace("/", "___"))
+    return (os.path.isdir(hub) and any(os.scandir(hub))) or os.path.isdir(prepared)
+
+
+def check_prompt_source(source: str, prompt_column: str | None = None, split: str = "train") -> None:
+    """Fail fast (one line) on sources that can be checked without a download: missing or empty
+    local files, a local dataset without the prompt column, a hub dataset an offline run cannot read."""
+    if source == "animals":
+        return
+    hub_id = hub_dataset_id(source)
+    if hub_id is not None:
+        if _offline() and not _hub_dataset_cached(hub_id):
+            what = f"prompt set {source!r} (the hub dataset {hub_id})" if source != hub_id else f"dataset {hub_id!r}"
+            raise PromptSourceError(f"{what} is not in the local cache and HF_HUB_OFFLINE is set; {LOCAL_COPY_HINT}")
         return
     looks_local = source.startswith(("/", "./", "../", "~")) or source.endswith((".txt", ".tar"))
     if looks_local or _is_local_dataset(source):
@@ -42,6 +82,9 @@ def check_prompt_source(source: str) -> None:
         raise PromptSourceError(f"prompt file {source!r} has no prompts (one prompt per non-empty line)")
     if source.endswith(".tar") and not _read_webdataset_prompts(source):
         raise PromptSourceError(f"webdataset {source!r} has no .txt entries")
+    if _is_local_dataset(source) and not _read_dataset_prompts(source, prompt_column, split, max_prompts=1,
+                                                               streaming=True):
+        raise PromptSourceError(f"dataset {source!r} has no prompts (no non-empty text in its prompt column)")
 
 
 def _read_text_prompts(path: str) -> list[str]:
@@ -61,7 +104,9 @@ def _read_webdataset_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _read_dataset_prompts(source: str, column: str | None, split: str) -> list[str]:
+def _open_dataset(source: str, split: str, streaming: bool):
+    """A datasets Dataset (or IterableDataset when `streaming`) for a local file or directory, a
+    save_to_disk directory, or a hub id."""
     import datasets
 
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
@@ -70,32 +115,60 @@ def _read_dataset_prompts(source: str, column: str | None, split: str) -> list[s
         dataset = datasets.load_from_disk(source)[split]
     elif os.path.isfile(source):
         builder = {"jsonl": "json"}.get(source.rsplit(".", 1)[-1], source.rsplit(".", 1)[-1])
-        dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        return datasets.load_dataset(builder, data_files=source, split="train", streaming=streaming)
     else:
-        dataset = datasets.load_dataset(source, split=split)
-    column = column or next((c for c in ("prompt", "caption", "text") if c in dataset.column_names), None)
-    if column is None or column not in dataset.column_names:
+        return datasets.load_dataset(source, split=split, streaming=streaming)
+    return dataset.to_iterable_dataset() if streaming else dataset
+
+
+def _read_dataset_prompts(source: str, column: str | None, split: str, max_prompts: int | None = None,
+                          streaming: bool = False) -> list[str]:
+    """The first `max_prompts` distinct non-empty prompts of a dataset's prompt column (all without it)."""
+    try:
+        dataset = _open_dataset(source, split, streaming)
+        columns = dataset.column_names
+        if columns is None:  # a streamed file: the columns are those of its first row
+            columns = list(next(iter(dataset), {}).keys())
+    except PromptSourceError:
+        raise
+    except Exception as e:  # an empty or malformed file, a hub dataset that cannot be reached
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = f"; {LOCAL_COPY_HINT}" if hub_dataset_id(source) else ""
+        raise PromptSourceError(f"could not read prompts from {source!r} ({type(e).__name__}: {first}){hint}") from e
+    wanted = column or next((c for c in ("prompt", "caption", "text") if c in columns), None)
+    if wanted is None or wanted not in columns:
         raise PromptSourceError(
-            f"dataset {source!r} has no prompt column {column!r}; columns: {dataset.column_names} "
-            "(choose one with --prompt_column)"
+            f"dataset {source!r} has no prompt column {wanted!r}; columns: {columns} (choose one with --prompt_column)"
         )
-    return [p.strip() for p in dataset[column] if isinstance(p, str) and p.strip()]
+    values = (row[wanted] for row in dataset) if streaming else dataset[wanted]
+    prompts: dict[str, None] = {}
+    for value in values:
+        if isinstance(value, str) and value.strip():
+            prompts[value.strip()] = None
+            if max_prompts is not None and len(prompts) >= max_prompts:
+                break
+    return list(prompts)
 
 
-def load_prompts(source: str, prompt_column: str | None = None, split: str = "train") -> list[str]:
-    """All prompts of a source, in order, duplicates removed."""
-    check_prompt_source(source)
+def load_prompts(source: str, prompt_column: str | None = None, split: str = "train",
+                 max_prompts: int | None = None) -> list[str]:
+    """The prompts of a source, in order, duplicates removed; the first `max_prompts` of them if given.
+
+    With `max_prompts`, a hub dataset is streamed (unless offline, where only the cache can serve it)
+    and a local data file is read only as far as needed."""
+    check_prompt_source(source, prompt_column, split)
+    hub_id = hub_dataset_id(source)
     if source == "animals":
         prompts = list(ANIMALS)
-    elif source == "pickapic":
-        prompts = _read_dataset_prompts(PICKAPIC_DATASET, prompt_column or "caption", split)
     elif source.endswith(".txt"):
         prompts = _read_text_prompts(source)
     elif source.endswith(".tar"):
         prompts = _read_webdataset_prompts(source)
     else:
-        prompts = _read_dataset_prompts(source, prompt_column, split)
-    prompts = list(dict.fromkeys(prompts))
+        column = prompt_column or ("caption" if source == "pickapic" else None)
+        streaming = max_prompts is not None and not (hub_id and _offline())
+        prompts = _read_dataset_prompts(hub_id or source, column, split, max_prompts, streaming)
+    prompts = list(dict.fromkeys(prompts))[:max_prompts]
     if not prompts:
         raise PromptSourceError(f"prompt source {source!r} gave no prompts")
     return prompts

@@ -1,0 +1,306 @@
+"""Argument checks of train_draftplus.py beyond the basic ones in its `check_args` (the entry point).
+
+Everything here runs before any model is loaded (type, finiteness, range and combination of every
+argument, the device and launch the run will get, whether the model, reward and output directory
+are usable) except `check_lora_targets`, which needs the UNet. Each problem raises ArgumentError
+with one line for the user; the trainer turns it into `error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules we do not take)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+class ArgumentError(ValueError):
+    """Bad input: one line for the user."""
+
+
+def truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline(env: Mapping[str, str] = os.environ) -> bool:
+    return truthy(env.get("HF_HUB_OFFLINE"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers
+# ----------------------------------------------------------------------------------------------
+def check_numbers(args: Any) -> None:
+    """Finiteness of every float argument, then ranges and combinations."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgumentError(f"--{name} must be a finite number, got {value}")
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ArgumentError(message)
+
+    need(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(args, name) < 1, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    for name in ("adam_epsilon", "adam_weight_decay", "eta"):
+        need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    need(args.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (0 = no clipping), got {args.max_grad_norm}")
+    need(args.lora_alpha is None or args.lora_alpha > 0, f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    need(args.lr_warmup_steps >= 0, f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    need(args.lr_scheduler in LR_SCHEDULERS,
+         f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    # --validation_* consistency: utils.validation.check_validation_args
+    need(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}")
+    need(args.max_prompts is None or args.max_prompts >= 1, f"--max_prompts must be at least 1, got {args.max_prompts}")
+    need(args.max_nonfinite_steps >= 1, f"--max_nonfinite_steps must be at least 1, got {args.max_nonfinite_steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and launch
+# ----------------------------------------------------------------------------------------------
+def world_size_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """How many processes the launcher says this run has (torchrun, mpirun, ...)."""
+    sizes = [int(env[v]) for v in WORLD_SIZE_VARS if str(env.get(v, "")).isdigit()]
+    return max(sizes, default=1)
+
+
+def has_accelerator_device() -> bool:
+    import torch
+
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or bool(getattr(torch, "xpu", None) and torch.xpu.is_available()))
+
+
+def check_launch(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse launches that would silently give one independent run per process."""
+    world = world_size_from_env(env)
+    use_cpu = truthy(env.get("ACCELERATE_USE_CPU"))
+    if world > 1 and not use_cpu and not has_accelerator_device():
+        raise ArgumentError(
+            f"launched as {world} processes on a machine without a GPU, but accelerate joins CPU processes "
+            "only with ACCELERATE_USE_CPU=true (without it each would train alone): run "
+            "`ACCELERATE_USE_CPU=true torchrun ... train_draftplus.py ...`")
+    if world == 1 and "ACCELERATE_DYNAMO_BACKEND" in env and env.get("MASTER_ADDR") and use_cpu:
+        raise ArgumentError(
+            "accelerate launch asked for several CPU processes or machines but started one process here "
+            "(accelerate runs multi-CPU configs only through mpirun), so each launcher would train alone into "
+            "the same --output_dir; use `ACCELERATE_USE_CPU=true torchrun --nnodes N --node_rank R "
+            "--nproc_per_node P --master_addr HOST --master_port PORT train_draftplus.py ...` (see the README)")
+
+
+def check_process_count(num_processes: int, env: Mapping[str, str] = os.environ) -> None:
+    """After accelerate started: every process the launcher started joined one run."""
+    world = world_size_from_env(env)
+    if world > 1 and num_processes != world:
+        raise ArgumentError(
+            f"the launcher started {world} processes but accelerate joined {num_processes}; each would train "
+            "alone. On CPU set ACCELERATE_USE_CPU=true; on GPUs launch with accelerate or torchrun as in the README")
+
+
+def check_device_support(args: Any, env: Mapping[str, str] = os.environ) -> None:
+    """fp16 and 8-bit Adam need a device that runs them; the device is known before accelerate starts."""
+    import importlib.util
+
+    on_cpu = truthy(env.get("ACCELERATE_USE_CPU")) or not has_accelerator_device()
+    precision = args.mixed_precision or env.get("ACCELERATE_MIXED_PRECISION")
+    source = "--mixed_precision fp16" if args.mixed_precision else "mixed_precision: fp16 (accelerate config)"
+    if precision == "fp16" and on_cpu:
+        raise ArgumentError(f"{source} needs a GPU and this run is on the CPU; use bf16 or no")
+    if args.use_8bit_adam:
+        import torch
+
+        if on_cpu or not torch.cuda.is_available():
+            raise ArgumentError("--use_8bit_adam (bitsandbytes' AdamW8bit) needs a CUDA GPU and this run is not on one; "
+                                "drop --use_8bit_adam")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ArgumentError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+
+
+def check_trackers(report_to: str) -> None:
+    if report_to in ("none", "all"):
+        return
+    if report_to not in TRACKERS:
+        raise ArgumentError(f"--report_to {report_to!r} is not one of {', '.join(TRACKERS)}, all, none")
+    import accelerate.utils
+
+    if not getattr(accelerate.utils, f"is_{report_to}_available", lambda: True)():
+        raise ArgumentError(f"--report_to {report_to} needs the {report_to} package (pip install {report_to}), "
+                            "or use --report_to none")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output directory and resume
+# ----------------------------------------------------------------------------------------------
+def check_output_dir(args: Any) -> None:
+    from utils.run_dir import RunDirError, check_not_in_use, previous_run_files
+
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ArgumentError(f"--output_dir {out!r} is a file, not a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ArgumentError(f"--output_dir {out!r} cannot be created: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ArgumentError(f"--output_dir {out!r} is not writable ({parent!r})")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise ArgumentError("--overwrite_output_dir starts over and --resume_from_checkpoint continues; give one")
+    if not os.path.isdir(out):
+        return
+    try:
+        check_not_in_use(out)
+    except RunDirError as e:
+        raise ArgumentError(str(e)) from None
+    found = previous_run_files(out)
+    if found and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ArgumentError(f"--output_dir {out!r} holds a previous run ({shown}); continue it with "
+                            "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or "
+                            "choose another --output_dir")
+
+
+def check_resume(args: Any) -> None:
+    """The checkpoint to resume is one, and was trained with this run's model and LoRA settings."""
+    from utils.checkpoints import (
+        LORA_NAME,
+        ResumeMismatchError,
+        check_resume_compatible,
+        resolve_resume,
+        run_config,
+        unet_fingerprint,
+    )
+
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if path is None or not os.path.isdir(path):
+        return  # `latest` without checkpoints starts afresh; a missing path is reported by check_args
+    if not os.path.isfile(os.path.join(path, LORA_NAME)):
+        raise ArgumentError(f"--resume_from_checkpoint {path!r} is not a checkpoint (no {LORA_NAME}); "
+                            "checkpoints are the checkpoint-N directories of an --output_dir")
+    from utils.lora import expand_target_modules
+
+    wanted = run_config(args, expand_target_modules(args.lora_target_modules),
+                        unet_fingerprint(args.pretrained_model_name_or_path, args.revision))
+    try:
+        check_resume_compatible(path, wanted)
+    except ResumeMismatchError as e:
+        raise ArgumentError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model variant, reward models, hub
+# ----------------------------------------------------------------------------------------------
+def check_variant(model: str, variant: str | None) -> None:
+    unet = os.path.join(model, "unet")
+    if variant and os.path.isdir(unet) and not any(f".{variant}." in name for name in os.listdir(unet)):
+        raise ArgumentError(f"--variant {variant}: {unet} has no {variant} weights (files named *.{variant}.*); "
+                            "drop --variant to load the default weights")
+
+
+def hub_cached(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether anything of `repo_id` is in the local hub cache (what an offline run can use)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = os.path.join(HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type=repo_type), "snapshots")
+    return os.path.isdir(snapshots) and any(os.scandir(snapshots))
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def check_reward_reachable(spec: str, options: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> None:
+    """The weights of every model-backed part of the reward (its `model=` and `head=`, given or
+    default) are local, or on the hub when the hub can be reached. Processors and tokenizers follow
+    the model and are checked when the reward loads."""
+    from rewards import parse_reward_spec
+    from rewards.catalogue import reward_class
+    from rewards.custom import resolve_custom
+    from rewards.options import option_defaults, route_options
+
+    items = parse_reward_spec(spec)
+    factories = [reward_class(it.registered) if it.registered else resolve_custom(it.target) for it in items]
+    for item, factory, given in zip(items, factories, route_options(items, factories, dict(options)), strict=True):
+        if item.registered is None:
+            continue
+        values = {**option_defaults(factory), **given}
+        for key in ("model", "head"):
+            value = values.get(key)
+            if isinstance(value, str):
+                _check_reward_ref(item.label, key, value, env)
+
+
+def _check_reward_ref(label: str, key: str, text: str, env: Mapping[str, str]) -> None:
+    if os.path.exists(os.path.expanduser(text)):
+        return
+    repo, sep, _ = text.partition(":")
+    if not sep and _looks_like_path(text) or sep and _looks_like_path(repo):
+        raise ArgumentError(f"reward {label!r}: {key}={text!r} does not exist")
+    repo = repo if sep else text
+    if repo.count("/") == 1 and hub_offline(env) and not hub_cached(repo):
+        raise ArgumentError(
+            f"reward {label!r} needs {key} {text!r} from the hub, which is not in the local cache, and HF_HUB_OFFLINE "
+            f"is set; point at a local copy with --reward_options {label}.{key}=/path/to/local/copy")
+
+
+def check_hub(args: Any, env: Mapping[str, str] = os.environ) -> None:
+    if not args.push_to_hub:
+        return
+    if hub_offline(env):
+        raise ArgumentError("--push_to_hub needs the hub, and HF_HUB_OFFLINE is set")
+    from huggingface_hub import get_token
+
+    if not (args.hub_token or get_token()):
+        raise ArgumentError("--push_to_hub needs a hub token: run `hf auth login` (or set HF_TOKEN)")
+
+
+def token_warning(args: Any) -> str | None:
+    if args.hub_token is None:
+        return None
+    return ("warning: a token given with --hub_token is visible to other users of this machine (process list, "
+            "shell history); prefer `hf auth login` or HF_TOKEN. It is never written to logs, trackers, cards "
+            "or checkpoints")
+
+
+def check_all(args: Any, env: Mapping[str, str] = os.environ) -> None:
+    """Every check of this module that needs no model, in the order a user would want to hear them."""
+    check_numbers(args)
+    check_launch(env)
+    check_device_support(args, env)
+    check_trackers(args.report_to)
+    check_hub(args, env)
+    check_output_dir(args)
+    if args.pretrained_model_name_or_path != "toy" and os.path.isdir(args.pretrained_model_name_or_path):
+        check_variant(args.pretrained_model_name_or_path, args.variant)
+    check_reward_reachable(args.reward, args.reward_options, env)
+    check_resume(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# After the UNet is built
+# ----------------------------------------------------------------------------------------------
+def unmatched_targets(module_names: Iterable[str], targets: Iterable[str]) -> list[str]:
+    """Targets that name no module, with PEFT's rule for a list of names (the name or its last parts)."""
+    names = list(module_names)
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def check_lora_targets(unet: Any, targets: Iterable[str]) -> None:
+    import torch
+
+    missing = unmatched_targets((n for n, _ in unet.named_modules()), targets)
+    if missing:
+        layers = {}
+        for name, module in unet.named_modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                short = ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
+                layers[short] = layers.get(short, 0) + 1
+        examples = ", ".join(sorted(layers, key=lambda k: -layers[k])[:10])
+        raise ArgumentError(f"--lora_target_modules: no UNet module is named {' '.join(missing)} "
+                            f"(presets: attention, attention+ff; layer names include {examples})")

@@ -1,0 +1,186 @@
+"""Checkpoints: atomic saves that survive failed writes, `latest`, and what a resume is checked against.
+
+Each `checkpoint-N/` holds accelerate's state (the LoRA in diffusers' format via the trainer's save
+hook, optimizer, LR scheduler, RNG states) plus `draftplus_run.json`: the base model, LoRA rank,
+alpha and targets it was trained with (no secrets), so a resume with other settings is refused with
+one line instead of a wall of size-mismatch errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+RUN_CONFIG_NAME = "draftplus_run.json"
+LORA_NAME = "pytorch_lora_weights.safetensors"
+SECRET_ARGS = frozenset({"hub_token"})
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous ones are intact. One line for the user."""
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume was trained with other model/LoRA settings. One line for the user."""
+
+
+def checkpoint_steps(output_dir: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints (checkpoint-N) in `output_dir`, ascending."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = (re.fullmatch(r"checkpoint-(\d+)", d) for d in os.listdir(output_dir))
+    return sorted(int(m.group(1)) for m in names if m)
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint directory a run resumes from: `latest` -> the newest in `output_dir` (None if
+    there is none: a fresh start), a path -> itself, None -> None."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(output_dir)
+        return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
+    return resume_from_checkpoint
+
+
+def checkpoint_step(path: str) -> int:
+    return int(path.rstrip("/").rsplit("-", 1)[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The run config saved into every checkpoint
+# ----------------------------------------------------------------------------------------------
+def public_args(args: Any) -> dict[str, Any]:
+    """The arguments as JSON-able values, without secrets (hub tokens)."""
+    return {k: v if isinstance(v, int | float | str | bool | type(None)) else str(v)
+            for k, v in vars(args).items() if k not in SECRET_ARGS}
+
+
+def unet_fingerprint(model: str, revision: str | None = None) -> str | None:
+    """sha256 of the base model's UNet config (`unet/config.json`, keys without "_"): the same model
+    under another path gives the same fingerprint. None when the config cannot be read locally (and
+    for the built-in toy, which is compared by name)."""
+    if model == "toy":
+        return None
+    path = os.path.join(model, "unet", "config.json")
+    if not os.path.isfile(path):
+        if os.path.isdir(model):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "unet/config.json", revision=revision)
+        if not isinstance(cached, str):
+            return None
+        path = cached
+    with open(path) as f:
+        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def run_config(args: Any, target_modules: Sequence[str], fingerprint: str | None) -> dict[str, Any]:
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "unet_config_sha256": fingerprint,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank,
+        "target_modules": sorted(target_modules),
+        "args": public_args(args),
+    }
+
+
+def read_run_config(checkpoint: str) -> dict[str, Any] | None:
+    """The checkpoint's run config; for checkpoints written before it existed, the LoRA settings from
+    the LoRA file's metadata (no base model then). None if neither is there."""
+    path = os.path.join(checkpoint, RUN_CONFIG_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    lora = os.path.join(checkpoint, LORA_NAME)
+    if not os.path.isfile(lora):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(lora, "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    if "unet.r" not in metadata:
+        return None
+    targets = metadata.get("unet.target_modules") or []
+    return {"rank": metadata["unet.r"], "lora_alpha": metadata.get("unet.lora_alpha", metadata["unet.r"]),
+            "target_modules": sorted(targets)}
+
+
+def check_resume_compatible(checkpoint: str, wanted: Mapping[str, Any]) -> None:
+    """ResumeMismatchError naming the first setting that differs between `checkpoint` and this run."""
+    saved = read_run_config(checkpoint)
+    if saved is None:
+        return
+    name = os.path.basename(checkpoint.rstrip("/"))
+    for key, flag in (("rank", "--rank"), ("lora_alpha", "--lora_alpha")):
+        if key in saved and float(saved[key]) != float(wanted[key]):
+            raise ResumeMismatchError(f"{name} was trained with {flag} {saved[key]:g}, not {wanted[key]:g}; "
+                                      f"resume with {flag} {saved[key]:g} or start a new --output_dir")
+    if "target_modules" in saved and sorted(saved["target_modules"]) != sorted(wanted["target_modules"]):
+        raise ResumeMismatchError(f"{name} has LoRA on {' '.join(sorted(saved['target_modules']))}, not "
+                                  f"{' '.join(sorted(wanted['target_modules']))}; resume with the same "
+                                  "--lora_target_modules or start a new --output_dir")
+    if saved.get("base_model") is None:
+        return
+    same_unet = saved.get("unet_config_sha256") and saved["unet_config_sha256"] == wanted.get("unet_config_sha256")
+    if not same_unet and (saved["base_model"], saved.get("revision")) != (wanted["base_model"], wanted.get("revision")):
+        raise ResumeMismatchError(f"{name} was trained on {saved['base_model']!r}, not "
+                                  f"{wanted['base_model']!r}; resume with --pretrained_model_name_or_path "
+                                  f"{saved['base_model']!r} or start a new --output_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None,
+                    config: Mapping[str, Any] | None = None) -> str:
+    """accelerate state into checkpoint-N, written under a temporary name and renamed when complete;
+    old checkpoints are rotated out only after the new one exists.
+
+    A write that fails on any rank (disk full, permissions) removes the partial directory and raises
+    CheckpointWriteError on every rank, leaving the earlier checkpoints as they were.
+    """
+    from utils.guards import any_rank
+
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    error: Exception | None = None
+    try:
+        accelerator.save_state(partial)
+        if accelerator.is_main_process and config is not None:
+            with open(os.path.join(partial, RUN_CONFIG_NAME), "w") as f:
+                json.dump(config, f, indent=1)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        error = e
+    if any_rank(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        while error is not None and error.__cause__ is not None:  # the write that failed, not its wrappers
+            error = error.__cause__
+        reason = f"{type(error).__name__}: {error}" if error else "it failed on another process"
+        previous = [s for s in checkpoint_steps(output_dir) if s != step]
+        kept = f"checkpoint-{previous[-1]} is intact" if previous else "no earlier checkpoint"
+        raise CheckpointWriteError(f"could not write checkpoint-{step} ({reason}); {kept}")
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # same step saved again after a resume: keep the old one until replaced
+            os.replace(final, final + ".old")
+        os.replace(partial, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        if total_limit is not None:
+            for old in checkpoint_steps(output_dir)[:-total_limit]:
+                shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+    accelerator.wait_for_everyone()
+    return final

@@ -114,6 +114,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Checkpoint the graded UNet steps and the VAE decoder (memory flat in K).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the rollout's no-grad UNet calls (the T-K prefix and the adapters-off\n"
+                        "reference; CUDA graphs on GPUs); the graded steps stay eager. Opt-in: the first steps\n"
+                        "compile (minutes for SD-size UNets). Speed: benchmarks/RESULTS.md.")
     g.add_argument("--seed", type=int, default=0, help="Seed for LoRA init, prompts and noise.")
 
     g = p.add_argument_group("validation")
@@ -245,6 +249,11 @@ def check_args(args: argparse.Namespace) -> None:
         check_vae_path(args.pretrained_vae_model_name_or_path, args.revision)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
+    if args.compile:
+        import utils.compile
+
+        if reason := utils.compile.compile_unsupported_reason():
+            fail(reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,6 +482,10 @@ def main(args: argparse.Namespace) -> None:
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     models = Models(family=family, unet=unet, raw_unet=accelerator.unwrap_model(unet), vae=vae, scheduler=scheduler)
+    if args.compile:  # after prepare(): weights on their device, in their dtype, for good
+        from utils.compile import compile_no_grad_unet
+
+        models.no_grad_unet = compile_no_grad_unet(models.raw_unet, vae)
 
     if accelerator.is_main_process:
         # Never hand the token to a tracker; lists/None become strings for tensorboard's hparams.

@@ -7,37 +7,79 @@ No figure in RESULTS.md is typed by hand: each section is a benchmark's own outp
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md")
+SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md")
+GPU_ONLY = {"speed_memory_sd15_cuda.md": "--sd15", "speed_memory_sdxl_cuda.md": "--sdxl"}
 
 
-def gpu_training_section() -> str | None:
-    """The short GPU training run of benchmarks/gpu_checks.sh (toy, bf16, gradient checkpointing, 8-bit AdamW)."""
-    metrics, validation = HERE / "results" / "gpu_train_toy_metrics.jsonl", HERE / "results" / "gpu_train_toy_validation.json"
-    if not (metrics.exists() and validation.exists()):
+def demote_headings(text: str) -> str:
+    """Each Markdown heading one level down (a report's sections nest under RESULTS.md's), code blocks untouched."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        lines.append("#" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(lines) + "\n"
+
+
+def earlier_format_note(name: str) -> str | None:
+    """Speed reports written before issue 11 timed one pipeline only: the one with the LoRA-wrapped UNet."""
+    json_path = HERE / "results" / name.replace(".md", ".json")
+    if name.startswith("speed_memory_") and json_path.exists() and "compile" not in json.loads(json_path.read_text()):
+        return ("> Measured before issue 11: the pipeline timed here ran the trainer's LoRA-wrapped UNet (PEFT "
+                "layers), not a plain UNet, and nothing was compiled; `bash benchmarks/gpu_checks.sh` measures "
+                "both against the plain pipeline.")
+    return None
+
+
+def _mean_reward(rows: list[dict]) -> float:
+    return sum(r["reward"] for r in rows) / len(rows)
+
+
+def gpu_training_section(results: Path | None = None) -> str | None:
+    """The toy trainer runs of `benchmarks/gpu_checks.sh` (stages train, train_compile): one row per run, from the
+    files the trainer wrote (metrics.jsonl, validation_reward.json) and the command the script recorded."""
+    results = results or HERE / "results"
+    runs = []
+    for validation in sorted(results.glob("gpu_train_toy*_validation.json")):
+        run = validation.name.removeprefix("gpu_train_toy").removesuffix("_validation.json").lstrip("_")
+        metrics = results / f"gpu_train_toy{'_' + run if run else ''}_metrics.jsonl"
+        if not metrics.exists():
+            continue
+        command = results / f"gpu_train_toy_{run}_command.txt"
+        runs.append((run or "earlier run", [json.loads(line) for line in metrics.read_text().splitlines()],
+                     json.loads(validation.read_text()), command.read_text().strip() if command.exists() else None))
+    if not runs:
         return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    v = json.loads(validation.read_text())
-    first, last = rows[:5], rows[-5:]
+    lines = ["## Trainer on a GPU (toy)", "",
+             "The `train` and `train_compile` stages of `bash benchmarks/gpu_checks.sh` (on the machine of the CUDA "
+             "sections above): the README quickstart's run with the GPU paths on (bf16 autocast, gradient "
+             "checkpointing, 8-bit AdamW, unless the run says otherwise). The numbers are what the trainer logged; "
+             "validation: the same fixed-seed images before and after training.", "",
+             "| run | steps | training-batch reward, first 5 -> last 5 steps | validation images | "
+             "validation reward before -> after | rose |", "|---|---|---|---|---|---|"]
+    for run, rows, v, _ in runs:
+        n = len(v["prompts"]) * v["images_per_prompt"]
+        lines.append(f"| {run} | {len(rows)} | {_mean_reward(rows[:5]):.4f} -> {_mean_reward(rows[-5:]):.4f} | {n} | "
+                     f"{v['before']:.4f} -> {v['after']:.4f} | {v['after'] > v['before']} |")
+    commands = [(run, command) for run, *_, command in runs if command]
+    if commands:
+        lines += ["", "Commands:", ""] + [f"- {run}: `{command}`" for run, command in commands]
+    return "\n".join(lines)
 
-    def mean(xs):
-        return sum(x["reward"] for x in xs) / len(xs)
 
-    return "\n".join([
-        "## Trainer on a GPU (toy, bf16, gradient checkpointing, 8-bit AdamW)", "",
-        "Step 2 of `bash benchmarks/gpu_checks.sh` (its command holds the settings) on the machine of the CUDA "
-        f"section above, {len(rows)} steps. It checks that the trainer's GPU paths run "
-        "(accelerate bf16 autocast, checkpointing, bitsandbytes); the numbers are what it logged:", "",
-        f"- training-batch reward, mean of the first 5 steps {mean(first):.4f}, of the last 5 {mean(last):.4f}",
-        f"- validation reward ({len(v['prompts'])} prompts x {v['images_per_prompt']} fixed seeds): "
-        f"{v['before']:.4f} before -> {v['after']:.4f} after",
-    ])
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu_training_only", metavar="RESULTS_DIR", default=None,
+                        help="Print only the GPU trainer section of the files in RESULTS_DIR (gpu_checks.sh's summary).")
+    args = parser.parse_args(argv)
+    if args.gpu_training_only:
+        print(gpu_training_section(Path(args.gpu_training_only)) or "")
+        return
     parts = ["# Benchmark results", "",
              "Generated by `python -m benchmarks.report` from the files in `benchmarks/results/`; each section "
              "names the command that produced it. Timings are only comparable within one section (one run, one "
@@ -48,14 +90,19 @@ def main() -> None:
         if not path.exists():
             missing.append(name)
             continue
-        text = path.read_text().replace("](tradeoff.png)", "](results/tradeoff.png)")
-        parts += ["---", "", text.replace("\n# ", "\n## ").replace("# ", "## ", 1) if text.startswith("# ") else text, ""]
+        text = demote_headings(path.read_text().replace("](tradeoff.png)", "](results/tradeoff.png)"))
+        note = earlier_format_note(name)
+        if note:
+            heading, _, rest = text.partition("\n")
+            text = f"{heading}\n\n{note}\n{rest}"
+        parts += ["---", "", text]
     gpu_run = gpu_training_section()
     if gpu_run:
         parts += ["---", "", gpu_run, ""]
     if missing:
-        parts += ["---", "", "Not measured yet: " + ", ".join(f"`{m}`" for m in missing) +
-                  " (`speed_memory_sd15_cuda.md` needs a GPU: `python -m benchmarks.speed_memory --sd15 --device cuda`).", ""]
+        how = [f"`{m}`" + (f" (needs a GPU: `python -m benchmarks.speed_memory {GPU_ONLY[m]} --device cuda`, or "
+                           "`bash benchmarks/gpu_checks.sh`)" if m in GPU_ONLY else "") for m in missing]
+        parts += ["---", "", "Not measured yet: " + ", ".join(how) + ".", ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
 

@@ -44,6 +44,16 @@ def noise(batch=2, seed=0):
     return torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def room_for_every_graph_of_this_module():
+    """One process compiles the graphs of several tests (samplers, dtypes, shapes) for the UNet's one forward;
+    a training run needs two. Dynamo's default cap of 8 per function would quietly fall back to eager."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_sd_path):
     """A LoRA UNet with a 'trained' (non-zero B) adapter, its eager Models, and the same Models with the
@@ -155,6 +165,42 @@ def test_memory_kept_for_backward_is_flat_in_t_on_the_compiled_path(setup):
 
     short, long = saved(2), saved(6)
     assert short == long > 0
+
+
+def test_bf16_autocast_euler_rollout_compiles_two_graphs_and_matches_eager(tiny_sd_path):
+    """bf16 weights, fp32 LoRA, CPU bf16 autocast, Euler (which hands back bf16 latents after an fp32 first one):
+    the compiled wrapper feeds the UNet what autocast would (one graph per adapter state, not two), with the
+    eager rollout's numbers."""
+    import diffusers
+
+    family = load_family(str(tiny_sd_path))
+    pipe = family.pipe
+    for module in (pipe.unet, pipe.vae, *family.text_encoders):
+        module.requires_grad_(False).to(torch.bfloat16)
+    params = add_lora(pipe.unet, rank=4)
+    torch.manual_seed(1)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    eager = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=scheduler)
+    config = RolloutConfig(num_inference_steps=4, guidance_scale=5.0, truncation_steps=1)
+
+    def run(models):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return images_and_grads(models, params, config)
+
+    r_e, p_e, g_e = run(eager)
+    compiled_unet = compile_no_grad_unet(pipe.unet, pipe.vae, backend="aot_eager")
+    try:
+        compiled = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=scheduler,
+                          no_grad_unet=compiled_unet)
+        before = compiled_graph_count()
+        r_c, p_c, g_c = run(compiled)
+        assert compiled_graph_count() - before == 2
+    finally:
+        compiled_unet.close()
+    assert torch.equal(r_c, r_e) and torch.equal(p_c, p_e) and torch.equal(g_c, g_e)
 
 
 def test_input_dtype_casting_off_is_bitwise_identical_under_bf16_autocast_with_fewer_ops(tiny_sd_path):

@@ -82,10 +82,16 @@ class CompiledUNet:
         """Undo the module settings entered on `stack` (the compiled graphs stay cached)."""
         self.stack.close()
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, sample: torch.Tensor, *args, **kwargs):
+        device_type = sample.device.type
+        if torch.is_autocast_enabled(device_type) and sample.dtype == torch.float32:
+            # Under autocast every use of `sample` (conv_in, and the dtype of the time embedding, which feeds a
+            # Linear) is cast to the autocast dtype anyway: casting first gives the same numbers, and one graph
+            # where an fp32 first latent and the bf16 latents later samplers return (Euler) would make two.
+            sample = sample.to(torch.get_autocast_dtype(device_type))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self.compiled(*args, **kwargs)
+        out = self.compiled(sample, *args, **kwargs)
         if self.cuda_graphs:  # the graph's output buffer belongs to its next replay
             out = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
         return out

@@ -47,6 +47,11 @@ def compile_unsupported_reason() -> str | None:
         return f"--compile needs torch.compile (torch >= 2.1); this is torch {torch.__version__}"
     if not torch._dynamo.is_dynamo_supported():
         return f"--compile: torch.compile does not support Python {sys.version.split()[0]} with torch {torch.__version__}"
+    import peft.helpers
+
+    if not hasattr(peft.helpers, "disable_input_dtype_casting"):
+        return (f"--compile needs peft.helpers.disable_input_dtype_casting, which peft {peft.__version__} lacks "
+                "(requirements.txt pins one that has it)")
     return None
 
 

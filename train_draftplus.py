@@ -129,6 +129,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Checkpoint the graded UNet steps and the VAE decoder (memory flat in K).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the rollout's no-grad UNet calls (the T-K prefix and the adapters-off\n"
+                        "reference; CUDA graphs on GPUs); the graded steps stay eager. Opt-in: the first steps\n"
+                        "compile (minutes for SD-size UNets). Speed: benchmarks/RESULTS.md.")
     g.add_argument("--seed", type=int, default=0, help="Seed for LoRA init, prompts and noise.")
 
     g = p.add_argument_group("validation")
@@ -293,6 +297,11 @@ def check_args(args: argparse.Namespace) -> None:
     warning = arg_checks.token_warning(args)
     if warning and os.environ.get("RANK", "0") == "0":
         print(f"train_draftplus.py: {warning}", file=sys.stderr)
+    if args.compile:
+        import utils.compile
+
+        if reason := utils.compile.compile_unsupported_reason():
+            fail(reason)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,6 +459,10 @@ def main(args: argparse.Namespace) -> None:
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     models = Models(family=family, unet=unet, raw_unet=accelerator.unwrap_model(unet), vae=vae, scheduler=scheduler)
+    if args.compile:  # after prepare(): weights on their device, in their dtype, for good
+        from utils.compile import compile_no_grad_unet
+
+        models.no_grad_unet = compile_no_grad_unet(models.raw_unet, vae)
 
     if accelerator.is_main_process:
         # Never hand the token to a tracker; lists/None become strings for tensorboard's hparams.

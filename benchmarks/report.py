@@ -1,43 +1,191 @@
-"""Assemble benchmarks/RESULTS.md from the reports the benchmark scripts wrote into benchmarks/results/.
+"""Assemble benchmarks/RESULTS.md, and the README's summary of it, from the files the benchmark scripts wrote
+into benchmarks/results/.
 
     python -m benchmarks.tradeoff && python -m benchmarks.speed_memory && python -m benchmarks.report
 
-No figure in RESULTS.md is typed by hand: each section is a benchmark's own output.
+No figure in RESULTS.md or in the README is typed by hand: each RESULTS.md section is a benchmark's own output,
+and the README's block between the `benchmark-summary` markers is written here from the same results files
+(a test fails when the committed README and results disagree).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "endurance_toy_cpu.md")
+SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md",
+            "endurance_toy_cpu.md")
+GPU_ONLY = {"speed_memory_sd15_cuda.md": "--sd15", "speed_memory_sdxl_cuda.md": "--sdxl"}
 
 
-def gpu_training_section() -> str | None:
-    """The short GPU training run of benchmarks/gpu_checks.sh (toy, bf16, gradient checkpointing, 8-bit AdamW)."""
-    metrics, validation = HERE / "results" / "gpu_train_toy_metrics.jsonl", HERE / "results" / "gpu_train_toy_validation.json"
-    if not (metrics.exists() and validation.exists()):
+def demote_headings(text: str) -> str:
+    """Each Markdown heading one level down (a report's sections nest under RESULTS.md's), code blocks untouched."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        lines.append("#" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(lines) + "\n"
+
+
+def earlier_format_note(name: str) -> str | None:
+    """Speed reports written before issue 11 timed one pipeline only: the one with the LoRA-wrapped UNet."""
+    json_path = HERE / "results" / name.replace(".md", ".json")
+    if name.startswith("speed_memory_") and json_path.exists() and "compile" not in json.loads(json_path.read_text()):
+        return ("> Measured before issue 11: the pipeline timed here ran the trainer's LoRA-wrapped UNet (PEFT "
+                "layers), not a plain UNet, and nothing was compiled; `bash benchmarks/gpu_checks.sh` measures "
+                "both against the plain pipeline.")
+    return None
+
+
+def _mean_reward(rows: list[dict]) -> float:
+    return sum(r["reward"] for r in rows) / len(rows)
+
+
+def gpu_training_section(results: Path | None = None) -> str | None:
+    """The toy trainer runs of `benchmarks/gpu_checks.sh` (stages train, train_compile): one row per run, from the
+    files the trainer wrote (metrics.jsonl, validation_reward.json) and the command the script recorded."""
+    results = results or HERE / "results"
+    runs = []
+    for validation in sorted(results.glob("gpu_train_toy*_validation.json")):
+        run = validation.name.removeprefix("gpu_train_toy").removesuffix("_validation.json").lstrip("_")
+        metrics = results / f"gpu_train_toy{'_' + run if run else ''}_metrics.jsonl"
+        if not metrics.exists():
+            continue
+        command = results / f"gpu_train_toy_{run}_command.txt"
+        runs.append((run or "earlier run", [json.loads(line) for line in metrics.read_text().splitlines()],
+                     json.loads(validation.read_text()), command.read_text().strip() if command.exists() else None))
+    if not runs:
         return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    v = json.loads(validation.read_text())
-    first, last = rows[:5], rows[-5:]
+    lines = ["## Trainer on a GPU (toy)", "",
+             "The `train` and `train_compile` stages of `bash benchmarks/gpu_checks.sh` (on the machine of the CUDA "
+             "sections above): the README quickstart's run with the GPU paths on (bf16 autocast, gradient "
+             "checkpointing, 8-bit AdamW, unless the run says otherwise). The numbers are what the trainer logged; "
+             "validation: the same fixed-seed images before and after training.", "",
+             "| run | steps | training-batch reward, first 5 -> last 5 steps | validation images | "
+             "validation reward before -> after | rose |", "|---|---|---|---|---|---|"]
+    for run, rows, v, _ in runs:
+        n = len(v["prompts"]) * v["images_per_prompt"]
+        lines.append(f"| {run} | {len(rows)} | {_mean_reward(rows[:5]):.4f} -> {_mean_reward(rows[-5:]):.4f} | {n} | "
+                     f"{v['before']:.4f} -> {v['after']:.4f} | {v['after'] > v['before']} |")
+    commands = [(run, command) for run, *_, command in runs if command]
+    if commands:
+        lines += ["", "Commands:", ""] + [f"- {run}: `{command}`" for run, command in commands]
+    return "\n".join(lines)
 
-    def mean(xs):
-        return sum(x["reward"] for x in xs) / len(xs)
 
-    return "\n".join([
-        "## Trainer on a GPU (toy, bf16, gradient checkpointing, 8-bit AdamW)", "",
-        "Step 2 of `bash benchmarks/gpu_checks.sh` (its command holds the settings) on the machine of the CUDA "
-        f"section above, {len(rows)} steps. It checks that the trainer's GPU paths run "
-        "(accelerate bf16 autocast, checkpointing, bitsandbytes); the numbers are what it logged:", "",
-        f"- training-batch reward, mean of the first 5 steps {mean(first):.4f}, of the last 5 {mean(last):.4f}",
-        f"- validation reward ({len(v['prompts'])} prompts x {v['images_per_prompt']} fixed seeds): "
-        f"{v['before']:.4f} before -> {v['after']:.4f} after",
-    ])
+README = HERE.parent / "README.md"
+BEGIN = "<!-- benchmark-summary:begin (written by `python -m benchmarks.report` from benchmarks/results/) -->"
+END = "<!-- benchmark-summary:end -->"
 
 
-def main() -> None:
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[len(xs) // 2] + xs[(len(xs) - 1) // 2]) / 2
+
+
+def _tradeoff_lines(results: Path) -> list[str]:
+    path = results / "tradeoff.json"
+    if not path.exists():
+        return []
+    t = json.loads(path.read_text())
+    rises = sum(r["reward_gain"]["verdict"] == 1 for r in t["summary"])
+    rev_reward = [f"{r['a'].split('/')[0]} vs {r['b'].split('/')[0]}" for r in t["reward_order"] if r["verdict"] == -1]
+    res_reward = sum(r["verdict"] == 1 for r in t["reward_order"])
+    res_div = sum(r["verdict"] == -1 for r in t["diversity_order"])
+    rev_div = sum(r["verdict"] == 1 for r in t["diversity_order"])
+    claim = t["matched_reward"]["claim"]
+    holds = {True: "holds", False: "does not hold", None: "cannot be decided"}[claim["holds"]]
+    draft = next((r for r in t["summary"] if r["kl_coeff"] == 0), None)
+    lines = [f"- Trade-off on the toy (`{t['diversity_metric']}` diversity, paired seeds, claims beyond 2 SE): "
+             f"reward rises for {rises} of {len(t['summary'])} kl_coeff settings; lower kl_coeff gives more reward "
+             f"for {res_reward} of {len(t['reward_order'])} neighbouring pairs"
+             + (f" (reversed: {', '.join(rev_reward)})" if rev_reward else "")
+             + f" and less diversity for {res_div} of {len(t['diversity_order'])} (the rest within noise"
+             + (f", {rev_div} reversed" if rev_div else "") + "); at matched reward DRaFT+ keeps more diversity than "
+             f"DRaFT: {holds} ({claim['more']} of {claim['compared']} comparable front points more, {claim['less']} "
+             f"less)." + (f" DRaFT: reward gain {draft['reward_gain']['mean']:+.3f}, diversity x"
+                          f"{draft['diversity_ratio']:.2f}." if draft else "")]
+    best = [row.get("best") for row in t["controls"]]
+    leaders = [row.get("leader") for row in t["controls"] if row.get("leader")]
+    if leaders:
+        names = {"kl": "the kl_coeff sweep", "scale": "LoRA scale", "aig": "AIG"}
+        lines.append("- Post-hoc controls at matched reward (toy): the most diversity at "
+                     + ", ".join(f"{r['reward']:.3f}: {names[r['leader']]}" + ("" if r.get("best") else " (within noise)")
+                                 for r in t["controls"] if r.get("leader"))
+                     + f"; resolved at {sum(b is not None for b in best)} of {len(best)} reward levels.")
+    return lines
+
+
+def _speed_lines(results: Path) -> list[str]:
+    lines = []
+    for name, label in (("speed_memory_toy_cpu.json", "toy, CPU"), ("speed_memory_sd15_cuda.json", "SD1.5 size, GPU"),
+                        ("speed_memory_sdxl_cuda.json", "SDXL size, GPU")):
+        path = results / name
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        machine = d["machine"].split(" ; ")[0]
+        for row in d.get("timing", []):
+            if "times" in row:  # four-sided format
+                m = {k: _median(v) for k, v in row["times"].items()}
+                parts = [f"eager {m['train'] / m['pipeline']:.2f}x the plain pipeline"]
+                if "train_compiled" in m:
+                    parts.append(f"`--compile` {m['train_compiled'] / m['pipeline']:.2f}x")
+                    if "pipeline_compiled" in m:
+                        parts.append(f"{m['train_compiled'] / m['pipeline_compiled']:.2f}x the compiled pipeline")
+                if "pipeline_lora" in m:
+                    parts.append(f"eager {m['train'] / m['pipeline_lora']:.2f}x the LoRA-wrapped pipeline")
+                lines.append(f"- One training sample ({label}, {machine}, batch {row['batch_size']}, T={row['T']}): "
+                             + ", ".join(parts) + ".")
+            else:  # measured before the plain-pipeline comparison existed
+                lines.append(f"- One training sample ({label}, {machine}, T={row['T']}): {row['ratio']:.2f}x the "
+                             "pipeline with the trainer's LoRA-wrapped UNet (measured before the plain-pipeline "
+                             "comparison; not yet remeasured).")
+        for row in d.get("peak_batch1", []):
+            lines.append(f"- Peak GPU memory ({label}, batch {row['batch_size']}, T={row['T']}, K={row['K']}, "
+                         f"gradient checkpointing {'on' if row['gradient_checkpointing'] else 'off'}): "
+                         f"{row['peak_allocated_bytes'] / 2**30:.2f} GiB allocated, "
+                         f"{row['peak_reserved_bytes'] / 2**30:.2f} GiB reserved.")
+    return lines
+
+
+def _endurance_lines(results: Path) -> list[str]:
+    path = results / "endurance_toy_cpu.json"
+    if not path.exists():
+        return []
+    s = json.loads(path.read_text())["summary"]
+    return [f"- Endurance ({s['steps']} steps on the toy, first vs last {s['window']}): resident memory "
+            f"{s['rss_first_median_mib']:.1f} -> {s['rss_last_median_mib']:.1f} MiB, step time x{s['step_time_ratio']:.2f}."]
+
+
+def readme_summary(results: Path | None = None) -> str:
+    """The README's block of headline figures, each computed from a committed results file."""
+    results = results or HERE / "results"
+    lines = [*_tradeoff_lines(results), *_speed_lines(results), *_endurance_lines(results)]
+    return "\n".join([BEGIN, *lines, END])
+
+
+def update_readme(readme: Path = README, results: Path | None = None) -> bool:
+    """Replace the README's summary block; False if the README has no markers."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + readme_summary(results) + rest.split(END, 1)[1])
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu_training_only", metavar="RESULTS_DIR", default=None,
+                        help="Print only the GPU trainer section of the files in RESULTS_DIR (gpu_checks.sh's summary).")
+    args = parser.parse_args(argv)
+    if args.gpu_training_only:
+        print(gpu_training_section(Path(args.gpu_training_only)) or "")
+        return
     parts = ["# Benchmark results", "",
              "Generated by `python -m benchmarks.report` from the files in `benchmarks/results/`; each section "
              "names the command that produced it. Timings are only comparable within one section (one run, one "
@@ -48,16 +196,23 @@ def main() -> None:
         if not path.exists():
             missing.append(name)
             continue
-        text = path.read_text().replace("](tradeoff.png)", "](results/tradeoff.png)")
-        parts += ["---", "", text.replace("\n# ", "\n## ").replace("# ", "## ", 1) if text.startswith("# ") else text, ""]
+        text = demote_headings(path.read_text().replace("](tradeoff.png)", "](results/tradeoff.png)"))
+        note = earlier_format_note(name)
+        if note:
+            heading, _, rest = text.partition("\n")
+            text = f"{heading}\n\n{note}\n{rest}"
+        parts += ["---", "", text]
     gpu_run = gpu_training_section()
     if gpu_run:
         parts += ["---", "", gpu_run, ""]
     if missing:
-        parts += ["---", "", "Not measured yet: " + ", ".join(f"`{m}`" for m in missing) +
-                  " (`speed_memory_sd15_cuda.md` needs a GPU: `python -m benchmarks.speed_memory --sd15 --device cuda`).", ""]
+        how = [f"`{m}`" + (f" (needs a GPU: `python -m benchmarks.speed_memory {GPU_ONLY[m]} --device cuda`, or "
+                           "`bash benchmarks/gpu_checks.sh`)" if m in GPU_ONLY else "") for m in missing]
+        parts += ["---", "", "Not measured yet: " + ", ".join(how) + ".", ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
+    if update_readme():
+        print(f"updated the benchmark summary in {README}")
 
 
 if __name__ == "__main__":

@@ -9,35 +9,82 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def speed_memory(out, *extra):
-    cmd = [sys.executable, "-m", "benchmarks.speed_memory", "--steps", "3", "--repeats", "1", "--batch_size", "2",
-           "--memory_steps", "2", "6", "--memory_truncations", "1", "2", "--output_dir", str(out), *extra]
+def speed_memory(out, *extra, stem="speed_memory_toy_cpu"):
+    cmd = [sys.executable, "-m", "benchmarks.speed_memory", "--steps", "3", "--repeats", "1", "--warmup", "1",
+           "--batch_sizes", "2", "--memory_steps", "2", "6", "--memory_truncations", "1", "2",
+           "--compile_backend", "aot_eager", "--output_dir", str(out), *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "speed_memory_toy_cpu.json").read_text())
+    return json.loads((out / f"{stem}.json").read_text())
 
 
-def test_speed_memory_on_the_toy_memory_flat_in_t_and_profile(tmp_path):
+def test_speed_memory_on_the_toy_four_sides_compiled_equal_eager_memory_flat_in_t(tmp_path):
+    from benchmarks.speed_memory import SIDES
+
     results = speed_memory(tmp_path)
     (timing,) = results["timing"]
-    assert timing["T"] == 3 and timing["train_s"] > 0 and timing["pipeline_s"] > 0
-    # The no-grad prefix keeps nothing for backward: the same bytes at T=2 and T=6.
-    by_t = [r["saved_bytes"] for r in results["activation_bytes_vs_T"]]
-    assert len(by_t) == 2 and by_t[0] == by_t[1] > 0
+    assert (timing["T"], timing["batch_size"]) == (3, 2) and not timing.get("recompiled")
+    assert set(timing["median_s"]) == set(SIDES) and all(v > 0 for v in timing["median_s"].values())
+    # The compiled sides compile their graphs in the first calls (adapters on, adapters off, the plain
+    # pipeline's UNet), and give the eager results (aot_eager: same aten graph).
+    (compiled,) = results["compile"]
+    assert compiled["graphs"] == 3 and compiled["first_call_s"]["train_compiled"] > 0
+    (numerics,) = results["numerics"]
+    assert set(numerics) >= {"train_images_max_abs", "train_lora_grad_rel", "pipeline_images_max_abs"}
+    assert all(numerics[k] < 1e-5 for k in numerics if k not in ("batch_size", "T"))
+    # The no-grad prefix keeps nothing for backward, eager or compiled: the same bytes at T=2 and T=6.
+    by_t = {(r["path"], r["T"]): r["saved_bytes"] for r in results["activation_bytes_vs_T"]}
+    assert by_t[("train", 2)] == by_t[("train", 6)] == by_t[("train_compiled", 2)] == by_t[("train_compiled", 6)] > 0
     by_k = {(r["K"], r["gradient_checkpointing"]): r["saved_bytes"] for r in results["activation_bytes_vs_K"]}
     assert by_k[(2, False)] > by_k[(1, False)] > by_k[(1, True)]  # grows with K; checkpointing saves memory
     assert by_k[(2, True)] < by_k[(2, False)]
-    regions = {r["region"] for r in results["profile"]}
-    assert {"draftplus/no_grad_prefix", "draftplus/graded_step", "draftplus/reference_pass",
-            "draftplus/vae_decode", "draftplus/reward", "draftplus/backward"} <= regions
+    profiles = {p["path"]: {r["region"] for r in p["regions"]} for p in results["profile"]}
+    assert set(profiles) == {"train", "train_compiled"}
+    for regions in profiles.values():
+        assert {"draftplus/no_grad_prefix", "draftplus/graded_step", "draftplus/reference_pass",
+                "draftplus/vae_decode", "draftplus/reward", "draftplus/backward"} <= regions
     report = (tmp_path / "speed_memory_toy_cpu.md").read_text()
-    assert "| 3 | 1 |" in report and "## Profile of one training sample" in report
+    assert "| 2 | 3 | False |" in report and "pipeline, plain UNet, compiled" in report
+    assert "pipeline, LoRA-wrapped UNet, eager" in report and "## Profile of one training sample, --compile" in report
 
-    # Re-measuring one section keeps the others and records both commands.
-    again = speed_memory(tmp_path, "--sections", "profile")
-    assert again["timing"] == results["timing"]
-    assert [c["sections"] for c in again["commands"]] == [["timing", "peak", "memory", "profile"], ["profile"]]
+    # Re-measuring one section keeps the others; timing at another batch size adds rows; commands are recorded.
+    again = speed_memory(tmp_path, "--sections", "timing", "--batch_sizes", "1", "--sides", "train", "pipeline")
+    assert again["activation_bytes_vs_T"] == results["activation_bytes_vs_T"]
+    assert [(r["batch_size"], sorted(r["median_s"])) for r in again["timing"]] == [
+        (2, sorted(SIDES)), (1, ["pipeline", "train"])]
+    assert [c["sections"] for c in again["commands"]] == [["timing", "peak", "memory", "profile"], ["timing"]]
+
+
+def test_gpu_benchmark_entry_points_run_on_tiny_shapes(tmp_path):
+    """--sdxl --smoke: the SDXL-size builders (real block structure at tiny widths), the PickScore code path, the
+    plain pipeline copy and the report, end to end on CPU: what benchmarks/gpu_checks.sh runs at full size."""
+    results = speed_memory(tmp_path, "--sdxl", "--smoke", "--sections", "timing", "--sides", "train", "pipeline",
+                           "--batch_sizes", "1", "--gradient_checkpointing", stem="speed_memory_sdxl_smoke_cpu")
+    (row,) = results["timing"]
+    assert results["image_size"] == 64 and row["gradient_checkpointing"] and set(row["median_s"]) == {"train",
+                                                                                                      "pipeline"}
+    assert "Smoke run" in (tmp_path / "speed_memory_sdxl_smoke_cpu.md").read_text()
+
+
+def test_plain_unet_has_no_peft_layers_and_the_base_weights():
+    import torch
+
+    from benchmarks.speed_memory import plain_unet_of
+    from utils.lora import adapters_disabled, add_lora
+    from utils.toy import build_random_pipeline
+
+    unet = build_random_pipeline(seed=0).unet
+    add_lora(unet, rank=4)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    plain = plain_unet_of(unet)
+    assert not any("lora" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    x, t, ehs = torch.randn(1, 4, 16, 16), torch.tensor(10), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad(), adapters_disabled(unet):
+        torch.testing.assert_close(plain(x, t, ehs).sample, unet(x, t, ehs).sample, rtol=0, atol=0)
+    assert any("lora_A" in n for n, _ in unet.named_parameters())  # the trainer's UNet keeps its adapter
 
 
 def test_report_assembles_the_sections_it_finds(tmp_path, monkeypatch):
@@ -45,16 +92,22 @@ def test_report_assembles_the_sections_it_finds(tmp_path, monkeypatch):
 
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "tradeoff.md").write_text("# Trade-off\n\nbody ![plot](tradeoff.png)\n")
-    (tmp_path / "results" / "gpu_train_toy_metrics.jsonl").write_text(
-        "\n".join(json.dumps({"step": i, "reward": 0.1 * i}) for i in range(1, 11)))
-    (tmp_path / "results" / "gpu_train_toy_validation.json").write_text(json.dumps(
-        {"before": 0.1, "after": 0.25, "prompts": ["a", "b"], "images_per_prompt": 4}))
+    for run, rewards, validation in (("kl0.01", [0.1 * i for i in range(1, 11)], (0.1, 0.25)),
+                                     ("kl0.01_fp32", [0.2] * 10, (0.3, 0.2))):
+        (tmp_path / "results" / f"gpu_train_toy_{run}_metrics.jsonl").write_text(
+            "\n".join(json.dumps({"step": i, "reward": r}) for i, r in enumerate(rewards, 1)))
+        (tmp_path / "results" / f"gpu_train_toy_{run}_validation.json").write_text(json.dumps(
+            {"before": validation[0], "after": validation[1], "prompts": ["a", "b"], "images_per_prompt": 16}))
+    (tmp_path / "results" / "gpu_train_toy_kl0.01_command.txt").write_text("train_draftplus.py --kl_coeff 0.01\n")
     monkeypatch.setattr(report, "HERE", tmp_path)
-    report.main()
+    report.main([])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Trade-off" in text and "](results/tradeoff.png)" in text
-    assert "first 5 steps 0.3000, of the last 5 0.8000" in text and "0.1000 before -> 0.2500 after" in text
-    assert "Not measured yet: `speed_memory_toy_cpu.md`, `speed_memory_sd15_cuda.md`" in text
+    assert "| kl0.01 | 10 | 0.3000 -> 0.8000 | 32 | 0.1000 -> 0.2500 | True |" in text
+    assert "| kl0.01_fp32 | 10 | 0.2000 -> 0.2000 | 32 | 0.3000 -> 0.2000 | False |" in text
+    assert "- kl0.01: `train_draftplus.py --kl_coeff 0.01`" in text
+    assert "Not measured yet: `speed_memory_toy_cpu.md`, `speed_memory_sd15_cuda.md` (needs a GPU" in text
+    assert "`speed_memory_sdxl_cuda.md` (needs a GPU: `python -m benchmarks.speed_memory --sdxl" in text
 
 
 def test_saved_activation_bytes_excludes_weights_and_frees_the_graph():
@@ -77,3 +130,13 @@ def test_saved_activation_bytes_excludes_weights_and_frees_the_graph():
     assert saved_activation_bytes(fn, [layer]) == 8 * 100 * 4  # the exp output only
     gc.collect()
     assert outputs[0]() is None  # measuring must not keep the graph (and its activations) alive
+
+
+def test_readme_summary_is_generated_from_the_committed_results():
+    """No hand-typed figure: the README's benchmark block is exactly what report.py computes from the results."""
+    from benchmarks.report import BEGIN, END, README, readme_summary
+
+    text = README.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == readme_summary()
+    assert "tradeoff" in readme_summary().lower() or "Trade-off" in readme_summary()

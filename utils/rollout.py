@@ -182,6 +182,7 @@ def rollout(
     config: RolloutConfig,
     *,
     raw_unet=None,
+    no_grad_unet: Callable | None = None,
     with_reference: bool = True,
     generator: torch.Generator | None = None,
 ) -> Rollout:
@@ -190,10 +191,17 @@ def rollout(
     `unet` is the model that receives gradients (it may be wrapped, e.g. by DDP); `raw_unet` is the
     same model unwrapped, used for everything that needs no gradient: the step prefix and the
     reference pass with adapters disabled (wrapped calls there would only add DDP overhead).
+    `no_grad_unet`, when given, makes those no-grad calls instead of `raw_unet` (a compiled wrapper of
+    it: `utils.compile.CompiledUNet`); adapters are still switched on `raw_unet`.
     """
     raw_unet = raw_unet if raw_unet is not None else unet
+    no_grad_unet = no_grad_unet if no_grad_unet is not None else raw_unet
     scheduler.set_timesteps(config.num_inference_steps, device=noise.device)
-    timesteps = scheduler.timesteps
+    if hasattr(scheduler, "set_begin_index"):  # sigma schedulers: else the first step searches for its index
+        scheduler.set_begin_index(0)
+    timesteps = scheduler.timesteps  # on the device, for the UNet
+    # The scheduler indexes its (host) tables by t: host numbers spare a device-to-host sync per step.
+    host_timesteps = timesteps.tolist()
     n = len(timesteps)  # PNDM's PLMS schedule has T + 1 entries: count UNet calls, not T
     step_kwargs = _step_kwargs(scheduler, config.eta, generator)
     kind = scheduler.config.prediction_type
@@ -203,27 +211,28 @@ def rollout(
     def next_latents(prediction, i, latents, x_t):
         if i == n - 1 and config.final_latent == "x0":
             return to_x0(kind, prediction, x_t, alpha_bar(scheduler, i))
-        return scheduler.step(prediction, timesteps[i], latents, **step_kwargs, return_dict=False)[0]
+        return scheduler.step(prediction, host_timesteps[i], latents, **step_kwargs, return_dict=False)[0]
 
     with torch.no_grad(), record_function("draftplus/no_grad_prefix"):
         for i in range(graded_from):
-            x_t = scheduler.scale_model_input(latents, timesteps[i])
-            prediction = guided_prediction(raw_unet, x_t, timesteps[i], cond, config.guidance_at(i))
+            x_t = scheduler.scale_model_input(latents, host_timesteps[i])
+            prediction = guided_prediction(no_grad_unet, x_t, timesteps[i], cond, config.guidance_at(i))
             latents = next_latents(prediction, i, latents, x_t)
 
     if config.lv_samples:
-        return _lv_graded_step(unet, raw_unet, scheduler, vae, cond, latents, config, with_reference, generator)
+        return _lv_graded_step(unet, raw_unet, no_grad_unet, scheduler, vae, cond, latents, config, with_reference,
+                               generator)
 
     out = Rollout(images=None)
     for i in range(graded_from, n):
         t = timesteps[i]
-        x_t = scheduler.scale_model_input(latents, t)
+        x_t = scheduler.scale_model_input(latents, host_timesteps[i])
         with record_function("draftplus/graded_step"):
             prediction = guided_prediction(unet, x_t, t, cond, config.guidance_at(i))
         out.eps.append(to_epsilon(kind, prediction, x_t, alpha_bar(scheduler, i)))
         if with_reference:
             with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
-                reference = guided_prediction(raw_unet, x_t, t, cond, config.guidance_at(i))
+                reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(i))
                 out.eps_ref.append(to_epsilon(kind, reference, x_t, alpha_bar(scheduler, i)))
         latents = next_latents(prediction, i, latents, x_t)
     with record_function("draftplus/vae_decode"):
@@ -231,7 +240,8 @@ def rollout(
     return out
 
 
-def _lv_graded_step(unet, raw_unet, scheduler, vae, cond, x0, config, with_reference, generator) -> Rollout:
+def _lv_graded_step(unet, raw_unet, no_grad_unet, scheduler, vae, cond, x0, config, with_reference,
+                    generator) -> Rollout:
     """DRaFT-LV: re-noise the stop-grad x0 n times to the last step's noise level, denoise each
     with one graded step. The n samples share one batched UNet call.
 
@@ -250,7 +260,7 @@ def _lv_graded_step(unet, raw_unet, scheduler, vae, cond, x0, config, with_refer
     out = Rollout(images=None, eps=[to_epsilon(kind, prediction, x_t, a)], repeats=n)
     if with_reference:
         with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
-            reference = guided_prediction(raw_unet, x_t, t, cond, config.guidance_at(last))
+            reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(last))
             out.eps_ref.append(to_epsilon(kind, reference, x_t, a))
     with record_function("draftplus/vae_decode"):
         out.latents = to_x0(kind, prediction, x_t, a)
@@ -273,6 +283,7 @@ class Models:
     raw_unet: torch.nn.Module  # the same module unwrapped: no-grad prefix and adapters-off reference
     vae: torch.nn.Module
     scheduler: Any  # the training rollout's sampler (its own instance: validation uses another)
+    no_grad_unet: Callable | None = None  # raw_unet's no-grad calls, compiled (--compile; utils.compile)
 
 
 def draftplus_step(models: Models, reward_fn: Callable, prompts: list[str], noise: torch.Tensor,
@@ -284,7 +295,8 @@ def draftplus_step(models: Models, reward_fn: Callable, prompts: list[str], nois
     height, width = (s * models.family.vae_scale_factor for s in noise.shape[-2:])
     cond = models.family.encode_prompts(prompts, negative_prompt, config.guided, height=height, width=width)
     sample = rollout(models.unet, models.scheduler, models.vae, cond, noise, config,
-                     raw_unet=models.raw_unet, with_reference=kl_coeff > 0, generator=generator)
+                     raw_unet=models.raw_unet, no_grad_unet=models.no_grad_unet, with_reference=kl_coeff > 0,
+                     generator=generator)
     # The reward runs in its own dtype (--reward_dtype, fp32 by default), not under the UNet's autocast.
     with record_function("draftplus/reward"), torch.autocast(noise.device.type, enabled=False):
         rewards = reward_fn(sample.images, [p for p in prompts for _ in range(sample.repeats)])

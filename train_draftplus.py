@@ -232,7 +232,7 @@ def check_model_reachable(name: str, revision: str | None) -> None:
                  "--pretrained_model_name_or_path at a local copy (a directory saved with save_pretrained)")
 
 
-def check_vae_path(name: str, revision: str | None) -> None:
+def check_vae_path(name: str) -> None:
     if os.path.isdir(name):
         if not any(os.path.isfile(os.path.join(name, sub, "config.json")) for sub in ("", "vae")):
             fail(f"--pretrained_vae_model_name_or_path {name!r} holds no VAE config.json")
@@ -287,7 +287,7 @@ def check_args(args: argparse.Namespace) -> None:
         fail(str(e))
     check_model_path(args.pretrained_model_name_or_path, args.revision, args.scheduler)
     if args.pretrained_vae_model_name_or_path is not None:
-        check_vae_path(args.pretrained_vae_model_name_or_path, args.revision)
+        check_vae_path(args.pretrained_vae_model_name_or_path)
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
     try:  # finiteness, ranges, device, launch, output directory, resume, reward weights (utils/arg_checks.py)
@@ -310,8 +310,6 @@ def check_args(args: argparse.Namespace) -> None:
 def step_seed(seed: int, *keys: int) -> int:
     """A per-(step, micro-step, process) seed: resumed runs draw exactly the same noise."""
     return hash((seed, *keys)) % (2**63)
-
-
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,8 +168,12 @@ def readme_summary(results: Path | None = None) -> str:
     return "\n".join([BEGIN, *lines, END])
 
 
-def update_readme(readme: Path = README, results: Path | None = None) -> bool:
-    """Replace the README's summary block; False if the README has no markers."""
+def update_readme(readme: Path | None = None, results: Path | None = None) -> bool:
+    """Replace the README's summary block (of the README beside the benchmarks folder this report was run for);
+    False if there is no such README or it has no markers."""
+    readme = readme or HERE.parent / "README.md"
+    if not readme.is_file():
+        return False
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         return False
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
     if update_readme():
-        print(f"updated the benchmark summary in {README}")
+        print(f"updated the benchmark summary in {HERE.parent / 'README.md'}")
 
 
 if __name__ == "__main__":

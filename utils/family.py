@@ -61,6 +61,7 @@ class ModelFamily:
     """
 
     name: ClassVar[str]
+    hub_tag: ClassVar[str]  # the model card's tag for the family
     pipeline_class_name: ClassVar[str]
     serves: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family trains
     # Loading kwargs that keep the pipeline offline and free of post-processing we do not grade.
@@ -158,6 +159,7 @@ class StableDiffusion(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, cross-attention conditioning only."""
 
     name = "sd"
+    hub_tag = "stable-diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
     serves = ("StableDiffusionPipeline",)
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
@@ -177,6 +179,7 @@ class StableDiffusionXL(ModelFamily):
     embedding and the (original size, crop, target size) time ids as added conditioning."""
 
     name = "sdxl"
+    hub_tag = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     serves = ("StableDiffusionXLPipeline",)
     load_kwargs = {"add_watermarker": False}  # a watermark would change the pixels the reward grades

@@ -22,7 +22,6 @@ from utils.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 HUB_ALLOW_PATTERNS = ["README.md", LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, "validation/*.png",
                       "validation_before_after.png", "training_curves.png"]
 BASE_TAGS = ["lora", "diffusers", "diffusers-training", "text-to-image", "draftplus"]
-FAMILY_TAGS = {"StableDiffusionPipeline": "stable-diffusion", "StableDiffusionXLPipeline": "stable-diffusion-xl"}
 
 
 @dataclass
@@ -106,7 +105,13 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
 
     base = describe_base_model(args.pretrained_model_name_or_path)
     validation = validation or ValidationSummary()
-    tags = BASE_TAGS + [FAMILY_TAGS.get(pipeline_class_name, "diffusion")] + reward_tags(args.reward)
+    from utils.family import UnsupportedModelError, family_for_class_name
+
+    try:
+        family_tag = family_for_class_name(pipeline_class_name).hub_tag
+    except UnsupportedModelError:
+        family_tag = "diffusion"
+    tags = BASE_TAGS + [family_tag] + reward_tags(args.reward)
     data = ModelCardData(
         base_model=base.hub_id, license=base_model_license(base, getattr(args, "revision", None)),
         library_name="diffusers", pipeline_tag="text-to-image", tags=tags,

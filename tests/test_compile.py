@@ -277,7 +277,7 @@ def test_trainer_with_compile_logs_the_eager_runs_metrics(tiny_sd_path, tmp_path
     assert compiled[1]["kl_penalty"] > 0  # the LoRA moved at step 1: the reference pass is exercised
 
 
-def test_compile_flag_fails_in_one_line_where_torch_compile_cannot_run(monkeypatch, tiny_sd_path, tmp_path):
+def test_compile_flag_fails_in_one_line_where_torch_compile_cannot_run(monkeypatch, tiny_sd_path, tmp_path, capsys):
     import train_draftplus
     import utils.compile
 
@@ -285,5 +285,6 @@ def test_compile_flag_fails_in_one_line_where_torch_compile_cannot_run(monkeypat
     with pytest.raises(SystemExit) as exc:
         train_draftplus.parse_args(["--pretrained_model_name_or_path", str(tiny_sd_path), "--reward", "redness",
                                     "--prompts", "animals", "--output_dir", str(tmp_path), "--compile"])
-    assert str(exc.value) == "train_draftplus.py: error: --compile: not on this build"
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["train_draftplus.py: error: --compile: not on this build"]
     assert not any(tmp_path.iterdir())

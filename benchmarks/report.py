@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md",
-            "endurance_toy_cpu.md")
+            "endurance_toy_cpu.md", "mutations.md")
 GPU_ONLY = {"speed_memory_sd15_cuda.md": "--sd15", "speed_memory_sdxl_cuda.md": "--sdxl"}
 
 

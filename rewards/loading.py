@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from utils.hub import looks_like_path
+
 from .errors import RewardLoadError
 
 __all__ = [
@@ -77,10 +79,6 @@ def resolve_file(spec: str | os.PathLike, what: str) -> Path:
     raise RewardLoadError(f"{what} not found: {text!r} (expected a local file or owner/repo:filename)")
 
 
-def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
-
-
 def resolve_model_files(model: str | os.PathLike, filenames: Sequence[str], what: str) -> dict[str, Path]:
     """`filenames` inside `model`: a local directory, or a hub repo id (downloaded/cached).
 
@@ -98,7 +96,7 @@ def resolve_model_files(model: str | os.PathLike, filenames: Sequence[str], what
                 f"{what}: {text!r} has no {', '.join(missing)} (model= must be a directory holding {need})"
             )
         return {name: local / name for name in filenames}
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise RewardLoadError(f"{what} directory not found: {text!r} (expected a directory holding {need})")
     from huggingface_hub import hf_hub_download
 

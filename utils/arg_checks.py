@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from utils.hub import hub_cached, hub_offline, looks_like_path, truthy
+
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules we do not take)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
@@ -23,26 +25,35 @@ class ArgumentError(ValueError):
     """Bad input: one line for the user."""
 
 
-def truthy(value: str | None) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_offline(env: Mapping[str, str] = os.environ) -> bool:
-    return truthy(env.get("HF_HUB_OFFLINE"))
-
-
 # ----------------------------------------------------------------------------------------------
 # Numbers
 # ----------------------------------------------------------------------------------------------
 def check_numbers(args: Any) -> None:
     """Finiteness of every float argument, then ranges and combinations."""
-    for name, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ArgumentError(f"--{name} must be a finite number, got {value}")
-
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ArgumentError(message)
+
+    for name in ("resolution", "height", "width"):
+        need(getattr(args, name) > 0 and getattr(args, name) % 8 == 0,
+             f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
+    need(args.num_inference_steps >= 1, "--num_inference_steps must be at least 1")
+    need(1 <= args.truncation_steps <= args.num_inference_steps,
+         f"--truncation_steps must be between 1 and --num_inference_steps ({args.num_inference_steps}), "
+         f"got {args.truncation_steps}")
+    need(args.lv_samples >= 0, "--lv_samples must be >= 0")
+    need(not (args.lv_samples and args.truncation_steps != 1),
+         "--lv_samples grades a single re-noised step; leave --truncation_steps at 1")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
+                 "checkpointing_steps", "num_validation_images"):
+        need(getattr(args, name) >= 1, f"--{name} must be at least 1")
+    need(args.checkpoints_total_limit is None or args.checkpoints_total_limit >= 1,
+         "--checkpoints_total_limit must be at least 1")
+    need(0 <= args.lora_dropout < 1, "--lora_dropout must be in [0, 1)")
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgumentError(f"--{name} must be a finite number, got {value}")
+    need(args.kl_coeff >= 0, f"--kl_coeff must be a finite number >= 0, got {args.kl_coeff}")
 
     need(args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -195,24 +206,51 @@ def check_resume(args: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # Model variant, reward models, hub
 # ----------------------------------------------------------------------------------------------
+def check_model(name: str, revision: str | None, scheduler: str, env: Mapping[str, str] = os.environ) -> None:
+    """The model exists (locally, or as a hub id we may download), its family is one we train, and its own
+    sampler can serve the rollout when `--scheduler model` asks for it."""
+    from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
+    from utils.schedulers import SchedulerError, scheduler_class_name
+
+    if name != "toy" and os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "model_index.json")):
+            raise ArgumentError(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
+    elif name != "toy":
+        if looks_like_path(name):
+            raise ArgumentError(f"model path {name!r} does not exist")
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise ArgumentError(f"model {name!r} is neither a local directory nor a valid hub id") from None
+    index = read_model_index(name, revision, local_only=True)  # None: on the hub, checked after download
+    if index is None:
+        if hub_offline(env):
+            raise ArgumentError(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE "
+                                "is set; point --pretrained_model_name_or_path at a local copy (a directory saved "
+                                "with save_pretrained)")
+        return
+    try:
+        family_for_class_name(index.get("_class_name", "?"))
+        scheduler_class_name(scheduler, (index.get("scheduler") or [None, None])[1])
+    except (UnsupportedModelError, SchedulerError) as e:
+        raise ArgumentError(str(e)) from None
+
+
+def check_vae(name: str) -> None:
+    if os.path.isdir(name):
+        if not any(os.path.isfile(os.path.join(name, sub, "config.json")) for sub in ("", "vae")):
+            raise ArgumentError(f"--pretrained_vae_model_name_or_path {name!r} holds no VAE config.json")
+    elif name.startswith(("/", ".", "~")):
+        raise ArgumentError(f"--pretrained_vae_model_name_or_path {name!r} does not exist")
+
+
 def check_variant(model: str, variant: str | None) -> None:
     unet = os.path.join(model, "unet")
     if variant and os.path.isdir(unet) and not any(f".{variant}." in name for name in os.listdir(unet)):
         raise ArgumentError(f"--variant {variant}: {unet} has no {variant} weights (files named *.{variant}.*); "
                             "drop --variant to load the default weights")
-
-
-def hub_cached(repo_id: str, repo_type: str = "model") -> bool:
-    """Whether anything of `repo_id` is in the local hub cache (what an offline run can use)."""
-    from huggingface_hub.constants import HF_HUB_CACHE
-    from huggingface_hub.file_download import repo_folder_name
-
-    snapshots = os.path.join(HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type=repo_type), "snapshots")
-    return os.path.isdir(snapshots) and any(os.scandir(snapshots))
-
-
-def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
 
 
 def check_reward_reachable(spec: str, options: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> None:
@@ -240,7 +278,7 @@ def _check_reward_ref(label: str, key: str, text: str, env: Mapping[str, str]) -
     if os.path.exists(os.path.expanduser(text)):
         return
     repo, sep, _ = text.partition(":")
-    if not sep and _looks_like_path(text) or sep and _looks_like_path(repo):
+    if not sep and looks_like_path(text) or sep and looks_like_path(repo):
         raise ArgumentError(f"reward {label!r}: {key}={text!r} does not exist")
     repo = repo if sep else text
     if repo.count("/") == 1 and hub_offline(env) and not hub_cached(repo):
@@ -271,6 +309,11 @@ def token_warning(args: Any) -> str | None:
 def check_all(args: Any, env: Mapping[str, str] = os.environ) -> None:
     """Every check of this module that needs no model, in the order a user would want to hear them."""
     check_numbers(args)
+    check_model(args.pretrained_model_name_or_path, args.revision, args.scheduler, env)
+    if args.pretrained_vae_model_name_or_path is not None:
+        check_vae(args.pretrained_vae_model_name_or_path)
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
     check_launch(env)
     check_device_support(args, env)
     check_trackers(args.report_to)

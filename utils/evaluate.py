@@ -66,7 +66,9 @@ def _alexnet_weights_path() -> Path:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    from utils.hub import hub_offline
+
+    return hub_offline()
 
 
 def _alexnet_state_dict(missing: str) -> dict[str, torch.Tensor]:

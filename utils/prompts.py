@@ -15,6 +15,8 @@ import random
 import tarfile
 from collections.abc import Sequence
 
+from utils.hub import hub_cached, hub_offline
+
 # The 45 "simple animals" of the DDPO / AlignProp benchmarks.
 ANIMALS = (
     "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -39,11 +41,6 @@ def _is_local_dataset(source: str) -> bool:
     return os.path.isdir(source) or source.endswith(DATA_FILE_SUFFIXES)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def hub_dataset_id(source: str) -> str | None:
     """The hub dataset a source names (`pickapic` or a dataset id); None for local and built-in sources."""
     if source == "pickapic":
@@ -53,14 +50,16 @@ def hub_dataset_id(source: str) -> str | None:
     return None if _is_local_dataset(source) or os.path.exists(source) else source
 
 
+def _offline() -> bool:
+    return hub_offline(os.environ, "HF_DATASETS_OFFLINE")
+
+
 def _hub_dataset_cached(repo_id: str) -> bool:
     """Whether an offline run can read `repo_id`: in the hub cache, or prepared in datasets' cache."""
     from datasets import config as datasets_config
-    from huggingface_hub.constants import HF_HUB_CACHE
 
-    hub = os.path.join(HF_HUB_CACHE, "datasets--" + repo_id.replace("/", "--"), "snapshots")
     prepared = os.path.join(str(datasets_config.HF_DATASETS_CACHE), repo_id.replace("/", "___"))
-    return (os.path.isdir(hub) and any(os.scandir(hub))) or os.path.isdir(prepared)
+    return hub_cached(repo_id, "dataset") or os.path.isdir(prepared)
 
 
 def check_prompt_source(source: str, prompt_column: str | None = None, split: str = "train") -> None:

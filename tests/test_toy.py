@@ -200,3 +200,14 @@ def test_rebuild_toy_from_scratch(tmp_path):
     acc = caption_following(path, guidance_scale=5.0)
     print(f"rebuilt toy caption-following accuracy: {acc}")
     assert min(acc.values()) >= 0.8
+
+
+def test_ci_rebuild_trigger_follows_the_toys_cache_key(monkeypatch):
+    """`.ci/run` runs the rebuild test when `python -m utils.toy --check` fails: code, config or torch changed."""
+    said = []
+    assert toy.committed_toy_is_current(said.append) and said == []
+    monkeypatch.setattr(toy, "toy_code_hash", lambda: "0" * 64)
+    assert not toy.committed_toy_is_current(said.append) and "training code" in said[-1]
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert not toy.committed_toy_is_current(said.append) and "torch 9.9.9" in said[-1]

@@ -670,6 +670,20 @@ def build_toy_pipeline(
     return target
 
 
+def committed_toy_is_current(log: Callable[[str], None] = print) -> bool:
+    """The committed toy's cache key (training code, config) and the torch that built it match this checkout."""
+    import torch
+
+    info = read_build_info(ASSETS_DIR)
+    if not is_current_build(ASSETS_DIR):
+        log("the toy's training code or config changed since assets/toy was built")
+        return False
+    if info.get("torch") != torch.__version__:
+        log(f"assets/toy was built with torch {info.get('torch')}, this is torch {torch.__version__}")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m utils.toy", description="Build (or locate) the pretrained toy model.")
     p.add_argument("--output_dir", default=None,
@@ -678,7 +692,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="Rebuild even if a current build exists.")
     p.add_argument("--seed", type=int, default=TOY_SEED,
                    help="Training seed; another seed than the committed one's builds its own cache entry.")
+    p.add_argument("--check", action="store_true",
+                   help="Build nothing: exit 0 if the committed assets/toy was built by this code, config and torch\n"
+                        "version (its cache key), else print why and exit 1 (CI then runs the rebuild test).")
     args = p.parse_args(argv)
+    if args.check:
+        raise SystemExit(0 if committed_toy_is_current(print) else 1)
     print(build_toy_pipeline(args.output_dir, force=args.force, config=ToyTrainConfig(seed=args.seed)))
 
 

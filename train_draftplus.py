@@ -471,8 +471,8 @@ def main(args: argparse.Namespace) -> None:
         progress.update(1)
 
         # Each process draws its own prompts and noise: their rewards differ, and are kept apart.
-        reward_by_process = accelerator.gather(totals[1:2]).tolist()
-        totals = accelerator.reduce(totals, reduction="mean")
+        by_process = accelerator.gather(totals[None])  # [processes, 3]: one collective for both uses
+        reward_by_process, totals = by_process[:, 1].tolist(), by_process.mean(0)
         logs = {"loss": totals[0].item(), "reward": totals[1].item(), "kl_penalty": totals[2].item(),
                 "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite.total,
                 **step_metrics.collect(accelerator)}  # reward_std, reward/<part>, images_per_s, peak_memory_gib

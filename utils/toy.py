@@ -102,6 +102,35 @@ def build_clip_tokenizer(
     return tokenizer
 
 
+def _tiny_vae(sample_size: int, **config) -> AutoencoderKL:
+    """A 2-block VAE (factor 2) for latents of `sample_size`, as in diffusers' pipeline tests."""
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=sample_size * 2,
+        norm_num_groups=32,
+        **config,
+    )
+
+
+def _tiny_text_config(tokenizer: CLIPTokenizer, hidden_size: int, **config) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        **config,
+    )
+
+
 def build_random_components(
     seed: int = 0,
     sample_size: int = 16,
@@ -127,31 +156,10 @@ def build_random_components(
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=sample_size * 2,
-        norm_num_groups=32,
-    )
+    vae = _tiny_vae(sample_size)
     tokenizer = build_clip_tokenizer(model_max_length=model_max_length)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=cross_attention_dim,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=model_max_length,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, cross_attention_dim, num_hidden_layers=2,
+                                                   max_position_embeddings=model_max_length))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -208,31 +216,9 @@ def build_random_sdxl_pipeline(
         cross_attention_dim=2 * text_dim,  # the two encoders' hidden states, concatenated
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=sample_size * 2,
-        norm_num_groups=32,
-        scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(sample_size, scaling_factor=0.13025)  # SDXL's VAE scale
     tokenizer = build_clip_tokenizer()
-    config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=text_dim,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        vocab_size=len(tokenizer),
-        hidden_act="gelu",
-        projection_dim=text_dim,
-    )
+    config = _tiny_text_config(tokenizer, text_dim, num_hidden_layers=3, hidden_act="gelu", projection_dim=text_dim)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
     pipe = StableDiffusionXLPipeline(

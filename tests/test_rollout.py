@@ -202,6 +202,23 @@ def test_lora_gradient_equals_a_hand_written_nemo_style_step(models, K):
     assert sum(g.abs().sum() for g in ours) > 0
 
 
+def hand_prefix(m, z, steps, guidance):
+    """By hand: the no-grad DDIM prefix with the LoRA UNet up to the last step; returns (x_t, t, guided)."""
+    cond = m.family.encode_prompts(PROMPTS)
+    scheduler = m.scheduler.__class__.from_config(m.scheduler.config)
+    scheduler.set_timesteps(steps)
+
+    def guided(unet, x, t):
+        uncond, text = unet(torch.cat([x, x]), t, encoder_hidden_states=cond.encoder_hidden_states).sample.chunk(2)
+        return uncond + guidance * (text - uncond)
+
+    x = z.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps[:-1]:
+            x = scheduler.step(guided(m.unet, x, t), t, x).prev_sample
+    return x, scheduler.timesteps[-1], guided
+
+
 def test_penalty_alone_gives_the_lora_the_hand_computed_gradient(models):
     """A penalty detached from the graph would silently turn DRaFT+ into DRaFT."""
     m, params, base_unet, _ = models
@@ -211,20 +228,10 @@ def test_penalty_alone_gives_the_lora_the_hand_computed_gradient(models):
                                       config, kl_coeff=2.0)
     ours = torch.autograd.grad(loss, params)
     # by hand: the prefix with the LoRA UNet, then 2 * mean (eps_lora - eps_base)^2 at the last step
-    cond = m.family.encode_prompts(PROMPTS)
-    scheduler = m.scheduler.__class__.from_config(m.scheduler.config)
-    scheduler.set_timesteps(3)
-    x = z.clone()
-
-    def guided(unet, x, t):
-        uncond, text = unet(torch.cat([x, x]), t, encoder_hidden_states=cond.encoder_hidden_states).sample.chunk(2)
-        return uncond + 3.0 * (text - uncond)
-
+    x, t, guided = hand_prefix(m, z, 3, 3.0)
     with torch.no_grad():
-        for t in scheduler.timesteps[:2]:
-            x = scheduler.step(guided(m.unet, x, t), t, x).prev_sample
-        reference = guided(base_unet, x, scheduler.timesteps[2])
-    hand = 2.0 * (guided(m.unet, x, scheduler.timesteps[2]) - reference).pow(2).mean()
+        reference = guided(base_unet, x, t)
+    hand = 2.0 * (guided(m.unet, x, t) - reference).pow(2).mean()
     assert penalty.item() == pytest.approx(hand.item() / 2.0, rel=1e-5) and hand.item() > 0
     for a, b in zip(ours, torch.autograd.grad(hand, params), strict=True):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-4)
@@ -237,17 +244,12 @@ def test_reference_is_the_guided_prediction_of_the_adapters_off_unet(models):
     config = RolloutConfig(num_inference_steps=3, guidance_scale=4.0)
     cond = m.family.encode_prompts(PROMPTS)
     out = rollout(m.unet, m.scheduler, m.vae, cond, z, config, with_reference=True)
-    scheduler = m.scheduler.__class__.from_config(m.scheduler.config)
-    scheduler.set_timesteps(3)
-    x = z.clone()
+    x, t, guided = hand_prefix(m, z, 3, 4.0)
     with torch.no_grad():
-        for t in scheduler.timesteps[:2]:
-            uncond, text = m.unet(torch.cat([x, x]), t, encoder_hidden_states=cond.encoder_hidden_states).sample.chunk(2)
-            x = scheduler.step(uncond + 4.0 * (text - uncond), t, x).prev_sample
-        t = scheduler.timesteps[2]
-        uncond, text = base_unet(torch.cat([x, x]), t, encoder_hidden_states=cond.encoder_hidden_states).sample.chunk(2)
-    torch.testing.assert_close(out.eps_ref[0], uncond + 4.0 * (text - uncond), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(out.eps_ref[0], text)  # the unguided prediction is another thing
+        expected = guided(base_unet, x, t)
+        conditional = base_unet(x, t, encoder_hidden_states=cond.encoder_hidden_states[len(PROMPTS):]).sample
+    torch.testing.assert_close(out.eps_ref[0], expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out.eps_ref[0], conditional)  # the unguided prediction is another thing
 
 
 def test_negative_prompt_reaches_the_rollout(models):

@@ -229,11 +229,12 @@ def rollout(
         x_t = scheduler.scale_model_input(latents, host_timesteps[i])
         with record_function("draftplus/graded_step"):
             prediction = guided_prediction(unet, x_t, t, cond, config.guidance_at(i))
-        out.eps.append(to_epsilon(kind, prediction, x_t, alpha_bar(scheduler, i)))
+        a = alpha_bar(scheduler, i)
+        out.eps.append(to_epsilon(kind, prediction, x_t, a))
         if with_reference:
             with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
                 reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(i))
-                out.eps_ref.append(to_epsilon(kind, reference, x_t, alpha_bar(scheduler, i)))
+                out.eps_ref.append(to_epsilon(kind, reference, x_t, a))
         latents = next_latents(prediction, i, latents, x_t)
     with record_function("draftplus/vae_decode"):
         out.images, out.latents = decode(vae, latents), latents

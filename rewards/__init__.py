@@ -13,12 +13,13 @@ from .base import Reward
 from .build import build_reward, validate_reward_spec
 from .catalogue import list_rewards
 from .combine import WeightedSumReward
-from .errors import RewardLoadError, RewardSpecError
+from .errors import RewardError, RewardLoadError, RewardSpecError
 from .options import parse_reward_options
 from .spec import parse_reward_spec
 
 __all__ = [
     "Reward",
+    "RewardError",
     "RewardLoadError",
     "RewardSpecError",
     "WeightedSumReward",

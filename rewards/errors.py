@@ -1,11 +1,20 @@
-"""The two errors the rewards package raises for bad input; both carry one line meant for the user."""
+"""The errors the rewards package raises for bad input; each carries one line meant for the user.
+
+`RewardError` is their base, so callers catch one type (utils.errors lists it beside its own UserError).
+"""
 
 from __future__ import annotations
 
 
-class RewardSpecError(ValueError):
+class RewardError(Exception):
+    """A reward problem the user can fix; `str(error)` is one line, `exit_code` what the process exits with."""
+
+    exit_code: int = 2
+
+
+class RewardSpecError(RewardError, ValueError):
     """A reward spec or option that cannot work (raised at validation, before any model is loaded)."""
 
 
-class RewardLoadError(RuntimeError):
+class RewardLoadError(RewardError, RuntimeError):
     """A reward model, processor or head could not be loaded; the message says what to pass instead."""

@@ -1,0 +1,54 @@
+"""One kind of user-facing error: raised where the problem is found, reported as one line in one place.
+
+Every problem a user can fix (a bad argument, a missing file, a model we do not train, an output
+directory in use, a failed write) raises a `UserError` subclass carrying one line for the user and the
+exit code a scheduler or shell script should see. The command-line entry points wrap their work in
+`one_line_errors(prog)`, which turns any of them into `prog: error: <line>` on stderr and that exit code;
+nothing else prints them. `rewards` is a leaf package and cannot import this module, so its own base,
+`rewards.RewardError`, is the other member of `USER_ERRORS`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rewards.errors import RewardError
+
+EXIT_BAD_INPUT = 2  # argparse's code for a bad command line; every input problem uses it
+
+
+class UserError(Exception):
+    """A problem the user can fix; `str(error)` is the one line they read."""
+
+    exit_code: int = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (UserError, RewardError)
+
+
+def exit_code_of(error: BaseException) -> int:
+    return getattr(error, "exit_code", EXIT_BAD_INPUT)
+
+
+def fail(prog: str, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
+    """Print `prog: error: message` (from the first process only: every rank fails alike) and exit."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(exit_code)
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Turn a `USER_ERRORS` exception raised inside into one line on stderr and its exit code."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        fail(prog, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, exit_code_of(e))

@@ -14,6 +14,7 @@ from .build import build_reward, validate_reward_spec
 from .catalogue import list_rewards
 from .combine import WeightedSumReward
 from .errors import RewardError, RewardLoadError, RewardSpecError
+from .loading import resolve_dtype
 from .options import parse_reward_options
 from .spec import parse_reward_spec
 
@@ -27,5 +28,6 @@ __all__ = [
     "list_rewards",
     "parse_reward_options",
     "parse_reward_spec",
+    "resolve_dtype",
     "validate_reward_spec",
 ]

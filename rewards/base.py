@@ -5,14 +5,21 @@ higher is better, and must be differentiable with respect to the images: DRaFT+ 
 the reward through the VAE decoder into the UNet's LoRA weights. The reward's own weights are
 never trained, so they are frozen and the module is pinned to eval mode (dropout off, and no
 train-mode batch statistics), even if the trainer calls `.train()` on every module it owns.
+
+A reward's options are the keyword parameters of its class's `__init__` (`accepted_options`,
+`option_defaults`): `--reward help`, option routing and `model_references` all read them there.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .errors import RewardSpecError
 
 
 class Reward(nn.Module):
@@ -30,9 +37,34 @@ class Reward(nn.Module):
     description: str = ""
     #: The typical range of scores, as `--reward help` and the README table give it.
     score_range: str = ""
+    #: The options that name the files the weights load from (a local path, a hub repo id, or
+    #: `owner/repo:filename`): what `model_references` lists, so the trainer can check them early.
+    file_options: tuple[str, ...] = ()
 
+    # Spelled out so the signature says "no options": nn.Module's own is (*args, **kwargs), which
+    # `accepted_options` would read as "takes any option".
     def __init__(self) -> None:
         super().__init__()
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Raise ValueError for an option value that cannot work, without loading anything.
+
+        Validation calls it with the options routed to this reward, so a value that can be judged
+        from the spec alone fails before any model loads. The default checks each value against the
+        type of its default: a flag takes true/false, a number a number. Subclasses add their own.
+        """
+        defaults = option_defaults(cls)
+        for key, value in options.items():
+            default = defaults.get(key)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise RewardSpecError(f"option {key}={value!r} must be true or false")
+            if (
+                isinstance(default, (int, float))
+                and not isinstance(default, bool)
+                and (isinstance(value, bool) or not isinstance(value, (int, float)))
+            ):
+                raise RewardSpecError(f"option {key}={value!r} must be a number")
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -49,6 +81,27 @@ class Reward(nn.Module):
         return super().train(False)
 
 
+def accepted_options(factory: Any) -> tuple[set[str], bool]:
+    """(keyword options the factory takes, whether it takes **kwargs); an instance or a plain
+    function takes none."""
+    if not inspect.isclass(factory):
+        return set(), False
+    params = inspect.signature(factory).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def option_defaults(cls: type) -> dict[str, Any]:
+    """A reward class's options with a default other than None, in signature order."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is not inspect.Parameter.empty
+        and p.default is not None
+    }
+
+
 def check_inputs(images: Tensor, prompts: Sequence[str] | None = None) -> None:
     """Raise a one-line ValueError if `images`/`prompts` break the Reward contract."""
     if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -59,13 +112,16 @@ def check_inputs(images: Tensor, prompts: Sequence[str] | None = None) -> None:
 
 
 def check_scores(scores: Tensor, batch_size: int, who: str = "reward") -> Tensor:
-    """Validate a reward's output and return it as float32 `[B]`."""
+    """Validate a reward's output and return it as float32 `[B]`.
+
+    A custom reward breaking the contract is the user's to fix, so it is a RewardSpecError (one line).
+    """
     if not isinstance(scores, Tensor):
-        raise TypeError(f"{who} must return a torch.Tensor of shape [B], got {type(scores).__name__}")
+        raise RewardSpecError(f"{who} must return a torch.Tensor of shape [B], got {type(scores).__name__}")
     if scores.ndim == 2 and scores.shape[1] == 1:  # tolerate [B, 1] heads
         scores = scores[:, 0]
     if scores.shape != (batch_size,):
-        raise ValueError(f"{who} must return shape [{batch_size}], got {tuple(scores.shape)}")
+        raise RewardSpecError(f"{who} must return shape [{batch_size}], got {tuple(scores.shape)}")
     return scores.float()
 
 

@@ -1,24 +1,32 @@
 """Spec + options -> a frozen Reward (`build_reward`), or the same checks without loading (`validate_reward_spec`).
 
-`validate_reward_spec` resolves every part and routes every option without loading any model
-weights, so the trainer can fail fast before it spends minutes loading SD.
+Both go through `resolve_parts`, which resolves every part and routes and checks every option
+without loading any model weights, so the trainer can fail fast before it spends minutes loading SD.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .base import Reward
+from .base import Reward, accepted_options
 from .catalogue import reward_class, unavailable
 from .combine import WeightedSumReward
 from .custom import FunctionReward, resolve_custom
 from .errors import RewardSpecError
-from .options import accepted_options, route_options
+from .options import route_options
 from .spec import SpecItem, parse_reward_spec
+
+
+class Part(NamedTuple):
+    """One part of a spec, resolved: its item, what builds it, and the options routed to it."""
+
+    item: SpecItem
+    factory: Any  # a Reward subclass, a Reward instance, or a function (images, prompts) -> Tensor[B]
+    options: dict[str, Any]
 
 
 def _factory_of(item: SpecItem) -> Any:
@@ -31,18 +39,34 @@ def _factory_of(item: SpecItem) -> Any:
     return factory
 
 
-def validate_reward_spec(spec: str, **options: Any) -> None:
-    """Check a spec (names, weights, custom targets) and option names without loading any weights."""
+def resolve_parts(spec: str, options: dict[str, Any]) -> list[Part]:
+    """Parse `spec`, resolve each part and route `options` to them; every option value a reward
+    class can judge without loading (`Reward.check_options`) is checked. Raises RewardSpecError."""
     items = parse_reward_spec(spec)
-    route_options(items, [_factory_of(it) for it in items], options)
+    factories = [_factory_of(it) for it in items]
+    parts = [Part(*p) for p in zip(items, factories, route_options(items, factories, options), strict=True)]
+    for part in parts:
+        if inspect.isclass(part.factory) and issubclass(part.factory, Reward):
+            try:
+                part.factory.check_options(**part.options)
+            except (ValueError, TypeError) as exc:
+                raise RewardSpecError(f"reward {part.item.label!r}: {exc}") from exc
+    return parts
 
 
-def _build_part(item: SpecItem, factory: Any, opts: dict[str, Any], device: Any, dtype: Any) -> Reward:
+def validate_reward_spec(spec: str, **options: Any) -> None:
+    """Check a spec (names, weights, custom targets), option names and the option values that can
+    be judged without loading any weights."""
+    resolve_parts(spec, options)
+
+
+def _build_part(part: Part, device: Any, dtype: Any) -> Reward:
+    item, factory = part.item, part.factory
     if isinstance(factory, Reward):
         reward = factory
     elif inspect.isclass(factory) and issubclass(factory, Reward):
         names, var_kw = accepted_options(factory)
-        kwargs = dict(opts)
+        kwargs = dict(part.options)
         # Model-backed rewards load straight onto the device/dtype if they can; others are moved.
         if dtype is not None and ("dtype" in names or var_kw):
             kwargs.setdefault("dtype", dtype)
@@ -73,13 +97,7 @@ def build_reward(
     `dtype` is the compute dtype of model-backed rewards (fp32 by default); model-free rewards
     always compute in fp32. Scores are float32 `[B]`.
     """
-    items = parse_reward_spec(spec)
-    factories = [_factory_of(it) for it in items]
-    per_part = route_options(items, factories, options)
-    parts = [
-        (it.label, it.weight, _build_part(it, f, o, device, dtype))
-        for it, f, o in zip(items, factories, per_part, strict=True)
-    ]
+    parts = [(p.item.label, p.item.weight, _build_part(p, device, dtype)) for p in resolve_parts(spec, options)]
     if len(parts) == 1 and parts[0][1] == 1.0:
         reward = parts[0][2]
     else:

@@ -12,6 +12,7 @@ import difflib
 import importlib
 from typing import Any
 
+from .base import option_defaults
 from .errors import RewardSpecError
 
 #: Registered name -> "module:Class". Each class's `name` attribute equals its key.
@@ -77,8 +78,6 @@ def unavailable(factory: Any) -> str | None:
 
 def list_rewards() -> str:
     """Human-readable list of registered rewards, one line each (what `--reward help` prints)."""
-    from .options import option_defaults
-
     width = max(len(n) for n in REWARDS)
     lines = ["Rewards (spec: name | name=w,name=w,... | path/to/file.py:name | package.module:name):"]
     for name in REWARDS:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import check_inputs
-from .loading import checkpoint_layers, freeze, hf_from_pretrained, pooled, prefer_model_dir, resolve_dtype
+from .files import prefer_model_dir
+from .loading import checkpoint_layers, hf_from_pretrained, pooled, resolve_dtype
 from .preprocess import ImagePreprocessConfig, preprocess_images
 from .text_cache import TextCachedReward
 
@@ -75,6 +76,7 @@ class CLIPFamilyReward(TextCachedReward):
 
     needs_text = True
     what = "CLIP"
+    file_options = ("model",)
     #: The official processor when it does not live with the model (None: the model's own repo).
     default_processor: str | None = None
 
@@ -107,7 +109,7 @@ class CLIPFamilyReward(TextCachedReward):
             )
             self.tokenizer = None
             vision = self.model.vision_model
-        freeze(self.model)
+        self.freeze()
         if device is not None:
             self.model.to(device)
         if gradient_checkpointing:

@@ -13,7 +13,8 @@ class RewardError(Exception):
 
 
 class RewardSpecError(RewardError, ValueError):
-    """A reward spec or option that cannot work (raised at validation, before any model is loaded)."""
+    """A reward spec, option or custom reward that cannot work: raised at validation, before any model
+    loads, wherever the spec alone decides it (a custom reward's output can only be judged when it runs)."""
 
 
 class RewardLoadError(RewardError, RuntimeError):

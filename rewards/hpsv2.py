@@ -22,22 +22,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import check_inputs
-from .loading import (
-    RewardLoadError,
-    checkpoint_layers,
-    freeze,
-    load_state_dict_file,
-    resolve_dtype,
-    resolve_file,
+from .errors import RewardLoadError
+from .files import resolve_file
+from .loading import checkpoint_layers, load_state_dict_file, resolve_dtype
+from .preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PIL_RESAMPLE,
+    ImagePreprocessConfig,
+    preprocess_images,
+    torchvision_resize_crop,
 )
-from .preprocess import ImagePreprocessConfig, preprocess_images, torchvision_resize_crop
 from .text_cache import TextCachedReward
 
 HPS_CHECKPOINT = "xswu/HPSv2:HPS_v2.1_compressed.pt"
 HPS_ARCH = "ViT-H-14"
 OPEN_CLIP_HINT = "pip install open_clip_torch==3.3.0 (or: pip install -r requirements-optional.txt)"
-
-_PIL_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 
 
 def _import_open_clip() -> Any:
@@ -55,11 +55,11 @@ def open_clip_preprocess_config(preprocess_cfg: dict[str, Any]) -> ImagePreproce
     size = preprocess_cfg.get("size", 224)
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     mode = preprocess_cfg.get("resize_mode", "shortest") or "shortest"
-    resample = _PIL_CODES.get(str(preprocess_cfg.get("interpolation", "bicubic")), 3)
+    resample = PIL_RESAMPLE.get(str(preprocess_cfg.get("interpolation", "bicubic")), PIL_RESAMPLE["bicubic"])
     config = torchvision_resize_crop(
         height,
-        mean=preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
-        std=preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+        mean=preprocess_cfg.get("mean", OPENAI_CLIP_MEAN),
+        std=preprocess_cfg.get("std", OPENAI_CLIP_STD),
         resample=resample,
     )
     if mode == "squash":
@@ -82,6 +82,7 @@ class HPSv2Reward(TextCachedReward):
     name = "hpsv2"
     description = "HPSv2.1 (open_clip ViT-H-14 + HPS checkpoint): cos(img, txt) [extra: open_clip_torch]"
     score_range = "~0.2-0.35"
+    file_options = ("model",)
 
     @classmethod
     def availability(cls) -> str | None:
@@ -124,7 +125,7 @@ class HPSv2Reward(TextCachedReward):
                 f"HPS checkpoint {model!r} does not fit open_clip {name!r}: {str(exc).splitlines()[0]}"
             ) from exc
         self.model.to(dtype=self.compute_dtype)
-        freeze(self.model)
+        self.freeze()
         if device is not None:
             self.model.to(device)
         if gradient_checkpointing:

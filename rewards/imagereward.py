@@ -19,8 +19,8 @@ cross-attention ("med.py") is `BlipTextModel`. The score, as `ImageReward.score`
   "multimodal" encoder mode is bidirectional (a causal mask moves the score by ~0.18).
 * Token 0 is the ordinary [CLS] (id 101); ImageReward does not substitute [ENC] (that would move the
   score by ~1.3). Tokenizer: bert-base-uncased plus [DEC] and [ENC] (vocab 30524), padded to 35.
-* Head: Linear(768,1024)-Dropout-Linear(1024,128)-Dropout-Linear(128,64)-Dropout-Linear(64,16)-
-  Linear(16,1), purely linear (the ReLUs are commented out in the original), applied in fp32.
+* Head: the LAION aesthetic predictor's purely linear MLP (`rewards.mlp_head`; the ReLUs are
+  commented out in the original), applied in fp32.
 * Preprocessing: torchvision Resize(224, bicubic) + CenterCrop(224) + CLIP mean/std (as hpsv2).
 
 `ImageReward.pt` is a plain state dict, loaded with `torch.load(weights_only=True)`; `map_key`
@@ -43,15 +43,9 @@ from torch import Tensor, nn
 
 from .base import check_inputs
 from .errors import RewardLoadError
-from .loading import (
-    checkpoint_layers,
-    freeze,
-    hf_from_pretrained,
-    load_state_dict_file,
-    prefer_model_dir,
-    resolve_dtype,
-    resolve_model_files,
-)
+from .files import prefer_model_dir, resolve_model_files
+from .loading import checkpoint_layers, hf_from_pretrained, load_state_dict_file, resolve_dtype
+from .mlp_head import LINEAR_SIZES, LinearHead
 from .preprocess import ImagePreprocessConfig, preprocess_images, torchvision_resize_crop
 from .text_cache import TextCachedReward
 
@@ -72,11 +66,6 @@ VIT_MLP = 4096
 VIT_PATCH = 16
 VIT_HEAD_DIM = 64
 VIT_LAYER_NORM_EPS = 1e-6
-
-#: ImageReward's `mlp.layers`: dropouts at these indices (with the original p), Linear layers at
-#: the others (0, 2, 4, 6, 7) with these output sizes.
-HEAD_DROPOUTS = {1: 0.2, 3: 0.2, 5: 0.1}
-HEAD_SIZES = (1024, 128, 64, 16, 1)
 
 _VISUAL = "blip.visual_encoder."
 _TEXT = "blip.text_encoder."
@@ -119,7 +108,7 @@ def map_key(key: str) -> tuple[str, str] | None:
         return "text", key[len(_TEXT) :]
     elif key.startswith(_HEAD):
         match = _HEAD_KEY.match(key[len(_HEAD) :])
-        if match and int(match.group(1)) not in HEAD_DROPOUTS:
+        if match and int(match.group(1)) in LINEAR_SIZES:
             return "head", f"layers.{key[len(_HEAD) :]}"
     raise RewardLoadError(
         f"unexpected key {key!r} in the ImageReward checkpoint (not an ImageReward.pt layout)"
@@ -218,27 +207,6 @@ def preprocess_config(size: int = IMAGE_SIZE) -> ImagePreprocessConfig:
     return torchvision_resize_crop(size)
 
 
-class ImageRewardHead(nn.Module):
-    """ImageReward's MLP, keys `layers.{0,2,4,6,7}`: purely linear, dropouts off in eval."""
-
-    def __init__(self, in_features: int = 768) -> None:
-        super().__init__()
-        modules: list[nn.Module] = []
-        sizes = iter(HEAD_SIZES)
-        d_in = in_features
-        for index in range(len(HEAD_SIZES) + len(HEAD_DROPOUTS)):
-            if index in HEAD_DROPOUTS:
-                modules.append(nn.Dropout(HEAD_DROPOUTS[index]))
-            else:
-                d_out = next(sizes)
-                modules.append(nn.Linear(d_in, d_out))
-                d_in = d_out
-        self.layers = nn.Sequential(*modules)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
-
-
 def _load_strict(module: nn.Module, state: dict[str, Tensor], what: str, source: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
@@ -269,6 +237,7 @@ class ImageRewardReward(TextCachedReward):
         "(MLP(h_cls) - 0.167) / 1.033"
     )
     score_range = "~-2 to 2 (normalised)"
+    file_options = ("model",)
 
     def __init__(
         self,
@@ -300,14 +269,14 @@ class ImageRewardReward(TextCachedReward):
         with no_init_weights():
             self.vision = BlipVisionModel(vision_cfg)
             self.text = BlipTextModel(text_cfg, add_pooling_layer=False)
-        self.head = ImageRewardHead(text_cfg.hidden_size)
+        self.head = LinearHead(text_cfg.hidden_size)
         source = str(files[CHECKPOINT_FILE])
         _load_strict(self.vision, parts["vision"], "vision tower", source)
         _load_strict(self.text, parts["text"], "text encoder", source)
         _load_strict(self.head, parts["head"], "MLP head", source)
         self.vision.to(self.compute_dtype)
         self.text.to(self.compute_dtype)
-        freeze(self)
+        self.freeze()
         if device is not None:
             self.to(device)
         self.image_size = int(vision_cfg.image_size)

@@ -1,17 +1,16 @@
-"""Reward options: parse `key=value` strings, read what each reward accepts, route options to parts.
+"""Reward options: parse `key=value` strings and route them to the parts of a spec.
 
 `key=value` goes to the single reward, or to every part of a weighted sum that accepts `key`;
 `"part.key"=value` goes only to that part (`part` is the registered name, or ATTR for a custom
-reward). What a reward accepts is read from its `__init__` signature: the class is the only source.
+reward). What a reward accepts is read from its `__init__` signature (`base.accepted_options`).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .base import Reward
+from .base import accepted_options
 from .catalogue import ALIASES
 from .errors import RewardSpecError
 from .spec import SpecItem
@@ -19,26 +18,6 @@ from .spec import SpecItem
 # Options that any reward may be handed by the trainer; parts that do not take them ignore them
 # (a model-free reward has nothing to checkpoint). Every other unknown option is an error.
 GENERIC_OPTIONS = frozenset({"gradient_checkpointing", "cache_size"})
-
-
-def accepted_options(factory: Any) -> tuple[set[str], bool]:
-    """(keyword options the factory takes, whether it takes **kwargs)."""
-    if isinstance(factory, Reward) or not inspect.isclass(factory):
-        return set(), False  # an instance or a plain function takes no options
-    params = inspect.signature(factory).parameters.values()
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def option_defaults(cls: type) -> dict[str, Any]:
-    """A reward class's options with a default other than None, in signature order."""
-    return {
-        p.name: p.default
-        for p in inspect.signature(cls).parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and p.default is not inspect.Parameter.empty
-        and p.default is not None
-    }
 
 
 def route_options(

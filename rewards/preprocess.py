@@ -31,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# PIL.Image.Resampling codes (transformers stores the processor's `resample` as one of these).
-_PIL_NEAREST, _PIL_LANCZOS, _PIL_BILINEAR, _PIL_BICUBIC, _PIL_BOX, _PIL_HAMMING = range(6)
-_TORCH_MODE = {_PIL_NEAREST: "nearest-exact", _PIL_BILINEAR: "bilinear", _PIL_BICUBIC: "bicubic"}
+from .errors import RewardLoadError
+
+#: PIL.Image.Resampling codes by name (transformers stores a processor's `resample` as the code,
+#: open_clip its `interpolation` as the name).
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_PIL_BICUBIC = PIL_RESAMPLE["bicubic"]
+_TORCH_MODE = {PIL_RESAMPLE["nearest"]: "nearest-exact", PIL_RESAMPLE["bilinear"]: "bilinear", _PIL_BICUBIC: "bicubic"}
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -74,7 +78,7 @@ class ImagePreprocessConfig:
             shortest is None and (height is None or width is None)
         ):
             if getattr(proc, "do_resize", True):
-                raise ValueError(f"unsupported processor size {size!r}: need shortest_edge or height+width")
+                raise RewardLoadError(f"unsupported processor size {size!r}: need shortest_edge or height+width")
         crop = getattr(proc, "crop_size", None)
         do_crop = bool(getattr(proc, "do_center_crop", False)) and crop is not None
         do_rescale = bool(getattr(proc, "do_rescale", True))

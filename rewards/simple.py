@@ -16,11 +16,13 @@ order 1. Formulas (mean = average over pixels):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import Reward, as_float_images, check_inputs
+from .errors import RewardSpecError
 
 #: Named targets for `color`. Greys (white/black/gray) have no chroma; use `brightness` for those.
 NAMED_COLORS: dict[str, tuple[float, float, float]] = {
@@ -56,13 +58,26 @@ def parse_color(target: str | Sequence[float]) -> tuple[float, float, float]:
                 return tuple(float(p) for p in parts)  # type: ignore[return-value]
             except ValueError:
                 pass
-        raise ValueError(
+        raise RewardSpecError(
             f"unknown colour {target!r}: use one of {', '.join(NAMED_COLORS)}, '#rrggbb' or 'r;g;b' in [0, 1]"
         )
-    values = tuple(float(v) for v in target)
+    try:
+        values = tuple(float(v) for v in target)
+    except (TypeError, ValueError):
+        raise RewardSpecError(f"colour {target!r} is neither a name nor 3 numbers") from None
     if len(values) != 3:
-        raise ValueError(f"colour must have 3 components, got {len(values)}")
+        raise RewardSpecError(f"colour must have 3 components, got {len(values)}")
     return values  # type: ignore[return-value]
+
+
+def color_direction(target: str | Sequence[float]) -> Tensor:
+    """c / ||c||^2 for the chroma c = t - mean(t) of the target colour t; RewardSpecError for a grey."""
+    rgb = torch.tensor(parse_color(target), dtype=torch.float32)
+    chroma = rgb - rgb.mean()
+    norm2 = float(chroma.pow(2).sum())
+    if norm2 < 1e-6:
+        raise RewardSpecError(f"colour target {target!r} is a grey (no chroma); use the `brightness` reward")
+    return chroma / norm2
 
 
 class BrightnessReward(Reward):
@@ -160,13 +175,14 @@ class ColorReward(Reward):
 
     def __init__(self, target: str | Sequence[float] = "red") -> None:
         super().__init__()
-        rgb = torch.tensor(parse_color(target), dtype=torch.float32)
-        chroma = rgb - rgb.mean()
-        norm2 = float(chroma.pow(2).sum())
-        if norm2 < 1e-6:
-            raise ValueError(f"colour target {target!r} is a grey (no chroma); use the `brightness` reward")
         self.target = target
-        self.register_buffer("direction", chroma / norm2, persistent=False)
+        self.register_buffer("direction", color_direction(target), persistent=False)
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        super().check_options(**options)
+        if "target" in options:
+            color_direction(options["target"])
 
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         check_inputs(images, prompts)

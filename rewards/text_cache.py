@@ -1,8 +1,9 @@
 """Per-prompt caching for rewards that encode the prompt: DRaFT+ reuses a few prompts for thousands of steps.
 
 `PromptCache` is a small LRU dict prompt -> tensor; `TextCachedReward` is the base of every reward
-that keeps one (CLIP family, HPSv2, ImageReward): it owns the cache, the device the cached tensors
-must live on, and the rule that moving the module drops them.
+that keeps one, which is every model-backed reward (CLIP family, HPSv2, ImageReward): it owns the
+cache, the device the cached tensors must live on, the rule that moving the module drops them, and
+the check of the `dtype` option they all take.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .base import Reward
+from .loading import resolve_dtype
 
 
 class PromptCache:
@@ -58,6 +60,12 @@ class TextCachedReward(Reward):
     def __init__(self, cache_size: int = 1024) -> None:
         super().__init__()
         self.text_cache = PromptCache(cache_size)
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        super().check_options(**options)
+        if "dtype" in options:
+            resolve_dtype(options["dtype"])
 
     @property
     def device(self) -> torch.device:

@@ -35,6 +35,8 @@ BAD_INPUTS = {
     "negative kl_coeff": (["--kl_coeff", "-0.1"], "--kl_coeff"),
     "bad reward option": (["--reward_options", "novalue"], "key=value"),
     "unknown reward option": (["--reward_options", "nosuchoption=1"], "nosuchoption"),
+    "bad reward option value": (["--reward", "color", "--reward_options", "target=bleu"],
+                                "reward 'color': unknown colour 'bleu'"),
     "rank not an integer": (["--rank", "abc"], "argument --rank: invalid int value: 'abc'"),
     "unknown sampler": (["--scheduler", "nosuch"], "argument --scheduler: invalid choice"),
     "learning_rate inf": (["--learning_rate", "inf"], "--learning_rate must be a finite number"),

@@ -30,6 +30,7 @@ transformers = pytest.importorskip("transformers")
 torchvision_transforms = pytest.importorskip("torchvision.transforms")
 
 import rewards.imagereward as ir  # noqa: E402
+from rewards.mlp_head import LinearHead  # noqa: E402
 from rewards.preprocess import preprocess_images  # noqa: E402
 
 PROMPTS = ["a red circle", "a photo of a cat on a white background", "blue squares and dogs"]
@@ -462,7 +463,7 @@ def test_real_text_config_facts():
 def test_score_constants_and_head_are_imagereward_s():
     assert ir.SCORE_MEAN == 0.16717362830052426 and ir.SCORE_STD == 1.0333394966054072
     assert ir.MAX_LENGTH == 35 and ir.IMAGE_SIZE == 224
-    head = ir.ImageRewardHead(768)
+    head = LinearHead(768)
     kinds = [type(m).__name__ for m in head.layers]
     assert kinds == ["Linear", "Dropout", "Linear", "Dropout", "Linear", "Dropout", "Linear", "Linear"]
     assert [m.out_features for m in head.layers if isinstance(m, nn.Linear)] == [1024, 128, 64, 16, 1]
@@ -483,7 +484,7 @@ def test_real_size_key_mapping_covers_every_weight():
     with torch.device("meta"):
         vision = BlipVisionModel(vision_cfg)
         text = BlipTextModel(ir.text_config(REAL_MED_CONFIG, vision_cfg.hidden_size), add_pooling_layer=False)
-    head = ir.ImageRewardHead(768)
+    head = LinearHead(768)
     for module, part in ((vision, "vision"), (text, "text"), (head, "head")):
         expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in parts[part].items()} == expected, part

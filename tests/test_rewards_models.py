@@ -389,6 +389,34 @@ def test_aesthetic_head_errors(assets, tmp_path):
         build_reward("aesthetic", head=str(tmp_path / "wide.pth"), **common)
 
 
+def test_one_linear_head_for_aesthetic_and_imagereward():
+    """The aesthetic head, read from its released keys, is the head ImageReward builds: same layers, same keys."""
+    from rewards.mlp_head import LinearHead
+
+    torch.manual_seed(0)
+    released = LinearHead(768)  # ImageReward's head, built from the released layout
+    state = {f"model.{k}": v for k, v in released.state_dict().items()}  # keys as some .pth files prefix them
+    head = LinearHead.from_state_dict(state, "aesthetic head")
+    assert [type(m) for m in head.layers] == [type(m) for m in released.layers]
+    assert sorted(head.state_dict()) == sorted(released.state_dict()) == sorted(
+        f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")
+    )
+    head.eval()
+    x = torch.randn(3, 768)
+    expected = x
+    for index in (0, 2, 4, 6, 7):  # purely linear: the chain of the released Linear layers
+        expected = F.linear(expected, state[f"model.layers.{index}.weight"], state[f"model.layers.{index}.bias"])
+    torch.testing.assert_close(head(x), expected)
+    # Any linear chain with those key names loads; a broken chain or another key is one clear line.
+    small = LinearHead.from_state_dict({"layers.0.weight": torch.ones(1, 4)}, "aesthetic head")
+    assert small(torch.ones(2, 4)).tolist() == [[4.0], [4.0]]
+    broken = {"layers.0.weight": torch.zeros(8, 4), "layers.2.weight": torch.zeros(1, 5)}
+    with pytest.raises(RewardLoadError, match="aesthetic head is not a chain of Linear layers: .*size mismatch"):
+        LinearHead.from_state_dict(broken, "aesthetic head")
+    with pytest.raises(RewardLoadError, match="unexpected key 'proj' in aesthetic head"):
+        LinearHead.from_state_dict({"proj": torch.zeros(1, 4)}, "aesthetic head")
+
+
 def test_hpsv2_without_open_clip_names_the_extra(monkeypatch):
     import importlib.util
     import sys

@@ -234,6 +234,160 @@ def test_parse_reward_options_coerces():
         parse_reward_options(["novalue"])
 
 
+# ---------------------------------------------------------------- option values: judged before any model loads
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "pattern"),
+    [
+        ("color", {"target": "bleu"}, r"^reward 'color': unknown colour 'bleu': use one of red, green"),
+        ("color", {"target": "0.5;0.5;0.5"}, r"^reward 'color': colour target '0.5;0.5;0.5' is a grey"),
+        ("color", {"target": 5}, r"^reward 'color': colour 5 is neither a name nor 3 numbers"),
+        ("brightness,color", {"color.target": "bleu"}, r"^reward 'color': unknown colour 'bleu'"),
+        ("saturation", {"eps": "tiny"}, r"^reward 'saturation': option eps='tiny' must be a number"),
+        ("pickscore", {"gradient_checkpointing": "maybe"}, r"option gradient_checkpointing='maybe' must be true or false"),
+        ("clip", {"cache_size": True}, r"^reward 'clip': option cache_size=True must be a number"),
+        ("clip", {"scale": None}, r"option scale=None must be a number"),
+        ("aesthetic", {"dtype": "fp8"}, r"^reward 'aesthetic': unknown dtype 'fp8'; use one of fp32, bf16, fp16"),
+        ("imagereward", {"dtype": "int8"}, r"^reward 'imagereward': unknown dtype 'int8'"),
+    ],
+)
+def test_bad_option_values_fail_at_validation(spec, options, pattern):
+    with pytest.raises(RewardSpecError, match=pattern) as info:
+        validate_reward_spec(spec, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_good_option_values_pass_validation():
+    validate_reward_spec("color", target="#3366cc")
+    validate_reward_spec("color", target="0.2;0.4;0.9")
+    validate_reward_spec("saturation,colorfulness", eps=1)  # an int is a number
+    validate_reward_spec("pickscore,clip", gradient_checkpointing=False, cache_size=0, dtype="bf16", scale=50)
+
+
+def test_bad_option_value_fails_before_any_model_loads(monkeypatch):
+    # The colour of the second part is judged before the first part's model is even looked for.
+    from rewards.clip_common import CLIPFamilyReward
+
+    def no_loading(self, *args, **kwargs):
+        raise AssertionError("a reward model was loaded")
+
+    monkeypatch.setattr(CLIPFamilyReward, "__init__", no_loading)
+    with pytest.raises(RewardSpecError, match="reward 'color': unknown colour 'bleu'"):
+        build_reward("pickscore,color", **{"color.target": "bleu"})
+
+
+def test_custom_reward_judges_its_own_option_values_at_validation(tmp_path):
+    f = tmp_path / "picky.py"
+    f.write_text(
+        textwrap.dedent(
+            """
+            from rewards import Reward
+
+            BUILT = []
+
+            class Picky(Reward):
+                def __init__(self, level: int = 1):
+                    super().__init__()
+                    BUILT.append(level)
+
+                @classmethod
+                def check_options(cls, **options):
+                    super().check_options(**options)
+                    if options.get("level", 1) not in (1, 2, 3):
+                        raise ValueError("level must be 1, 2 or 3")
+
+                def forward(self, images, prompts):
+                    return images.mean(dim=(1, 2, 3))
+            """
+        )
+    )
+    with pytest.raises(RewardSpecError, match="^reward 'Picky': level must be 1, 2 or 3$"):
+        validate_reward_spec(f"{f}:Picky", level=7)
+    with pytest.raises(RewardSpecError, match="option level='high' must be a number"):
+        validate_reward_spec(f"{f}:Picky", level="high")
+    validate_reward_spec(f"{f}:Picky", level=2)
+    from rewards.custom import resolve_custom
+
+    assert sys.modules[resolve_custom(f"{f}:Picky").__module__].BUILT == []  # validation built nothing
+
+
+# ---------------------------------------------------------------- model references
+
+
+def test_model_references_default_and_given():
+    from rewards import ModelReference, model_references
+
+    assert model_references("redness,brightness=0.5,color", {"target": "blue"}) == []  # model-free
+    assert model_references("pickscore=1,aesthetic=0.05,redness") == [
+        ("pickscore", "model", "yuvalkirstain/PickScore_v1"),
+        ("aesthetic", "model", "openai/clip-vit-large-patch14"),
+        ("aesthetic", "head", "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth"),
+    ]
+    # Routed as build_reward routes them: unqualified to every part that takes the option,
+    # "part.key" to that part only, over the unqualified value.
+    refs = model_references("clip,imagereward,aesthetic", {"model": "/m", "imagereward.model": "/ir", "head": "h.pth"})
+    assert refs == [
+        ModelReference("clip", "model", "/m"),
+        ModelReference("imagereward", "model", "/ir"),
+        ModelReference("aesthetic", "model", "/m"),
+        ModelReference("aesthetic", "head", "h.pth"),
+    ]
+    # Processors and tokenizers follow the model: not listed.
+    assert model_references("pickscore", {"processor": "/p", "tokenizer": "/t"}) == [
+        ("pickscore", "model", "yuvalkirstain/PickScore_v1")
+    ]
+
+
+def test_model_references_read_the_class(monkeypatch):
+    # The default comes from the signature and the file options from the class: one source each.
+    from rewards import model_references
+    from rewards.pickscore import PickScoreReward
+
+    monkeypatch.setattr(PickScoreReward.__init__, "__defaults__", ("other/pick",) + PickScoreReward.__init__.__defaults__[1:])
+    assert model_references("pickscore") == [("pickscore", "model", "other/pick")]
+    monkeypatch.setattr(PickScoreReward, "file_options", ("model", "processor"))
+    assert model_references("pickscore")[1] == ("pickscore", "processor", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+
+
+def test_model_references_of_custom_parts(tmp_path):
+    from rewards import model_references
+
+    f = tmp_path / "mine.py"
+    f.write_text(
+        textwrap.dedent(
+            """
+            from rewards import Reward
+
+            def plain(images, prompts):
+                return images.mean(dim=(1, 2, 3))
+
+            class Loaded(Reward):
+                file_options = ("weights",)
+
+                def __init__(self, weights: str = "me/my-reward", scale: float = 1.0):
+                    super().__init__()
+            """
+        )
+    )
+    assert model_references(f"{f}:plain") == []
+    assert model_references(f"{f}:Loaded,{f}:plain") == [("Loaded", "weights", "me/my-reward")]
+    assert model_references(f"{f}:Loaded", {"Loaded.weights": "/w.safetensors"}) == [
+        ("Loaded", "weights", "/w.safetensors")
+    ]
+
+
+def test_model_references_raise_what_validation_raises():
+    from rewards import model_references
+
+    with pytest.raises(RewardSpecError, match="unknown reward 'pickscor'"):
+        model_references("pickscor")
+    with pytest.raises(RewardSpecError, match="no reward in the spec takes option 'bogus'"):
+        model_references("pickscore", {"bogus": 1})
+    with pytest.raises(RewardSpecError, match="unknown dtype 'fp8'"):
+        model_references("pickscore", {"dtype": "fp8"})
+
+
 # ---------------------------------------------------------------- spec errors
 
 
@@ -272,6 +426,7 @@ def test_validate_loads_no_model_library():
     # validate must be cheap: it may not import transformers/open_clip (let alone load weights).
     code = (
         "import sys, rewards; rewards.validate_reward_spec('pickscore=1,aesthetic=0.05,clip,imagereward=0.5,redness', gradient_checkpointing=True);"
+        "assert len(rewards.model_references('pickscore=1,aesthetic=0.05,clip,imagereward=0.5,redness')) == 5;"
         "print(rewards.list_rewards());"
         "bad=[m for m in sys.modules if m.split('.')[0] in ('transformers','open_clip','ImageReward','diffusers')];"
         "assert not bad, bad"
@@ -402,5 +557,10 @@ def test_custom_reward_errors(tmp_path):
         validate_reward_spec(f"{broken}:fn")
     bad_shape = tmp_path / "bad_shape.py"
     bad_shape.write_text("def f(images, prompts):\n    return images.mean()\n")
-    with pytest.raises(ValueError, match=r"must return shape \[2\]"):
+    # A custom reward breaking the contract when it runs is the user's to fix: a one-line RewardSpecError.
+    with pytest.raises(RewardSpecError, match=r"must return shape \[2\]"):
         build_reward(f"{bad_shape}:f")(torch.rand(2, 3, 4, 4), PROMPTS2)
+    not_a_tensor = tmp_path / "not_a_tensor.py"
+    not_a_tensor.write_text("def f(images, prompts):\n    return [1.0] * len(prompts)\n")
+    with pytest.raises(RewardSpecError, match="must return a torch.Tensor of shape \\[B\\], got list"):
+        build_reward(f"{not_a_tensor}:f")(torch.rand(2, 3, 4, 4), PROMPTS2)

@@ -257,21 +257,10 @@ def check_reward_reachable(spec: str, options: Mapping[str, Any], env: Mapping[s
     """The weights of every model-backed part of the reward (its `model=` and `head=`, given or
     default) are local, or on the hub when the hub can be reached. Processors and tokenizers follow
     the model and are checked when the reward loads."""
-    from rewards import parse_reward_spec
-    from rewards.catalogue import reward_class
-    from rewards.custom import resolve_custom
-    from rewards.options import option_defaults, route_options
+    from rewards import model_references
 
-    items = parse_reward_spec(spec)
-    factories = [reward_class(it.registered) if it.registered else resolve_custom(it.target) for it in items]
-    for item, factory, given in zip(items, factories, route_options(items, factories, dict(options)), strict=True):
-        if item.registered is None:
-            continue
-        values = {**option_defaults(factory), **given}
-        for key in ("model", "head"):
-            value = values.get(key)
-            if isinstance(value, str):
-                _check_reward_ref(item.label, key, value, env)
+    for reference in model_references(spec, options):
+        _check_reward_ref(reference.label, reference.key, reference.value, env)
 
 
 def _check_reward_ref(label: str, key: str, text: str, env: Mapping[str, str]) -> None:

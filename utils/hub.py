@@ -1,13 +1,18 @@
 """What a run can reach of the Hugging Face hub: offline mode, the local cache, and names that are paths.
 
 Read at call time, not import time (huggingface_hub's own `is_offline_mode()` is fixed when it is imported),
-so a check made before any model loads sees the environment the run will have.
+so a check made before any model loads sees the environment the run will have. The rule telling a local
+path from a hub id lives in `rewards` (the ground floor, which must not import `utils`) and is re-exported.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+
+from rewards import looks_like_path
+
+__all__ = ["hub_cached", "hub_offline", "looks_like_path", "truthy"]
 
 
 def truthy(value: str | None) -> bool:
@@ -26,8 +31,3 @@ def hub_cached(repo_id: str, repo_type: str = "model") -> bool:
 
     snapshots = os.path.join(HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type=repo_type), "snapshots")
     return os.path.isdir(snapshots) and any(os.scandir(snapshots))
-
-
-def looks_like_path(text: str) -> bool:
-    """A name that can only be a local path (a hub id is `name` or `owner/name`)."""
-    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text

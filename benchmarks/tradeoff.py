@@ -66,11 +66,12 @@ def train(model: str, kl: float, out: Path, args) -> list[dict]:
 
 def collect(args) -> dict:
     """Train and evaluate; returns the raw data every table and figure is computed from."""
-    from utils.evaluate import _alexnet_weights_path, evaluate
+    from utils.diversity import alexnet_weights_path
+    from utils.evaluate import evaluate
     from utils.prompts import load_prompts
 
     model = args.pretrained_model_name_or_path
-    metric = args.diversity_metric or ("lpips" if _alexnet_weights_path().exists() else "lpips_random_backbone")
+    metric = args.diversity_metric or ("lpips" if alexnet_weights_path().exists() else "lpips_random_backbone")
     work = Path(args.work_dir)
     runs = {}
     for kl in args.kl_coeffs:

@@ -1,17 +1,30 @@
-"""utils/evaluate.py: diversity metrics, the missing-LPIPS-weights error, LoRA loading and the CLI outputs."""
+"""utils/evaluate.py and its parts (utils/diversity.py, eval_settings, eval_plan, eval_outputs): diversity metrics,
+the missing-LPIPS-weights error, LoRA loading, resuming and the CLI outputs."""
 
 import csv
 import json
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from utils import evaluate as ev
+from utils.diversity import Diversity, DiversityError
+from utils.eval_outputs import plot_reward_vs_diversity, plot_series
 
 PROMPTS = ["a red circle", "a blue square"]
 FAST = {"num_inference_steps": 2, "guidance_scale": 3.0}
+ERROR = "python -m utils.evaluate: error: "  # how the command line starts its one-line errors
+
+
+def cli(args: list[str]) -> int:
+    """The evaluator's command line, in this process: its exit code, returned or raised."""
+    try:
+        return ev.main(args)
+    except SystemExit as e:
+        return e.code
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +59,18 @@ def test_diversity_zero_for_identical_and_positive_for_different_images():
     different = torch.rand(3, 3, 32, 32)
     same = different[:1].repeat(3, 1, 1, 1)
     for metric in ("pixel_l2", "lpips_random_backbone"):
-        div = ev.Diversity(metric)
+        div = Diversity(metric)
         assert div(same) == pytest.approx(0.0, abs=1e-7), metric
         assert div(different) > 0.01, metric
     # pixel_l2 is the RMS difference: two constant images 0.25 apart are at distance 0.25.
     pair = torch.stack([torch.full((3, 8, 8), 0.25), torch.full((3, 8, 8), 0.5)])
-    assert ev.Diversity("pixel_l2")(pair) == pytest.approx(0.25)
+    assert Diversity("pixel_l2")(pair) == pytest.approx(0.25)
 
 
 def test_random_backbone_lpips_is_deterministic_and_keeps_the_global_rng():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    a, b = ev.Diversity("lpips_random_backbone"), ev.Diversity("lpips_random_backbone")
+    a, b = Diversity("lpips_random_backbone"), Diversity("lpips_random_backbone")
     assert torch.equal(torch.random.get_rng_state(), before)  # building it draws from a forked RNG
     torch.manual_seed(0)
     images = torch.rand(4, 3, 32, 32)
@@ -67,15 +80,15 @@ def test_random_backbone_lpips_is_deterministic_and_keeps_the_global_rng():
 def test_lpips_without_alexnet_weights_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ev.EvaluationError, match="alexnet-owt-7be5be79.pth.*lpips_random_backbone"):
-        ev.Diversity("lpips")
+    with pytest.raises(DiversityError, match="alexnet-owt-7be5be79.pth.*lpips_random_backbone"):
+        Diversity("lpips")
     # Through the CLI: exit code 2, exactly one line on stderr, no traceback, before any model loads.
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    code = ev.main(["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--prompts", str(prompts),
-                    "--output_dir", str(tmp_path / "out")])
+    code = cli(["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--prompts", str(prompts),
+                "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: LPIPS needs torchvision's ImageNet AlexNet")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"{ERROR}LPIPS needs torchvision's ImageNet AlexNet")
 
 
 def test_lpips_download_failure_is_one_clear_line(tmp_path, monkeypatch):
@@ -86,8 +99,8 @@ def test_lpips_download_failure_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
-    with pytest.raises(ev.EvaluationError, match=r"could not be obtained \(URLError") as info:
-        ev.Diversity("lpips")
+    with pytest.raises(DiversityError, match=r"could not be obtained \(URLError") as info:
+        Diversity("lpips")
     assert "\n" not in str(info.value)
 
 
@@ -108,9 +121,9 @@ def test_bad_inputs_fail_before_loading_models(tmp_path):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, expected):
     args = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--prompts", "animals",
             "--diversity_metric", "pixel_l2", "--output_dir", str(tmp_path / "out")]
-    assert ev.main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert cli(args + [e.format(tmp=tmp_path) for e in extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0]
+    assert len(err) == 1 and err[0].startswith(ERROR) and expected in err[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -261,9 +274,9 @@ def test_control_bad_input_is_one_line_and_exit_2(tiny_sd_path, lora_dirs, tmp_p
     out = tmp_path / "out"
     args = cli_args(tiny_sd_path, tmp_path, out) + [e.format(lora=lora_dirs["random-lora"], tmp=tmp_path)
                                                     for e in extra]
-    assert ev.main(args) == 2
+    assert cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+    assert len(err) == 1 and err[0].startswith(ERROR) and expected in err[0], err
     assert not out.exists()
 
 
@@ -298,13 +311,13 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
     assert (out / "samples_checkpoint-10_aig_linear.png").is_file() and (out / "samples_base.png").is_file()
 
     # the same label for another LoRA (zero-lora/checkpoint-10 is also "checkpoint-10"): refused
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["zero-lora"]))) == 2
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["zero-lora"]))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was computed from" in err[0] and "random-lora" in err[0]
 
     # other settings: refused, nothing rewritten
     before = (out / "results.json").read_bytes()
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--num_inference_steps", "3")) == 2
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--num_inference_steps", "3")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "num_inference_steps=2 (now 3)" in err[0] and "--overwrite" in err[0]
     assert (out / "results.json").read_bytes() == before
@@ -328,14 +341,14 @@ def test_plot_puts_each_kind_of_control_in_its_own_series(tmp_path):
             row("a@scale=1.5", "scale", 0.6, 0.1, lora_scale=1.5), row("a@scale=0.5", "scale", 0.3, 0.4, lora_scale=0.5),
             row("a@aig=linear", "aig", 0.35, 0.45, aig_schedule="linear"),
             row("mix(a=0.5,b=0.5)", "mix", 0.45, 0.25, lora="a+b")]
-    series = {s["name"]: s for s in ev.plot_series(rows)}
+    series = {s["name"]: s for s in plot_series(rows)}
     assert list(series) == ["base", "LoRA", "a: LoRA scale", "a: AIG", "LoRA mix"]
     assert [r["model"] for r in series["LoRA"]["rows"]] == ["a", "b"]
     # the scale sweep runs base (0) -> 0.5 -> a (1) -> 1.5, as a line
     assert [float(r["lora_scale"]) for r in series["a: LoRA scale"]["rows"]] == [0, 0.5, 1, 1.5]
     assert series["a: LoRA scale"]["line"] and not series["a: AIG"]["line"]
     assert [r["model"] for r in series["LoRA mix"]["rows"]] == ["mix(a=0.5,b=0.5)"]
-    ev.plot_reward_vs_diversity(rows, tmp_path / "plot.png")
+    plot_reward_vs_diversity(rows, tmp_path / "plot.png")
     with Image.open(tmp_path / "plot.png") as plot:
         assert plot.format == "PNG"
 
@@ -360,7 +373,7 @@ def tiny_dino(tmp_path_factory):
 def test_dino_diversity_is_one_minus_mean_pairwise_cosine_of_cls_embeddings(tiny_dino):
     from transformers import AutoImageProcessor, Dinov2Model
 
-    div = ev.Diversity("dino", model=str(tiny_dino))
+    div = Diversity("dino", model=str(tiny_dino))
     torch.manual_seed(0)
     images = torch.rand(3, 3, 32, 32)
     assert div(images[:1].repeat(3, 1, 1, 1)) == pytest.approx(0.0, abs=1e-6)
@@ -382,3 +395,165 @@ def test_cli_with_dino_records_the_metric_and_model(tiny_sd_path, tiny_dino, tmp
     assert ev.main(args) == 0
     (row,) = json.loads((out / "results.json").read_text())["results"]
     assert row["diversity_metric"] == "dino" and row["diversity_model"] == str(tiny_dino) and row["diversity"] > 0
+
+
+# ----------------------------------------------------------------------------- resume integrity, errors, grids
+
+
+def test_a_lora_changed_in_place_is_evaluated_again(tiny_sd_path, lora_dirs, tmp_path, monkeypatch, capsys):
+    """Retraining into the same directory (--overwrite_output_dir) must not leave the old reward "skipped"."""
+    import hashlib
+    import shutil
+
+    evaluated = []
+    real = ev._evaluate_model
+
+    def counting(pipe, label, *args, **kwargs):
+        evaluated.append(label)
+        return real(pipe, label, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "_evaluate_model", counting)
+    lora = tmp_path / "run" / "checkpoint-10"
+    shutil.copytree(lora_dirs["random-lora"], lora)
+    out = tmp_path / "eval"
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora))) == 0
+    first = {r["model"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert evaluated == ["base", "checkpoint-10"]
+
+    weights = lora / "pytorch_lora_weights.safetensors"
+    shutil.copyfile(lora_dirs["zero-lora"] / "pytorch_lora_weights.safetensors", weights)  # "retrained"
+    evaluated.clear()
+    capsys.readouterr()
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora))) == 0
+    assert evaluated == ["checkpoint-10"]  # the base row is still valid; the LoRA row is not
+    assert "changed" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["model"] for r in rows] == ["base", "checkpoint-10"]
+    again = {r["model"]: r for r in rows}
+    assert again["base"] == first["base"]
+    assert abs(again["checkpoint-10"]["reward_mean"] - first["checkpoint-10"]["reward_mean"]) > 1e-4
+    # the zero LoRA is the base model: the recomputed row says so
+    assert again["checkpoint-10"]["reward_mean"] == pytest.approx(first["base"]["reward_mean"], abs=1e-6)
+    assert again["checkpoint-10"]["lora_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    with open(out / "per_image.csv", newline="") as f:
+        per_image = [r for r in csv.DictReader(f) if r["model"] == "checkpoint-10"]
+    assert len(per_image) == 2 * len(PROMPTS)  # the old row's records replaced, not kept beside the new ones
+    assert sum(float(r["reward"]) for r in per_image) / len(per_image) == pytest.approx(
+        again["checkpoint-10"]["reward_mean"], abs=1e-6)
+
+    evaluated.clear()  # unchanged now: skipped
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora))) == 0
+    assert evaluated == []
+
+
+def test_output_dir_naming_a_file_is_one_line_before_any_model_loads(tiny_sd_path, tmp_path):
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    for output_dir in (tmp_path / "results.txt", tmp_path / "results.txt" / "eval"):
+        (tmp_path / "results.txt").write_text("not a directory\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "utils.evaluate", "--pretrained_model_name_or_path", str(tiny_sd_path),
+             "--prompts", str(prompts), "--seeds_per_prompt", "2", "--num_inference_steps", "1",
+             "--diversity_metric", "pixel_l2", "--device", "cpu", "--output_dir", str(output_dir)],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith(ERROR) and "not a directory" in lines[0], lines
+        assert "--output_dir" in lines[0] and (tmp_path / "results.txt").read_text() == "not a directory\n"
+
+
+def test_errors_name_the_option_as_the_caller_wrote_it(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "eval"
+    kwargs = {"seeds_per_prompt": 2, "diversity_metric": "pixel_l2", "device": "cpu", "output_dir": out, **FAST}
+    ev.evaluate(str(tiny_sd_path), PROMPTS, **kwargs)
+    with pytest.raises(ev.EvaluationError, match="num_inference_steps=2 \\(now 3\\)") as info:
+        ev.evaluate(str(tiny_sd_path), PROMPTS, **{**kwargs, "num_inference_steps": 3})
+    assert "overwrite=True" in str(info.value) and "--overwrite" not in str(info.value)
+    with pytest.raises(ev.EvaluationError, match="lora_scales and aig apply to the LoRAs given with loras"):
+        ev.evaluate(str(tiny_sd_path), PROMPTS, lora_scales=[0.5], **kwargs)
+    # the command line names its flags
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--num_inference_steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+
+
+def test_sample_grids_are_labelled_with_their_row_and_prompts_in_row_order(tiny_sd_path, lora_dirs, tmp_path):
+    out = tmp_path / "eval"
+    assert cli(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["random-lora"]), "--lora_scale", "0.5",
+                        "--grid_prompts", "2")) == 0
+    labels = ["base", "checkpoint-10", "checkpoint-10@scale=0.5"]
+    files = [out / f"samples_{name}.png" for name in ("base", "checkpoint-10", "checkpoint-10_scale_0.5")]
+    seeds, side = 2, 32
+    grids = []
+    for file in files:
+        with Image.open(file) as image:
+            grids.append(image.convert("RGB"))
+    # more than the bare tiles (2 prompts x 2 seeds of 32 px, at most 4x enlarged): room for the labels
+    bare = (seeds * side * 4 + 2 * seeds, len(PROMPTS) * side * 4 + 2 * len(PROMPTS))
+    assert all(g.width > bare[0] and g.height > bare[1] for g in grids)
+
+    from utils.eval_outputs import prompt_label
+    from utils.image_grid import GridLayout, to_pil
+
+    result = ev.evaluate(str(tiny_sd_path), PROMPTS, loras=[lora_dirs["random-lora"]], lora_scales=[0.5],
+                         seeds_per_prompt=2, diversity_metric="pixel_l2", device="cpu", grid_prompts=2, **FAST)
+    for label, grid in zip(labels, grids, strict=True):
+        layout = GridLayout([prompt_label(i, p) for i, p in enumerate(PROMPTS)], seeds, (128, 128), label)
+        assert grid.size == layout.size
+        # the title strip (the row label) and each prompt's label cell hold text: dark pixels on white
+        title = grid.crop((0, 0, grid.width, layout.title_height))
+        assert min(title.convert("L").getdata()) < 100, label
+        for k in range(len(PROMPTS)):
+            assert min(grid.crop(layout.label_box(k)).convert("L").getdata()) < 100, (label, k)
+            for j in range(seeds):  # image (k, j) where the layout says, as rendered
+                left, top = layout.tile_origin(k, j)
+                expected = to_pil(result.grids[label][k * seeds + j]).resize((128, 128), resample=Image.NEAREST)
+                tile = grid.crop((left, top, left + 128, top + 128))
+                assert list(tile.getdata()) == list(expected.getdata()), (label, k, j)
+    # samples.png: every row's grid, one under another, in the order of the rows
+    with Image.open(out / "samples.png") as combined:
+        combined = combined.convert("RGB")
+    top = 0
+    for grid in grids:
+        part = combined.crop((0, top, grid.width, top + grid.height))
+        assert list(part.getdata()) == list(grid.getdata())
+        top += grid.height
+    assert combined.height == top
+
+
+def test_every_setting_that_defines_the_numbers_is_in_the_fingerprint():
+    """The fingerprint is the settings minus a named few: a new setting is in it unless excluded on purpose."""
+    import dataclasses
+
+    from utils.eval_settings import EvalSettings
+
+    base = EvalSettings("toy", ("a", "b"))
+    other_values = {"model": "other", "prompts": ("a", "c"), "reward": "brightness", "reward_options": {"k": 1},
+                    "seeds_per_prompt": 3, "seed": 1, "num_inference_steps": 3, "guidance_scale": 1.0,
+                    "resolution": 64, "height": 64, "width": 64, "scheduler": "euler", "eta": 0.5,
+                    "negative_prompt": "blur", "dtype": "bf16", "diversity_metric": "dino",
+                    "diversity_model": None, "batch_size": 3, "device": "cuda", "grid_prompts": 2}
+    names = [f.name for f in dataclasses.fields(EvalSettings)]
+    assert sorted(other_values) == sorted(names)  # a new field needs a value here, and a decision
+    assert EvalSettings.NOT_IN_FINGERPRINT == {"batch_size", "device", "grid_prompts"}
+    for name in names:
+        changed = dataclasses.replace(base, **{name: other_values[name]})
+        if name in EvalSettings.NOT_IN_FINGERPRINT:
+            assert changed.fingerprint() == base.fingerprint(), name
+        elif name == "diversity_model":  # only dino has a model: with lpips it is nothing, whatever is passed
+            assert changed.diversity_model is None
+            dino = dataclasses.replace(base, diversity_metric="dino")
+            assert dataclasses.replace(dino, diversity_model="x").fingerprint() != dino.fingerprint()
+        else:
+            assert changed.fingerprint() != base.fingerprint(), name
+    # the keys of results.json written before the settings were one object: such directories still resume
+    assert set(base.fingerprint()) == {
+        "model", "prompts_sha256", "num_prompts", "reward", "reward_options", "seeds_per_prompt", "seed",
+        "num_inference_steps", "guidance_scale", "resolution", "height", "width", "diversity_metric",
+        "diversity_model", "scheduler", "negative_prompt", "eta", "dtype"}
+    assert base.fingerprint()["dtype"] == "float32" and EvalSettings("toy", ("a",), dtype=torch.float32).dtype == "float32"
+    with pytest.raises(ev.EvaluationError, match="unknown dtype"):
+        EvalSettings("toy", ("a",), dtype="fp8")

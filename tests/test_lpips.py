@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from utils import evaluate as ev
+from utils.diversity import Diversity, DiversityError, alexnet_weights_path
 
 
 @pytest.fixture()
@@ -17,7 +17,7 @@ def alexnet_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(123)
     state = alexnet().state_dict()
-    path = ev._alexnet_weights_path()
+    path = alexnet_weights_path()
     path.parent.mkdir(parents=True)
     torch.save(state, path)
     return path, state
@@ -31,7 +31,7 @@ def test_lpips_loads_the_alexnet_file_and_matches_lpips_own_loader(alexnet_file)
     import lpips
 
     _, state = alexnet_file
-    diversity = ev.Diversity("lpips")
+    diversity = Diversity("lpips")
     net = diversity.model.net
     for index, slice_name in ((0, "slice1"), (3, "slice2"), (6, "slice3"), (8, "slice4"), (10, "slice5")):
         assert torch.equal(getattr(getattr(net, slice_name), str(index)).weight, state[f"features.{index}.weight"])
@@ -43,16 +43,16 @@ def test_lpips_loads_the_alexnet_file_and_matches_lpips_own_loader(alexnet_file)
     with torch.no_grad():
         expected = reference(a, b, normalize=True).flatten()
     torch.testing.assert_close(diversity.distance(a, b), expected)
-    stand_in = ev.Diversity("lpips_random_backbone")
+    stand_in = Diversity("lpips_random_backbone")
     assert diversity(torch.cat([a, b])) != pytest.approx(stand_in(torch.cat([a, b])), rel=1e-3)
 
 
 def test_a_broken_alexnet_file_is_one_clear_line(alexnet_file):
     path, _ = alexnet_file
     path.write_bytes(path.read_bytes()[:1000])  # truncated download
-    with pytest.raises(ev.EvaluationError, match="does not load") as info:
-        ev.Diversity("lpips")
+    with pytest.raises(DiversityError, match="does not load") as info:
+        Diversity("lpips")
     assert "\n" not in str(info.value)
     torch.save({"classifier.1.weight": torch.zeros(2, 2)}, path)  # some other network's weights
-    with pytest.raises(ev.EvaluationError, match="feature layers"):
-        ev.Diversity("lpips")
+    with pytest.raises(DiversityError, match="feature layers"):
+        Diversity("lpips")

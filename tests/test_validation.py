@@ -86,7 +86,7 @@ def test_base_rendered_once_lora_from_the_same_noise_grid_and_log(validation_set
     assert log[2]["reward"] == pytest.approx(float(trained.rewards.mean()))
     assert log[2]["rewards"] == pytest.approx(trained.rewards.tolist(), abs=1e-6)
     assert log[2]["diversity_metric"] == "pixel_l2" and log[2]["diversity"] > 0
-    from utils.evaluate import Diversity
+    from utils.diversity import Diversity
 
     expected = (Diversity("pixel_l2")(trained.images[:3]) + Diversity("pixel_l2")(trained.images[3:])) / 2
     assert log[2]["diversity"] == pytest.approx(expected)

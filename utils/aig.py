@@ -44,11 +44,13 @@ from typing import Any
 
 import torch
 
+from utils.errors import UserError
+
 Schedule = Callable[[int, int], float]  # (step i, number of steps T) -> weight of the LoRA prediction
 SCHEDULE_HELP = "base, lora, linear, power_P (e.g. power_2), step_F (e.g. step_0.6)"
 
 
-class AIGError(ValueError):
+class AIGError(UserError, ValueError):
     """A bad schedule name, or a pipeline AIG cannot run on; the message is one line for the user."""
 
 
@@ -112,7 +114,6 @@ class AnnealedGuidance:
 
     def __init__(self, pipe: Any, schedule: str | Schedule) -> None:
         self.pipe = pipe
-        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "custom")
         self.schedule = weight_schedule(schedule) if isinstance(schedule, str) else schedule
         self.weights_used: list[tuple[int, int, float]] = []
         self._saved: dict[str, Any] | None = None

@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 
-DIVERSITY_CHOICES = ("auto", "lpips", "lpips_random_backbone", "pixel_l2")
+from utils.diversity import (
+    DIVERSITY_METRICS,
+    Diversity,
+    alexnet_weights_path,
+    lpips_or_stand_in,
+    lpips_unreachable,
+)
+
+# --validation_diversity: "auto" (LPIPS, else its stand-in) and the metrics that need no extra model.
+DIVERSITY_CHOICES = ("auto", *(m for m in DIVERSITY_METRICS if m != "dino"))
 VALIDATION_DIR = "validation"
 VALIDATION_LOG = "validation.jsonl"
 logger = logging.getLogger("draftplus.validation")
@@ -39,14 +48,10 @@ def check_validation_args(args) -> str | None:
             return "--validation_diversity needs --validation_prompts"
         if args.num_validation_images < 2:
             return "--validation_diversity compares the images of a prompt: --num_validation_images must be >= 2"
-        if args.validation_diversity == "lpips":
-            from utils.evaluate import EvaluationError, _alexnet_weights_path, _offline
-
-            if not _alexnet_weights_path().is_file() and _offline():
-                return str(EvaluationError(
-                    f"--validation_diversity lpips needs torchvision's AlexNet weights at {_alexnet_weights_path()} "
+        if args.validation_diversity == "lpips" and lpips_unreachable():
+            return (f"--validation_diversity lpips needs torchvision's AlexNet weights at {alexnet_weights_path()} "
                     "and HF_HUB_OFFLINE=1 forbids downloads; use --validation_diversity (auto), "
-                    "lpips_random_backbone or pixel_l2"))
+                    "lpips_random_backbone or pixel_l2")
     return None
 
 
@@ -75,8 +80,6 @@ class Validation:
         self.diversity_metric = None
         metric = getattr(args, "validation_diversity", None)
         if metric is not None:
-            from utils.evaluate import Diversity, lpips_or_stand_in
-
             self.diversity = (lpips_or_stand_in(accelerator.device, log=lambda m: logger.warning(m))
                               if metric == "auto" else Diversity(metric, accelerator.device))
             self.diversity_metric = self.diversity.metric

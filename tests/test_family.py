@@ -107,6 +107,26 @@ def test_sdxl_lora_saves_in_diffusers_format_and_loads_into_the_sdxl_pipeline(ti
     assert (after - before).abs().max() > 1e-3
 
 
+def test_a_lora_trained_with_dropout_renders_without_it_in_diffusers(tiny_sd_path, tmp_path):
+    """Dropout is a training device: the saved LoRA must not bring it into `pipe.load_lora_weights` renders
+    (PEFT builds the loaded adapter's dropout in training mode, and the pipeline never switches it off)."""
+    family = load_family(str(tiny_sd_path))
+    add_lora(family.unet.eval(), rank=4, lora_dropout=0.5)
+    for name, p in family.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    save_lora(family.unet, tmp_path, family)
+    kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
+    with torch.no_grad():
+        trained = family.pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(tmp_path)
+    first, second = (pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images for _ in range(2))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, trained, atol=1e-5, rtol=1e-5)  # the LoRA the trainer validated
+    assert next(iter(pipe.unet.peft_config.values())).lora_dropout == 0.0
+
+
 def test_vae_precision_follows_the_sdxl_pipeline(sdxl, tiny_sd_path):
     """SDXL's own VAE stays fp32 under fp16 (force_upcast), a fixed VAE or bf16 does not; SD is never upcast."""
     assert sdxl.vae_dtype(torch.float16) == torch.float32

@@ -374,6 +374,14 @@ def test_draft_lv_renoises_x0_to_the_last_steps_noise_level(models):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+def test_draft_lv_refuses_the_schedulers_final_sample():
+    """The LV step re-noises x0 outside the trajectory, so a multistep scheduler's history (DPM-Solver++, PLMS)
+    does not belong to it: only the x0 prediction is defined for every sampler."""
+    with pytest.raises(ValueError, match="lv_samples"):
+        RolloutConfig(num_inference_steps=4, lv_samples=2, final_latent="sample")
+    assert RolloutConfig(num_inference_steps=4, lv_samples=2).final_latent == "x0"
+
+
 # ------------------------------------------------------------------------------------ LoRA dropout
 
 

@@ -64,6 +64,11 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.final_latent not in FINAL_LATENTS:
             raise ValueError(f"final_latent must be one of {FINAL_LATENTS}, got {self.final_latent!r}")
+        # DRaFT-LV's step starts from a re-noised x0, off the sampled trajectory: a multistep scheduler's
+        # history (DPM-Solver++, PLMS) and a sigma scheduler's step index belong to that trajectory, so
+        # the scheduler's sample of it is not defined; the x0 prediction is, for every sampler.
+        if self.lv_samples and self.final_latent != "x0":
+            raise ValueError("lv_samples decodes its step's x0 prediction; final_latent must be 'x0'")
 
     @property
     def guided(self) -> bool:
@@ -244,7 +249,7 @@ def rollout(
 def _lv_graded_step(unet, raw_unet, no_grad_unet, scheduler, vae, cond, x0, config, with_reference,
                     generator) -> Rollout:
     """DRaFT-LV: re-noise the stop-grad x0 n times to the last step's noise level, denoise each
-    with one graded step. The n samples share one batched UNet call.
+    with one graded step and decode its x0 prediction. The n samples share one batched UNet call.
 
     The re-noised latent is built in the UNet's own (variance-preserving) terms,
     x_t = sqrt(a) x0 + sqrt(1 - a) noise, so it is the same for every sampler parametrisation."""

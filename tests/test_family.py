@@ -12,6 +12,7 @@ from utils.family import (
     UnsupportedModelError,
     family_of,
     load_family,
+    read_model_index,
 )
 from utils.lora import add_lora, expand_target_modules, save_lora
 from utils.rollout import Models, RolloutConfig, decode, draftplus_step, rollout
@@ -28,6 +29,26 @@ def test_family_is_read_from_model_index(tiny_sd_path, tiny_sdxl_path, tmp_path)
         family_of(str(tmp_path))
     assert StableDiffusionXL.pipeline_class() is StableDiffusionXLPipeline
     assert StableDiffusion.pipeline_class() is StableDiffusionPipeline
+
+
+def test_the_toys_family_is_read_without_building_it(monkeypatch, tmp_path):
+    """The toy's model_index.json is committed: checking `--pretrained_model_name_or_path toy` builds nothing,
+    even with an empty cache and a committed toy that would need a rebuild to load."""
+    import train_draftplus
+    import utils.toy
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the argument checks built the toy")
+
+    monkeypatch.setattr(utils.toy, "build_toy_pipeline", no_build)
+    monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "empty-cache"))
+    committed = json.loads((utils.toy.ASSETS_DIR / "model_index.json").read_text())
+    assert read_model_index("toy") == committed and read_model_index("toy", local_only=True) == committed
+    assert family_of("toy") is StableDiffusion
+    args = train_draftplus.parse_args(["--pretrained_model_name_or_path", "toy", "--reward", "redness", "--prompts",
+                                       "animals", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert args.pretrained_model_name_or_path == "toy"
+    assert not (tmp_path / "empty-cache").exists()
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ MUTATIONS = (
              ("tests/test_rollout.py::test_penalty_alone_gives_the_lora_the_hand_computed_gradient",)),
     Mutation("reference_unguided", "the reference prediction taken without classifier-free guidance",
              "utils/rollout.py",
-             "reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(i))",
+             "reference = guided_prediction(no_grad_unet, x_t, t, cond, guidance_scale)",
              "reference = guided_prediction(no_grad_unet, x_t, t, cond, 1.0)",
              ("tests/test_rollout.py::test_reference_is_the_guided_prediction_of_the_adapters_off_unet",)),
     Mutation("reward_sign", "the reward maximised with the wrong sign",

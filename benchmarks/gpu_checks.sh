@@ -9,15 +9,15 @@
 #   sd15           ~5 min  SD1.5 size, 512px, bf16, batch 4, T=50 and 10: training sample eager and --compile against
 #                          StableDiffusionPipeline.__call__ with a plain UNet (eager; compiled as diffusers documents)
 #                          and with the LoRA-wrapped UNet; kernel time, compile time, compiled-vs-eager differences;
-#                          whole-process peak at batch 1 (issue 11 items 1-2)
+#                          whole-process peak at batch 1
 #   train          ~2 min  the trainer on the toy on GPU (bf16, gradient checkpointing, 8-bit AdamW), 32 validation
 #                          images: kl 0.01 (the README quickstart's, like for like: since the default decodes x0 at the
 #                          last step, the reward's gradient is ~3.4x what it was when kl 0.003 was the quickstart's)
-#                          and kl 0.003 (the issue's); if the kl 0.01 run's validation reward falls, the same run in
-#                          fp32 with torch AdamW, to tell precision/8-bit effects from the method (issue 11 item 4)
+#                          and kl 0.003 (the earlier quickstart's); if the kl 0.01 run's validation reward falls, the same run in
+#                          fp32 with torch AdamW, to tell precision/8-bit effects from the method
 #   sdxl_mem       ~2 min  SDXL-base size, 1024px, bf16, batch 1, K=1, gradient checkpointing, PickScore code path:
 #                          peak memory against a 24 GB card, training sample / plain StableDiffusionXLPipeline.__call__
-#                          at T=50, eager (issue 7 item 9)
+#                          at T=50, eager
 #   train_compile  ~1.5 min the kl 0.01 trainer run again with --compile (the flag end to end on GPU)
 #   sd15_b1        ~4 min  as sd15 at batch 1
 #   sd15_mem       ~2 min  SD1.5 size: memory kept for backward against T (eager and --compile) and K; profiles

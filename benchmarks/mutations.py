@@ -45,7 +45,7 @@ MUTATIONS = (
              ("tests/test_rollout.py::test_penalty_alone_gives_the_lora_the_hand_computed_gradient",)),
     Mutation("reference_unguided", "the reference prediction taken without classifier-free guidance",
              "utils/rollout.py",
-             "reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(i))",
+             "reference = guided_prediction(no_grad_unet, x_t, t, cond, guidance_scale)",
              "reference = guided_prediction(no_grad_unet, x_t, t, cond, 1.0)",
              ("tests/test_rollout.py::test_reference_is_the_guided_prediction_of_the_adapters_off_unet",)),
     Mutation("reward_sign", "the reward maximised with the wrong sign",
@@ -80,6 +80,28 @@ MUTATIONS = (
              'if i == n - 1 and config.final_latent == "x0":',
              'if i == n - 1 and config.final_latent == "never":',
              ("tests/test_rollout.py::test_lora_gradient_equals_a_hand_written_nemo_style_step",)),
+    Mutation("lora_dropout_left_on", "PEFT's LoRA dropout kept as created, in training mode: it perturbs the no-grad "
+             "prefix, the reference and every validation image",
+             "utils/lora.py",
+             "    _grad_only_dropout(unet)\n",
+             "",
+             ("tests/test_rollout.py::test_lora_dropout_acts_in_the_graded_calls_only",)),
+    Mutation("lora_dropout_saved", "the LoRA file records its training dropout: `pipe.load_lora_weights` renders "
+             "with dropout on",
+             "utils/lora.py",
+             '{**config, "lora_dropout": 0.0}',
+             "config",
+             ("tests/test_family.py::test_a_lora_trained_with_dropout_renders_without_it_in_diffusers",)),
+    Mutation("lv_final_sample_accepted", "DRaFT-LV accepts --final_latent sample, and silently decodes x0",
+             "utils/rollout.py",
+             'if self.lv_samples and self.final_latent != "x0":',
+             "if False:",
+             ("tests/test_rollout.py::test_draft_lv_refuses_the_schedulers_final_sample",)),
+    Mutation("toy_built_for_its_family", "reading the toy's family builds (trains) the toy",
+             "utils/family.py",
+             "        path = str(ASSETS_DIR)",
+             "        path = resolve_model_path(name_or_path)",
+             ("tests/test_family.py::test_the_toys_family_is_read_without_building_it",)),
 )
 
 

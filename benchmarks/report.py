@@ -31,10 +31,11 @@ def demote_headings(text: str) -> str:
 
 
 def earlier_format_note(name: str) -> str | None:
-    """Speed reports written before issue 11 timed one pipeline only: the one with the LoRA-wrapped UNet."""
+    """Speed reports measured before the plain-pipeline comparison timed one pipeline only: the one with the
+    LoRA-wrapped UNet (their JSON has no `compile` section)."""
     json_path = HERE / "results" / name.replace(".md", ".json")
     if name.startswith("speed_memory_") and json_path.exists() and "compile" not in json.loads(json_path.read_text()):
-        return ("> Measured before issue 11: the pipeline timed here ran the trainer's LoRA-wrapped UNet (PEFT "
+        return ("> Measured before the plain-pipeline comparison: the pipeline timed here ran the trainer's LoRA-wrapped UNet (PEFT "
                 "layers), not a plain UNet, and nothing was compiled; `bash benchmarks/gpu_checks.sh` measures "
                 "both against the plain pipeline.")
     return None

@@ -32,6 +32,8 @@ BAD_INPUTS = {
     "resolution not multiple of 8": (["--resolution", "30"], "multiple of 8"),
     "height not multiple of 8": (["--height", "36"], "--height"),
     "K larger than T": (["--truncation_steps", "4"], "--truncation_steps"),
+    "DRaFT-LV with the final sample": (["--lv_samples", "2", "--final_latent", "sample"],
+                                      "--lv_samples decodes its step's x0 prediction; leave --final_latent at x0"),
     "negative kl_coeff": (["--kl_coeff", "-0.1"], "--kl_coeff"),
     "bad reward option": (["--reward_options", "novalue"], "key=value"),
     "unknown reward option": (["--reward_options", "nosuchoption=1"], "nosuchoption"),

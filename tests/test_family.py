@@ -12,6 +12,7 @@ from utils.family import (
     UnsupportedModelError,
     family_of,
     load_family,
+    read_model_index,
 )
 from utils.lora import add_lora, expand_target_modules, save_lora
 from utils.rollout import Models, RolloutConfig, decode, draftplus_step, rollout
@@ -28,6 +29,26 @@ def test_family_is_read_from_model_index(tiny_sd_path, tiny_sdxl_path, tmp_path)
         family_of(str(tmp_path))
     assert StableDiffusionXL.pipeline_class() is StableDiffusionXLPipeline
     assert StableDiffusion.pipeline_class() is StableDiffusionPipeline
+
+
+def test_the_toys_family_is_read_without_building_it(monkeypatch, tmp_path):
+    """The toy's model_index.json is committed: checking `--pretrained_model_name_or_path toy` builds nothing,
+    even with an empty cache and a committed toy that would need a rebuild to load."""
+    import train_draftplus
+    import utils.toy
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the argument checks built the toy")
+
+    monkeypatch.setattr(utils.toy, "build_toy_pipeline", no_build)
+    monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "empty-cache"))
+    committed = json.loads((utils.toy.ASSETS_DIR / "model_index.json").read_text())
+    assert read_model_index("toy") == committed and read_model_index("toy", local_only=True) == committed
+    assert family_of("toy") is StableDiffusion
+    args = train_draftplus.parse_args(["--pretrained_model_name_or_path", "toy", "--reward", "redness", "--prompts",
+                                       "animals", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    assert args.pretrained_model_name_or_path == "toy"
+    assert not (tmp_path / "empty-cache").exists()
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +126,26 @@ def test_sdxl_lora_saves_in_diffusers_format_and_loads_into_the_sdxl_pipeline(ti
     config = next(iter(pipe.unet.peft_config.values()))
     assert (config.r, config.lora_alpha) == (4, 2)
     assert (after - before).abs().max() > 1e-3
+
+
+def test_a_lora_trained_with_dropout_renders_without_it_in_diffusers(tiny_sd_path, tmp_path):
+    """Dropout is a training device: the saved LoRA must not bring it into `pipe.load_lora_weights` renders
+    (PEFT builds the loaded adapter's dropout in training mode, and the pipeline never switches it off)."""
+    family = load_family(str(tiny_sd_path))
+    add_lora(family.unet.eval(), rank=4, lora_dropout=0.5)
+    for name, p in family.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    save_lora(family.unet, tmp_path, family)
+    kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
+    with torch.no_grad():
+        trained = family.pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(tmp_path)
+    first, second = (pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images for _ in range(2))
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, trained, atol=1e-5, rtol=1e-5)  # the LoRA the trainer validated
+    assert next(iter(pipe.unet.peft_config.values())).lora_dropout == 0.0
 
 
 def test_vae_precision_follows_the_sdxl_pipeline(sdxl, tiny_sd_path):

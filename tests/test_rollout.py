@@ -374,6 +374,80 @@ def test_draft_lv_renoises_x0_to_the_last_steps_noise_level(models):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+def test_draft_lv_refuses_the_schedulers_final_sample():
+    """The LV step re-noises x0 outside the trajectory, so a multistep scheduler's history (DPM-Solver++, PLMS)
+    does not belong to it: only the x0 prediction is defined for every sampler."""
+    with pytest.raises(ValueError, match="lv_samples"):
+        RolloutConfig(num_inference_steps=4, lv_samples=2, final_latent="sample")
+    assert RolloutConfig(num_inference_steps=4, lv_samples=2).final_latent == "x0"
+
+
+# ------------------------------------------------------------------------------------ LoRA dropout
+
+
+def lora_dropouts(unet):
+    return [m for name, m in unet.named_modules() if ".lora_dropout." in name]
+
+
+def dropout_models(path):
+    """The LoRA UNet as the trainer builds it: modules in eval mode before add_lora, dropout 0.5."""
+    family = load_family(str(path))
+    for module in (family.vae, family.unet, *family.text_encoders):
+        module.requires_grad_(False).eval()
+    params = add_lora(family.unet, rank=4, lora_alpha=8, lora_dropout=0.5)
+    torch.manual_seed(1)
+    for name, p in family.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
+    return Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae, scheduler=scheduler), params
+
+
+def test_lora_dropout_acts_in_the_graded_calls_only(tiny_sd_path):
+    """The no-grad prefix, the adapters-off reference and validation renders are the model itself;
+    dropout regularises the gradient-carrying call and nothing else."""
+    m, _ = dropout_models(tiny_sd_path)
+    assert len(lora_dropouts(m.unet)) > 0 and not any(d.training for d in lora_dropouts(m.unet))
+    z = noise()
+    cond = m.family.encode_prompts(PROMPTS)
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=3.0)
+    with torch.no_grad():  # a rollout without gradients is deterministic: no dropout anywhere
+        a, b = (rollout(m.unet, m.scheduler, m.vae, cond, z, config, with_reference=False).images for _ in range(2))
+    assert torch.equal(a, b)
+    calls = []
+    hook = m.unet.register_forward_pre_hook(lambda _, args: calls.append(args[0].detach()))
+    first, second = (rollout(m.unet, m.scheduler, m.vae, cond, z, config) for _ in range(2))
+    hook.remove()
+    assert torch.equal(calls[2], calls[6])  # the graded step's input: the prefix is deterministic
+    assert torch.equal(first.eps_ref[0], second.eps_ref[0])  # so is the reference
+    assert not torch.allclose(first.eps[0], second.eps[0])  # the graded call draws its own dropout masks
+    with torch.no_grad():  # the same graded step without gradients: the dropout-free prediction
+        no_dropout = rollout(m.unet, m.scheduler, m.vae, cond, z, config).eps[0]
+    assert not torch.allclose(first.eps[0], no_dropout)
+    render = lambda: pipeline_images(m.family.pipe, z, 3, 3.0)  # noqa: E731  (validation renders this way)
+    assert torch.equal(render(), render())
+
+
+def test_gradient_checkpointing_replays_the_graded_calls_lora_dropout(tiny_sd_path):
+    """Checkpointing recomputes the graded call in backward, after the rollout returned: its dropout must
+    draw the same masks then (a dropout switched on only around the forward call would not)."""
+    m, params = dropout_models(tiny_sd_path)
+    config = RolloutConfig(num_inference_steps=2, guidance_scale=3.0)
+
+    def grads():
+        torch.manual_seed(0)
+        loss, _, _ = draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)
+        return torch.autograd.grad(loss, params)
+
+    plain = grads()
+    m.unet.enable_gradient_checkpointing()
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    torch.manual_seed(1)  # other masks, another gradient: dropout is on in the graded call
+    other = torch.autograd.grad(draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)[0], params)
+    assert any(not torch.allclose(a, b) for a, b in zip(plain, other))
+
+
 def saved_bytes(fn):
     """Bytes of the distinct tensors autograd keeps for backward while fn runs (and fn's result)."""
     seen = {}

@@ -44,6 +44,8 @@ def check_numbers(args: Any) -> None:
     need(args.lv_samples >= 0, "--lv_samples must be >= 0")
     need(not (args.lv_samples and args.truncation_steps != 1),
          "--lv_samples grades a single re-noised step; leave --truncation_steps at 1")
+    need(not (args.lv_samples and args.final_latent != "x0"),
+         "--lv_samples decodes its step's x0 prediction; leave --final_latent at x0")
     for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
                  "checkpointing_steps", "num_validation_images"):
         need(getattr(args, name) >= 1, f"--{name} must be at least 1")

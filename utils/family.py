@@ -26,7 +26,8 @@ class UnsupportedModelError(ValueError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`toy` -> the built-in pretrained toy's directory; anything else unchanged."""
+    """`toy` -> the built-in pretrained toy's directory (built on first use when the committed copy is
+    stale: minutes); anything else unchanged. For loading weights only."""
     if name_or_path == "toy":
         from utils.toy import build_toy_pipeline
 
@@ -36,8 +37,17 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def read_model_index(name_or_path: str, revision: str | None = None, local_only: bool = False) -> dict | None:
     """`model_index.json` of a local directory or a hub id (from the hub cache when `local_only`).
-    None when it cannot be read without a download (and `local_only`)."""
-    path = resolve_model_path(name_or_path)
+    None when it cannot be read without a download (and `local_only`).
+
+    The toy's is read from its committed copy (assets/toy), there whether or not its weights are current:
+    asking which family and sampler the toy has (the argument checks do) must not build or train it; that
+    happens when its weights load."""
+    if name_or_path == "toy":
+        from utils.toy import ASSETS_DIR
+
+        path = str(ASSETS_DIR)
+    else:
+        path = name_or_path
     local = Path(path) / "model_index.json"
     if local.is_file():
         return json.loads(local.read_text())

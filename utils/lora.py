@@ -54,12 +54,41 @@ def add_lora(
         target_modules=expand_target_modules(target_modules),
     )
     unet.add_adapter(config)
+    _grad_only_dropout(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     # LoRA weights are the only thing optimised: keep them in fp32 even when the UNet is bf16/fp16,
     # otherwise small updates round away.
     for p in params:
         p.data = p.data.float()
     return params
+
+
+class GradOnlyDropout(torch.nn.Dropout):
+    """LoRA dropout that acts in the calls autograd records, and in no other, whatever the train/eval mode.
+
+    Dropout regularises the LoRA's gradient, so it belongs to the rollout's graded calls; every no-grad
+    call (the step prefix, the adapters-off reference, validation and evaluation renders) must be the
+    model itself. The trainer keeps the UNet in eval mode throughout. Switching dropout modules on only
+    around the graded call would not do: gradient checkpointing recomputes that call during backward,
+    after the rollout has returned, and a recompute without the forward's dropout fails (or, were it
+    allowed, differentiates another function). The recompute runs with grad enabled and the forward's
+    RNG state, so here it draws the same masks.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, self.p, torch.is_grad_enabled(), self.inplace)
+
+
+def _grad_only_dropout(unet: torch.nn.Module) -> None:
+    """Replace PEFT's LoRA dropout (an nn.Dropout per adapter in each layer's `lora_dropout` ModuleDict,
+    created in training mode) with GradOnlyDropout, in the UNet's train/eval mode."""
+    for layer in list(unet.modules()):
+        dropouts = getattr(layer, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for adapter, module in list(dropouts.items()):
+            if isinstance(module, torch.nn.Dropout) and not isinstance(module, GradOnlyDropout):
+                dropouts[adapter] = GradOnlyDropout(module.p, module.inplace).train(unet.training)
 
 
 @contextmanager
@@ -79,6 +108,14 @@ def adapters_disabled(unet: torch.nn.Module):
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights in diffusers' key format (what `load_lora_weights` expects)."""
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def inference_metadata(unet: torch.nn.Module) -> dict[str, dict]:
+    """The adapter's LoraConfig as diffusers writes it beside the weights, with no dropout: a loaded
+    adapter's dropout is built in training mode and `pipe(...)` never switches it off, so a recorded
+    `lora_dropout` would perturb every image rendered with the LoRA. Dropout is a training setting
+    (the run's config and model card keep it)."""
+    return {key: {**config, "lora_dropout": 0.0} for key, config in _collate_lora_metadata({"unet": unet}).items()}
 
 
 class LoraWriteError(OSError):
@@ -101,7 +138,7 @@ def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_m
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
-            family.save_lora_weights(tmp, unet_lora_layers=state_dict, **_collate_lora_metadata({"unet": unet}))
+            family.save_lora_weights(tmp, unet_lora_layers=state_dict, **inference_metadata(unet))
             written = os.path.join(tmp, LORA_WEIGHTS_NAME)
             umask = os.umask(0)
             os.umask(umask)

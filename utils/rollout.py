@@ -53,7 +53,7 @@ class PromptEmbeds:
 @dataclass(kw_only=True)
 class RolloutConfig:
     num_inference_steps: int = 50
-    guidance_scale: float | Sequence[float] = 7.5  # a sequence gives one scale per step
+    guidance_scale: float = 7.5
     truncation_steps: int = 1  # K: how many final steps get gradients
     eta: float = 0.0
     lv_samples: int = 0  # DRaFT-LV: re-noised copies of x0 graded with one step each (0 = off)
@@ -64,16 +64,16 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.final_latent not in FINAL_LATENTS:
             raise ValueError(f"final_latent must be one of {FINAL_LATENTS}, got {self.final_latent!r}")
+        # DRaFT-LV's step starts from a re-noised x0, off the sampled trajectory: a multistep scheduler's
+        # history (DPM-Solver++, PLMS) and a sigma scheduler's step index belong to that trajectory, so
+        # the scheduler's sample of it is not defined; the x0 prediction is, for every sampler.
+        if self.lv_samples and self.final_latent != "x0":
+            raise ValueError("lv_samples decodes its step's x0 prediction; final_latent must be 'x0'")
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance is on when any step's scale exceeds 1 (diffusers' convention)."""
-        return max(self.guidance_at(i) for i in range(self.num_inference_steps)) > 1.0
-
-    def guidance_at(self, step: int) -> float:
-        if isinstance(self.guidance_scale, int | float):
-            return float(self.guidance_scale)
-        return float(self.guidance_scale[min(step, len(self.guidance_scale) - 1)])
+        """Classifier-free guidance is on when the scale exceeds 1 (diffusers' convention)."""
+        return self.guidance_scale > 1.0
 
 
 @dataclass
@@ -139,6 +139,15 @@ def guided_prediction(unet, x_t: torch.Tensor, t, cond: PromptEmbeds, guidance_s
         return out
     uncond, text = out.chunk(2)
     return uncond + guidance_scale * (text - uncond)
+
+
+def _reference_eps(raw_unet, no_grad_unet, x_t: torch.Tensor, t, cond: PromptEmbeds, guidance_scale: float,
+                   kind: str, alpha: torch.Tensor) -> torch.Tensor:
+    """The DRaFT+ reference at a graded step: the guided eps of the same UNet with its adapters disabled,
+    without gradient."""
+    with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
+        reference = guided_prediction(no_grad_unet, x_t, t, cond, guidance_scale)
+        return to_epsilon(kind, reference, x_t, alpha)
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -216,7 +225,7 @@ def rollout(
     with torch.no_grad(), record_function("draftplus/no_grad_prefix"):
         for i in range(graded_from):
             x_t = scheduler.scale_model_input(latents, host_timesteps[i])
-            prediction = guided_prediction(no_grad_unet, x_t, timesteps[i], cond, config.guidance_at(i))
+            prediction = guided_prediction(no_grad_unet, x_t, timesteps[i], cond, config.guidance_scale)
             latents = next_latents(prediction, i, latents, x_t)
 
     if config.lv_samples:
@@ -228,13 +237,11 @@ def rollout(
         t = timesteps[i]
         x_t = scheduler.scale_model_input(latents, host_timesteps[i])
         with record_function("draftplus/graded_step"):
-            prediction = guided_prediction(unet, x_t, t, cond, config.guidance_at(i))
+            prediction = guided_prediction(unet, x_t, t, cond, config.guidance_scale)
         a = alpha_bar(scheduler, i)
         out.eps.append(to_epsilon(kind, prediction, x_t, a))
         if with_reference:
-            with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
-                reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(i))
-                out.eps_ref.append(to_epsilon(kind, reference, x_t, a))
+            out.eps_ref.append(_reference_eps(raw_unet, no_grad_unet, x_t, t, cond, config.guidance_scale, kind, a))
         latents = next_latents(prediction, i, latents, x_t)
     with record_function("draftplus/vae_decode"):
         out.images, out.latents = decode(vae, latents), latents
@@ -244,7 +251,7 @@ def rollout(
 def _lv_graded_step(unet, raw_unet, no_grad_unet, scheduler, vae, cond, x0, config, with_reference,
                     generator) -> Rollout:
     """DRaFT-LV: re-noise the stop-grad x0 n times to the last step's noise level, denoise each
-    with one graded step. The n samples share one batched UNet call.
+    with one graded step and decode its x0 prediction. The n samples share one batched UNet call.
 
     The re-noised latent is built in the UNet's own (variance-preserving) terms,
     x_t = sqrt(a) x0 + sqrt(1 - a) noise, so it is the same for every sampler parametrisation."""
@@ -257,12 +264,10 @@ def _lv_graded_step(unet, raw_unet, no_grad_unet, scheduler, vae, cond, x0, conf
     x_t = a_.sqrt() * x0 + (1 - a_).sqrt() * noise
     cond = cond.repeat_interleave(n)
     with record_function("draftplus/graded_step"):
-        prediction = guided_prediction(unet, x_t, t, cond, config.guidance_at(last))
+        prediction = guided_prediction(unet, x_t, t, cond, config.guidance_scale)
     out = Rollout(images=None, eps=[to_epsilon(kind, prediction, x_t, a)], repeats=n)
     if with_reference:
-        with torch.no_grad(), adapters_disabled(raw_unet), record_function("draftplus/reference_pass"):
-            reference = guided_prediction(no_grad_unet, x_t, t, cond, config.guidance_at(last))
-            out.eps_ref.append(to_epsilon(kind, reference, x_t, a))
+        out.eps_ref.append(_reference_eps(raw_unet, no_grad_unet, x_t, t, cond, config.guidance_scale, kind, a))
     with record_function("draftplus/vae_decode"):
         out.latents = to_x0(kind, prediction, x_t, a)
         out.images = decode(vae, out.latents)

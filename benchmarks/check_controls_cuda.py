@@ -30,7 +30,7 @@ def check_aig(work: Path, sdxl: bool) -> bool:
 
     from utils.aig import aig_pipeline
     from utils.family import load_family
-    from utils.toy import build_random_pipeline, build_random_sdxl_pipeline
+    from utils.tiny_models import build_random_pipeline, build_random_sdxl_pipeline
 
     path = work / ("sdxl" if sdxl else "sd")
     (build_random_sdxl_pipeline if sdxl else build_random_pipeline)(path, seed=0)

@@ -95,13 +95,6 @@ def load_toy(path: str | None):
     return load_family(path or "toy").pipe
 
 
-def _clip_text_config(tokenizer, **sizes):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
-
-
 def build_sd15_random(device: torch.device, dtype: torch.dtype, resolution: int = 512, smoke: bool = False):
     """SD1.5's architecture (configs of stable-diffusion-v1-5) with random weights: no download needed.
     Built directly on `device` (random init of 1B parameters on a CPU takes minutes). `smoke`: the same block
@@ -109,7 +102,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype, resolution: int 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from utils.toy import build_clip_tokenizer
+    from utils.tiny_models import build_clip_tokenizer, clip_text_config
 
     tokenizer = build_clip_tokenizer()
     width = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if smoke else {}
@@ -124,7 +117,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype, resolution: int 
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             latent_channels=4, layers_per_block=1 if smoke else 2, sample_size=resolution,
         )
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_act="quick_gelu", **text))
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_act="quick_gelu", **text))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -144,7 +137,7 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype, resolution: int 
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from utils.toy import build_clip_tokenizer
+    from utils.tiny_models import build_clip_tokenizer, clip_text_config
 
     tokenizer = build_clip_tokenizer()
     if smoke:
@@ -174,8 +167,8 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype, resolution: int 
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             latent_channels=4, sample_size=resolution, scaling_factor=0.13025, force_upcast=True,
                             **vae_sizes)
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden_act="quick_gelu", **text_1))
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(tokenizer, hidden_act="gelu", **text_2))
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_act="quick_gelu", **text_1))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, hidden_act="gelu", **text_2))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -191,7 +184,7 @@ def clip_h_pickscore(device: torch.device, dtype: torch.dtype, workdir: Path, sm
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from rewards import build_reward
-    from utils.toy import build_clip_tokenizer
+    from utils.tiny_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(workdir)
     CLIPImageProcessor(size={"shortest_edge": 224}, resample=3, crop_size={"height": 224, "width": 224},

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> Path:
     """A tiny random StableDiffusionPipeline saved with save_pretrained (images are 32x32)."""
-    from utils.toy import build_random_pipeline
+    from utils.tiny_models import build_random_pipeline
 
     path = tmp_path_factory.mktemp("tiny-sd")
     build_random_pipeline(path, seed=0)
@@ -28,7 +28,7 @@ def tiny_sd_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd_v_path(tmp_path_factory) -> Path:
     """The same tiny random SD, v-predicting (as SD 2.x 768-v and the toy)."""
-    from utils.toy import build_random_pipeline
+    from utils.tiny_models import build_random_pipeline
 
     path = tmp_path_factory.mktemp("tiny-sd-v")
     build_random_pipeline(path, seed=0, prediction_type="v_prediction")
@@ -38,7 +38,7 @@ def tiny_sd_v_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory) -> Path:
     """A tiny random StableDiffusionXLPipeline saved with save_pretrained (images are 32x32)."""
-    from utils.toy import build_random_sdxl_pipeline
+    from utils.tiny_models import build_random_sdxl_pipeline
 
     path = tmp_path_factory.mktemp("tiny-sdxl")
     build_random_sdxl_pipeline(path, seed=0)

@@ -1,15 +1,18 @@
-"""utils/toy.py: the generated tokenizer, random pipelines, and the pretrained toy (it must follow its captions)."""
+"""The pretrained toy: its data (utils/toy_data.py), its build (utils/toy_pretrain.py), its cache and committed
+copy (utils/toy.py); it must follow its captions."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
-from utils import toy
-from utils.toy import TOY_COLORS, TOY_SHAPES, build_clip_tokenizer, build_random_pipeline, toy_caption
+from utils import toy, toy_data, toy_pretrain
+from utils.tiny_models import build_random_pipeline
+from utils.toy_data import TOY_COLORS, TOY_SHAPES, toy_caption
 
 slow = pytest.mark.skipif(os.environ.get("DRAFTPLUS_SLOW") != "1", reason="rebuilds the toy (~4 min); DRAFTPLUS_SLOW=1")
 COLORS = list(TOY_COLORS)
@@ -56,50 +59,22 @@ def caption_following(toy_dir, guidance_scale: float, seeds=(0, 1, 2)) -> dict[s
     return {k: torch.cat(v).float().mean().item() for k, v in hits.items()}
 
 
-# ----------------------------------------------------------------------------------------- builders
-
-
-def test_tokenizer_knows_words_and_falls_back_to_characters(tmp_path):
-    tok = build_clip_tokenizer(tmp_path)
-    ids = tok("a red circle").input_ids
-    assert len(ids) == 5 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
-    assert len(tok("xqz").input_ids) == 2 + 3  # unknown word: one token per character
-    assert tok.decode(ids, skip_special_tokens=True).strip() == "a red circle"
-    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
-    assert reloaded("a blue square on a red background").input_ids == tok("a blue square on a red background").input_ids
-    assert len(build_clip_tokenizer(words=("a", "b"))("a b").input_ids) == 4  # no merges at all still works
-
-
-def test_random_pipeline_loads_and_generates(tiny_sd_path):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample(seed):
-        return pipe(["a red circle", "a cat"], num_inference_steps=2, generator=torch.Generator().manual_seed(seed),
-                    output_type="pt").images
-
-    a, b, c = sample(0), sample(0), sample(1)
-    assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
-    assert build_random_pipeline(seed=3).unet.config.sample_size == 16
-
-
 # ----------------------------------------------------------------------------------------- data
 
 
 def test_toy_data_is_deterministic_and_the_classifier_is_exact_on_it():
-    images, labels = toy.sample_toy_dataset(2, torch.Generator().manual_seed(0))
-    again, _ = toy.sample_toy_dataset(2, torch.Generator().manual_seed(0))
+    images, labels = toy_data.sample_toy_dataset(2, torch.Generator().manual_seed(0))
+    again, _ = toy_data.sample_toy_dataset(2, torch.Generator().manual_seed(0))
     assert images.shape == (180, 3, 32, 32) and torch.equal(images, again)
     fg, bg = classify_colors(images)
     assert torch.equal(fg, labels[:, 0]) and torch.equal(bg, labels[:, 2])  # calibrates the classifier: 100%
 
 
 def test_toy_prompts_and_prompts_file():
-    prompts = toy.toy_prompts()
+    prompts = toy_data.toy_prompts()
     assert len(prompts) == 6 * 3 + 6 * 3 * 5 and len(set(prompts)) == len(prompts)
     assert prompts[0] == "a red circle" and "a blue triangle on a yellow background" in prompts
-    assert toy.toy_prompts(with_background=False) == prompts[:18]
+    assert toy_data.toy_prompts(with_background=False) == prompts[:18]
     assert (toy.ASSETS_DIR / "prompts.txt").read_text().splitlines() == prompts
 
 
@@ -109,13 +84,31 @@ def test_toy_prompts_and_prompts_file():
 def test_committed_toy_is_current_and_small():
     info = toy.read_build_info(toy.ASSETS_DIR)
     assert info is not None, "assets/toy is missing: python -m utils.toy --output_dir assets/toy --force"
-    assert info["code_hash"] == toy.toy_code_hash(), (
-        "the toy's training code changed since assets/toy was built; rebuild it with "
+    assert info["cache_key"] == toy.toy_cache_key(), (
+        "the toy's version (TOY_VERSION) or config changed since assets/toy was built; rebuild it with "
         "`python -m utils.toy --output_dir assets/toy --force` (~4 min) and commit assets/toy")
+    assert info["toy_version"] == toy_pretrain.TOY_VERSION
     assert toy.is_current_build(toy.ASSETS_DIR)
     size = sum(f.stat().st_size for f in toy.ASSETS_DIR.rglob("*") if f.is_file())
     assert size < 5 * 2**20
     assert toy.build_toy_pipeline(log=pytest.fail) == toy.ASSETS_DIR  # no rebuild when current
+
+
+def test_committed_toy_has_the_architecture_the_code_builds(tmp_path):
+    """The cache key trusts TOY_VERSION to be bumped when the build changes; this catches a forgotten bump for
+    what can be checked in seconds: the tokenizer, the module and scheduler configs, the pipeline's layout."""
+    toy_pretrain.untrained_toy_pipeline().save_pretrained(tmp_path)
+    # What a build may change: library versions, the trained VAE's latent scale, and the padding/truncation
+    # settings a tokenizer's last call leaves in tokenizer.json (state, not vocabulary).
+    ignore = {"_diffusers_version", "transformers_version", "_name_or_path", "scaling_factor", "padding", "truncation"}
+    committed = sorted(p.relative_to(toy.ASSETS_DIR) for p in toy.ASSETS_DIR.rglob("*.json"))
+    assert committed == sorted([*(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json")),
+                                Path(toy.BUILD_INFO_FILE)])
+    for name in committed:
+        if name.name != toy.BUILD_INFO_FILE:
+            built, kept = (json.loads((d / name).read_text()) for d in (tmp_path, toy.ASSETS_DIR))
+            assert {k: v for k, v in built.items() if k not in ignore} == {
+                k: v for k, v in kept.items() if k not in ignore}, f"{name} differs: bump TOY_VERSION and rebuild"
 
 
 def test_committed_toy_loads_like_a_real_checkpoint():
@@ -129,7 +122,7 @@ def test_committed_toy_loads_like_a_real_checkpoint():
 
 def test_toy_vae_keeps_colours():
     pipe = StableDiffusionPipeline.from_pretrained(toy.ASSETS_DIR)
-    images, labels = toy.sample_toy_dataset(1, torch.Generator().manual_seed(123))
+    images, labels = toy_data.sample_toy_dataset(1, torch.Generator().manual_seed(123))
     with torch.no_grad():
         latents = pipe.vae.encode(images * 2 - 1).latent_dist.mean
         recon = (pipe.vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
@@ -150,7 +143,22 @@ def test_toy_follows_its_captions():
 # ----------------------------------------------------------------------------------------- cache logic
 
 
-def test_build_caches_by_code_hash_and_config(tmp_path, monkeypatch):
+def test_cache_key_is_the_toys_version_and_config():
+    key = toy.toy_cache_key()
+    assert key == toy.toy_cache_key(toy_pretrain.ToyTrainConfig()) and len(key) == 64
+    assert toy.toy_cache_key(toy_pretrain.ToyTrainConfig(seed=1)) != key
+    assert toy.toy_cache_key(toy_pretrain.ToyTrainConfig(unet_steps=901)) != key
+
+
+def test_cache_key_follows_the_version_not_the_source_or_torch(monkeypatch):
+    key = toy.toy_cache_key()
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # a toy built by another torch stays usable
+    assert toy.toy_cache_key() == key
+    monkeypatch.setattr(toy_pretrain, "TOY_VERSION", toy_pretrain.TOY_VERSION + 1)
+    assert toy.toy_cache_key() != key
+
+
+def test_build_caches_by_cache_key(tmp_path, monkeypatch):
     """The cache/committed-copy logic, with training replaced by a random pipeline (seconds, not minutes)."""
     calls = []
 
@@ -160,14 +168,17 @@ def test_build_caches_by_code_hash_and_config(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(toy, "train_toy_pipeline", fake_train)
-    monkeypatch.setattr(toy, "toy_code_hash", lambda: "f" * 64)  # pretend the training code changed
+    # Pretend the training code changed (so the committed copy is stale): its version was bumped.
+    monkeypatch.setattr(toy_pretrain, "TOY_VERSION", 1000)
     quiet = {"log": lambda message: None}
 
     path = toy.build_toy_pipeline(**quiet)
-    assert path == tmp_path / "cache" / f"toy-{'f' * 16}" and len(calls) == 1
+    key = toy.toy_cache_key()
+    assert path == tmp_path / "cache" / f"toy-{key[:16]}" and len(calls) == 1
     info = json.loads((path / toy.BUILD_INFO_FILE).read_text())
-    assert info["code_hash"] == "f" * 64 and info["config"]["seed"] == toy.TOY_SEED
-    assert (path / "prompts.txt").read_text().splitlines() == toy.toy_prompts()
+    assert info["cache_key"] == key and info["toy_version"] == 1000
+    assert info["config"]["seed"] == toy_pretrain.TOY_SEED and info["torch"] == torch.__version__
+    assert (path / "prompts.txt").read_text().splitlines() == toy_data.toy_prompts()
     assert not any(p.name.startswith(".") for p in path.parent.iterdir())  # no temporary dirs left behind
     from safetensors.torch import load_file
 
@@ -177,15 +188,15 @@ def test_build_caches_by_code_hash_and_config(tmp_path, monkeypatch):
 
     assert toy.build_toy_pipeline(**quiet) == path and len(calls) == 1  # cached
     assert toy.build_toy_pipeline(force=True, **quiet) == path and len(calls) == 2
-    other = toy.build_toy_pipeline(config=toy.ToyTrainConfig(seed=1), **quiet)
+    other = toy.build_toy_pipeline(config=toy_pretrain.ToyTrainConfig(seed=1), **quiet)
     assert other != path and other.parent == path.parent and len(calls) == 3
     out = tmp_path / "explicit"
-    assert toy.build_toy_pipeline(out, **quiet) == out and toy.is_current_build(out, "f" * 64)
+    assert toy.build_toy_pipeline(out, **quiet) == out and toy.is_current_build(out)
     assert len(calls) == 4
 
-    monkeypatch.setattr(toy, "toy_code_hash", lambda: "0" * 64)  # code changed again: the cache is stale
+    monkeypatch.setattr(toy_pretrain, "TOY_VERSION", 1001)  # bumped again: the cache is stale
     assert not toy.is_current_build(path)
-    assert toy.build_toy_pipeline(**quiet).name == f"toy-{'0' * 16}" and len(calls) == 5
+    assert toy.build_toy_pipeline(**quiet).name == f"toy-{toy.toy_cache_key()[:16]}" and len(calls) == 5
 
 
 @slow
@@ -194,7 +205,7 @@ def test_rebuild_toy_from_scratch(tmp_path):
     """The full build: within the 5-minute budget on 2 cores, and as good as the committed copy."""
     path = toy.build_toy_pipeline(tmp_path / "toy", force=True)
     info = toy.read_build_info(path)
-    assert info["code_hash"] == toy.toy_code_hash()
+    assert info["cache_key"] == toy.toy_cache_key()
     print(f"toy build: {info['seconds']} s on {info['threads']} threads")
     assert info["seconds"] < 300
     acc = caption_following(path, guidance_scale=5.0)
@@ -203,11 +214,22 @@ def test_rebuild_toy_from_scratch(tmp_path):
 
 
 def test_ci_rebuild_trigger_follows_the_toys_cache_key(monkeypatch):
-    """`.ci/run` runs the rebuild test when `python -m utils.toy --check` fails: code, config or torch changed."""
+    """`.ci/run` runs the rebuild test when `python -m utils.toy --check` fails: version, config or torch changed."""
     said = []
     assert toy.committed_toy_is_current(said.append) and said == []
-    monkeypatch.setattr(toy, "toy_code_hash", lambda: "0" * 64)
+    monkeypatch.setattr(toy_pretrain, "TOY_VERSION", toy_pretrain.TOY_VERSION + 1)
     assert not toy.committed_toy_is_current(said.append) and "training code" in said[-1]
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert not toy.committed_toy_is_current(said.append) and "torch 9.9.9" in said[-1]
+
+
+def test_check_command_says_current_in_one_line_and_exits_nonzero_when_stale(monkeypatch, capsys):
+    toy.main(["--check"])  # returns: exit status 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"assets/toy is current: toy version {toy_pretrain.TOY_VERSION}, "
+                   f"cache key {toy.toy_cache_key()[:16]}, torch {torch.__version__}"]
+    monkeypatch.setattr(toy_pretrain, "TOY_VERSION", toy_pretrain.TOY_VERSION + 1)
+    with pytest.raises(SystemExit) as stale:
+        toy.main(["--check"])
+    assert stale.value.code == 1 and "training code" in capsys.readouterr().out

@@ -131,7 +131,7 @@ def tiny_clip_dir(path):
     """A tiny random CLIP with a CLIP-like processor, loadable wherever a PickScore/CLIP model is."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from utils.toy import build_clip_tokenizer
+    from utils.tiny_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(path)
     torch.manual_seed(0)

@@ -56,8 +56,8 @@ MUTATIONS = (
     Mutation("process_index_dropped", "the process index dropped from the prompt and noise keys "
              "(every rank trains on the same samples)",
              "train_draftplus.py",
-             "keys = (global_step, micro, accelerator.process_index)",
-             "keys = (global_step, micro, 0)",
+             "keys = (step, micro, accelerator.process_index)",
+             "keys = (step, micro, 0)",
              ("tests/test_train.py::test_two_process_gloo_run_with_model_and_custom_rewards",)),
     Mutation("lv_wrong_timestep", "DRaFT-LV re-noising to the second-to-last step's noise level",
              "utils/rollout.py",

@@ -19,11 +19,44 @@ import json
 import logging
 import os
 import signal
-import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from utils import arg_checks
+import diffusers
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo
+from tqdm.auto import tqdm
+
+from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
+from utils import arg_checks, guards
+from utils.checkpoints import (
+    Checkpointer,
+    checkpoint_step,
+    public_args,
+    register_lora_hooks,
+    run_config,
+    unet_fingerprint,
+)
+from utils.compile import compile_no_grad_unet
+from utils.errors import UserError, fail, first_line, one_line_errors, say
+from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
+from utils.preemption import Preemption, exit_code
+from utils.prompts import sample_prompts
+from utils.rollout import Models, RolloutConfig, draftplus_step
+from utils.run_dir import METRICS_NAME, claim_output_dir, truncate_metrics
+from utils.run_outputs import finish_run
 from utils.schedulers import SCHEDULERS
+from utils.step_metrics import StepMetrics
+from utils.validation import DIVERSITY_CHOICES, Validation
+
+PROG = "train_draftplus.py"
+logger = get_logger("draftplus")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,10 +66,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with its errors (bad type, unknown choice, missing value) as one line, like ours."""
 
     def error(self, message: str) -> None:
-        fail(f"{message} (--help lists the options)")
+        fail(PROG, f"{message} (--help lists the options)")
 
 
+@one_line_errors(PROG)
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (utils/arg_checks.py) before any model loads: a problem exits with one line.
+    `args.checked` holds what the check found out (the model's family, the prompts, the resume step, ...)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
@@ -143,7 +179,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "the base model (rendered once) and save output_dir/validation/step-N.png (base left,\n"
                         "LoRA right, each image with its reward). 0: only before and after training.")
     g.add_argument("--validation_diversity", type=str, nargs="?", const="auto", default=None,
-                   choices=["auto", "lpips", "lpips_random_backbone", "pixel_l2"],
+                   choices=DIVERSITY_CHOICES,
                    help="Also log the validation images' diversity (mean pairwise distance per prompt). Bare flag\n"
                         "= auto: LPIPS if torchvision's AlexNet weights are available, else the LPIPS stand-in on\n"
                         "a fixed random AlexNet (lpips_random_backbone); the metric used is logged.")
@@ -161,7 +197,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="A checkpoint-N directory, or 'latest' (newest in --output_dir; fresh start if none).")
     g.add_argument("--report_to", type=str, default="tensorboard",
-                   help="accelerate tracker: tensorboard, wandb, comet_ml, all, or none.")
+                   help=f"accelerate tracker: {', '.join(arg_checks.TRACKERS)},\n"
+                        "all (every one installed), or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
     g.add_argument("--export_kohya", action="store_true",
                    help="Also write pytorch_lora_weights_kohya.safetensors (kohya format, for AUTOMATIC1111 and\n"
@@ -177,105 +214,91 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     pre = ArgumentParser(add_help=False)
     pre.add_argument("--reward")
     if pre.parse_known_args(input_args)[0].reward == "help":
-        from rewards import list_rewards
-
         print(list_rewards())
         raise SystemExit(0)
     args = p.parse_args(input_args)
-    check_args(args)
+    # The values that follow from others, resolved once for every reader (model card, validation, checks).
+    args.height = args.height if args.height is not None else args.resolution
+    args.width = args.width if args.width is not None else args.resolution
+    args.reward_options = parse_reward_options(args.reward_options)
+    args.checked = arg_checks.check_training_args(args)
+    if warning := arg_checks.token_warning(args):
+        say(PROG, warning)
     return args
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Bad input: one line on stderr (from the first process only), exit code 2, nothing loaded or written."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"train_draftplus.py: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Every check that needs no model, so bad input fails in a second with one clear line."""
-    from rewards import RewardSpecError, parse_reward_options, validate_reward_spec
-    from utils.prompts import PromptSourceError, check_prompt_source
-
-    args.height = args.height if args.height is not None else args.resolution
-    args.width = args.width if args.width is not None else args.resolution
-    from utils.validation import check_validation_args
-
-    if (problem := check_validation_args(args)) is not None:
-        fail(problem)
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        fail("--hub_token with --report_to wandb would expose the token in the run config; use `hf auth login`")
-    try:
-        args.reward_options = parse_reward_options(args.reward_options)
-        validate_reward_spec(args.reward, **args.reward_options)
-    except RewardSpecError as e:
-        fail(str(e))
-    try:
-        check_prompt_source(args.prompts, args.prompt_column, args.prompt_split)
-    except PromptSourceError as e:
-        fail(str(e))
-    try:  # numbers, model, device, launch, output directory, resume, reward weights (utils/arg_checks.py)
-        arg_checks.check_all(args)
-    except (arg_checks.ArgumentError, RewardSpecError) as e:
-        fail(str(e))
-    warning = arg_checks.token_warning(args)
-    if warning and os.environ.get("RANK", "0") == "0":
-        print(f"train_draftplus.py: {warning}", file=sys.stderr)
-    if args.compile:
-        import utils.compile
-
-        if reason := utils.compile.compile_unsupported_reason():
-            fail(reason)
-
-
 # ----------------------------------------------------------------------------------------------
-# Helpers of the training loop
+# Training
 # ----------------------------------------------------------------------------------------------
 def step_seed(seed: int, *keys: int) -> int:
     """A per-(step, micro-step, process) seed: resumed runs draw exactly the same noise."""
     return hash((seed, *keys)) % (2**63)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+def accumulate_gradients(accelerator: Accelerator, models: Models, reward_fn: Callable, prompts: Sequence[str],
+                         args: argparse.Namespace, config: RolloutConfig, latent_shape: tuple[int, ...], step: int,
+                         step_metrics: StepMetrics) -> torch.Tensor:
+    """The --gradient_accumulation_steps micro-steps of one optimiser step. Each draws its own prompts and
+    noise, keyed by (step, micro-step, process), and backpropagates its loss divided by their count, so the
+    gradient is that of the mean loss over all of the step's samples. Returns [loss, reward, penalty] of
+    this process, averaged over the micro-steps."""
+    totals = torch.zeros(3, device=accelerator.device)
+    count = args.gradient_accumulation_steps
+    for micro in range(count):
+        keys = (step, micro, accelerator.process_index)
+        batch = sample_prompts(prompts, args.train_batch_size, args.seed, *keys)
+        generator = torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, *keys))
+        noise = randn_tensor(latent_shape, generator=generator, device=accelerator.device, dtype=torch.float32)
+        # Only the last micro-step all-reduces gradients across processes.
+        sync = contextlib.nullcontext() if micro == count - 1 else accelerator.no_sync(models.unet)
+        with sync, accelerator.autocast():
+            loss, rewards, penalty = draftplus_step(models, reward_fn, batch, noise, config, args.kl_coeff,
+                                                    args.negative_prompt, generator)
+            accelerator.backward(loss / count)
+        totals += torch.stack([loss.detach(), rewards.mean(), penalty]) / count
+        step_metrics.add(rewards, reward_fn)
+    return totals
+
+
+def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accelerator: Accelerator) -> Models:
+    """The model's pipeline, frozen and cast to the run's dtype (the VAE to its family's), with the
+    training rollout's sampler. Only the LoRA adapters added later train."""
+    try:
+        family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                     vae_name_or_path=args.pretrained_vae_model_name_or_path)
+    except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
+        raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
+                        "point --pretrained_model_name_or_path at a local copy (a directory saved with "
+                        "save_pretrained)") from e
+    mixed = accelerator.mixed_precision
+    weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
+    for model in (*family.text_encoders, family.unet):
+        model.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    family.vae.requires_grad_(False).eval().to(accelerator.device, dtype=family.vae_dtype(weight_dtype))
+    scheduler = getattr(diffusers, checked.scheduler).from_config(family.pipe.scheduler.config)
+    return Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae, scheduler=scheduler)
+
+
+def save_final_lora(accelerator: Accelerator, args: argparse.Namespace, models: Models,
+                    lora_params: Sequence[torch.Tensor], newest_checkpoint: str | None) -> Path | None:
+    """The trained LoRA into --output_dir (by the main process; None elsewhere), once it is known to be
+    finite and the same on every process."""
+    guards.ensure_finite_weights(accelerator, lora_params, "the LoRA")
+    digest = guards.ensure_same_lora_on_all_ranks(accelerator, lora_state_dict(models.raw_unet))
+    logger.info(f"LoRA sha256 {digest} (process {accelerator.process_index}, equal on all "
+                f"{accelerator.num_processes})", main_process_only=False)
+    if not accelerator.is_main_process:
+        return None
+    try:
+        return save_lora(models.raw_unet, args.output_dir, models.family)
+    except LoraWriteError as e:
+        raise LoraWriteError(f"{e}; the newest checkpoint is {newest_checkpoint}") from e
+
+
+@one_line_errors(PROG)
 def main(args: argparse.Namespace) -> None:
-    # diffusers imports bitsandbytes for its quantizers; on some CPUs that warns about a 4-bit kernel
-    # package this script never uses. Keep the first lines of a CPU run about the run.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import diffusers
-    import torch
-    import transformers
-    from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.utils.torch_utils import randn_tensor
-    from tqdm.auto import tqdm
-
-    from rewards import RewardLoadError, build_reward
-    from utils import guards
-    from utils.checkpoints import (
-        CheckpointWriteError,
-        resolve_resume,
-        run_config,
-        save_checkpoint,
-        unet_fingerprint,
-    )
-    from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
-    from utils.lora import add_lora, expand_target_modules, load_lora_into_unet, lora_state_dict, save_lora
-    from utils.preemption import Preemption, exit_code
-    from utils.prompts import PromptSourceError, load_prompts, sample_prompts
-    from utils.rollout import Models, RolloutConfig, draftplus_step
-    from utils.run_dir import RunDirError, claim_output_dir, truncate_metrics
-    from utils.run_outputs import finish_run
-    from utils.schedulers import SchedulerError, scheduler_class_name
-    from utils.step_metrics import StepMetrics
-    from utils.validation import Validation
-
+    checked: arg_checks.CheckedArgs = args.checked
     preemption = Preemption().install()  # before training: a signal exits at once, releasing the lock
-    logger = get_logger("draftplus")
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -288,90 +311,35 @@ def main(args: argparse.Namespace) -> None:
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else lib.utils.logging.set_verbosity_error)()
     set_seed(args.seed)
-    try:
-        arg_checks.check_process_count(accelerator.num_processes)
-        # One run per directory: the main process takes the lock before anything is written (and removes
-        # it on exit); all processes learn whether it could, so they exit together when it could not.
-        notice = claim_output_dir(accelerator, args.output_dir, args.overwrite_output_dir, args.logging_dir)
-    except (arg_checks.ArgumentError, RunDirError) as e:
-        fail(str(e))
-    if notice:
+    arg_checks.check_process_count(accelerator.num_processes)
+    # One run per directory: the main process takes the lock before anything is written (and removes
+    # it on exit); all processes learn whether it could, so they exit together when it could not.
+    if notice := claim_output_dir(accelerator, args.output_dir, args.overwrite_output_dir, args.logging_dir):
         logger.warning(notice)
-    try:  # before the models: a prompt source that gives no prompts costs seconds, not minutes
-        prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, max_prompts=args.max_prompts)
-    except PromptSourceError as e:
-        fail(str(e))
-
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
-        from huggingface_hub import create_repo
-
         repo_id = create_repo(repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
                               token=args.hub_token).repo_id
 
-    # Models. The family (SD 1.x/2.x, SDXL) is read from model_index.json before any weight is loaded.
-    # Everything is frozen; only the LoRA adapters added below train.
-    try:
-        index = read_model_index(args.pretrained_model_name_or_path, args.revision) or {}
-        family_cls = family_for_class_name(index.get("_class_name", "?"))
-        own_scheduler = (index.get("scheduler") or [None, None])[1]
-        scheduler_cls = getattr(diffusers, scheduler_class_name(args.scheduler, own_scheduler))
-    except (UnsupportedModelError, SchedulerError) as e:
-        fail(str(e))
-    try:
-        family = family_cls.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                 vae_name_or_path=args.pretrained_vae_model_name_or_path)
-    except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
-        fail(f"could not load the model {args.pretrained_model_name_or_path!r} ({str(e).strip().splitlines()[0]}); "
-             "point --pretrained_model_name_or_path at a local copy (a directory saved with save_pretrained)")
-    unet, vae = family.unet, family.vae
-    scheduler = scheduler_cls.from_config(family.pipe.scheduler.config)
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (*family.text_encoders, unet):
-        model.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
-    vae.requires_grad_(False).eval().to(accelerator.device, dtype=family.vae_dtype(weight_dtype))
-    try:
-        arg_checks.check_lora_targets(unet, expand_target_modules(args.lora_target_modules))
-    except arg_checks.ArgumentError as e:
-        fail(str(e))
-    lora_params = add_lora(unet, args.rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    models = load_models(args, checked, accelerator)
+    lora_params = add_lora(models.unet, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()
+        models.unet.enable_gradient_checkpointing()
+        models.vae.enable_gradient_checkpointing()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-
-    reward_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reward_dtype]
-    reward_options = dict(args.reward_options)
-    if args.reward_gradient_checkpointing:
-        reward_options["gradient_checkpointing"] = True
-    try:
-        reward_fn = build_reward(args.reward, device=accelerator.device, dtype=reward_dtype, **reward_options)
-    except RewardLoadError as e:
-        fail(str(e))
-
-    # accelerate save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole UNet.
-    def save_model_hook(models, weights, output_dir):
-        for model in models:
-            save_lora(accelerator.unwrap_model(model), output_dir, family, is_main_process=accelerator.is_main_process)
-        weights.clear()
-
-    def load_model_hook(models, input_dir):
-        while models:
-            load_lora_into_unet(accelerator.unwrap_model(models.pop()), input_dir, family)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    reward_options = {**args.reward_options, **({"gradient_checkpointing": True}
+                                                 if args.reward_gradient_checkpointing else {})}
+    reward_fn = build_reward(args.reward, device=accelerator.device, dtype=resolve_dtype(args.reward_dtype),
+                             **reward_options)
+    register_lora_hooks(accelerator, models.family)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
-        optimizer_cls = bnb.optim.AdamW8bit
+        import bitsandbytes  # optional, CUDA only; the argument check made sure it is installed
+
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
     optimizer = optimizer_cls(lora_params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -380,41 +348,34 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    models = Models(family=family, unet=unet, raw_unet=accelerator.unwrap_model(unet), vae=vae, scheduler=scheduler)
+    models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    models.raw_unet = accelerator.unwrap_model(models.unet)
     if args.compile:  # after prepare(): weights on their device, in their dtype, for good
-        from utils.compile import compile_no_grad_unet
-
-        models.no_grad_unet = compile_no_grad_unet(models.raw_unet, vae)
+        models.no_grad_unet = compile_no_grad_unet(models.raw_unet, models.vae)
 
     if accelerator.is_main_process:
-        # Never hand the token to a tracker; lists/None become strings for tensorboard's hparams.
-        config = {k: v if isinstance(v, int | float | str | bool) else str(v)
-                  for k, v in vars(args).items() if k != "hub_token"}
-        accelerator.init_trackers("draftplus", config=config)
-    # What each checkpoint records, so that a resume with another model or LoRA shape is refused.
-    checkpoint_config = run_config(args, expand_target_modules(args.lora_target_modules),
-                                   unet_fingerprint(args.pretrained_model_name_or_path, args.revision))
+        accelerator.init_trackers("draftplus", config=public_args(args))
     rollout_config = RolloutConfig(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                    truncation_steps=args.truncation_steps, eta=args.eta, lv_samples=args.lv_samples,
                                    final_latent=args.final_latent)
     latent_shape = (args.train_batch_size, models.raw_unet.config.in_channels,
-                    args.height // family.vae_scale_factor, args.width // family.vae_scale_factor)
-
-    global_step = 0
-    if args.resume_from_checkpoint:
-        path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-        if path is None:
-            accelerator.print("No checkpoint in --output_dir; starting a new training run.")
-        else:
-            accelerator.print(f"Resuming from {path}")
-            accelerator.load_state(path)
-            global_step = int(path.rstrip("/").rsplit("-", 1)[-1])
-    metrics_file = os.path.join(args.output_dir, "metrics.jsonl")
+                    args.height // models.family.vae_scale_factor, args.width // models.family.vae_scale_factor)
+    # What each checkpoint records, so that a resume with another model or LoRA shape is refused.
+    checkpoints = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit, lora_params,
+                               run_config(args, checked.lora_targets,
+                                          unet_fingerprint(args.pretrained_model_name_or_path, args.revision)),
+                               last=checked.resume_from)
+    global_step = checked.first_step
+    if checked.resume_from is not None:
+        accelerator.print(f"Resuming from {checked.resume_from}")
+        accelerator.load_state(checked.resume_from)
+    elif args.resume_from_checkpoint:
+        accelerator.print("No checkpoint in --output_dir; starting a new training run.")
+    metrics_file = os.path.join(args.output_dir, METRICS_NAME)
     if accelerator.is_main_process:  # the history is this run's own: lines past the resumed step go
         truncate_metrics(metrics_file, global_step)
 
-    logger.info(f"***** DRaFT+ : {len(prompts)} prompts, {args.max_train_steps} steps, batch "
+    logger.info(f"***** DRaFT+ : {len(checked.prompts)} prompts, {args.max_train_steps} steps, batch "
                 f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
                 f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
     validation = None
@@ -423,45 +384,14 @@ def main(args: argparse.Namespace) -> None:
         validation.render_base()  # once (also when resuming): every validation is compared with it
 
     nonfinite = guards.NonFiniteSteps(args.max_nonfinite_steps)
-    last_checkpoint = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-
-    def checkpoint(step: int, fatal: bool) -> None:
-        """checkpoint-<step>, never with non-finite weights. A failed write (disk full, permissions) is
-        reported with the earlier checkpoints intact; it ends the run only when `fatal`."""
-        nonlocal last_checkpoint
-        try:
-            guards.ensure_finite_weights(accelerator, lora_params, f"checkpoint-{step}")
-            last_checkpoint = save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit,
-                                              checkpoint_config)
-        except guards.NonFiniteError as e:
-            fail(str(e), guards.EXIT_NONFINITE)
-        except CheckpointWriteError as e:
-            if fatal:
-                fail(str(e), 1)
-            logger.error(f"{e}; training goes on")
-            return
-        logger.info(f"Saved state to {last_checkpoint}")
-
     preemption.arm()  # from here a signal stops the run at the next step boundary, with a checkpoint
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     step_metrics = StepMetrics(accelerator.device)
     while global_step < args.max_train_steps:
         step_metrics.start()
-        totals = torch.zeros(3, device=accelerator.device)  # loss, reward, penalty
-        for micro in range(args.gradient_accumulation_steps):
-            keys = (global_step, micro, accelerator.process_index)
-            batch = sample_prompts(prompts, args.train_batch_size, args.seed, *keys)
-            generator = torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, *keys))
-            noise = randn_tensor(latent_shape, generator=generator, device=accelerator.device, dtype=torch.float32)
-            last = micro == args.gradient_accumulation_steps - 1
-            # Only the last micro-step all-reduces gradients across processes.
-            with contextlib.nullcontext() if last else accelerator.no_sync(unet), accelerator.autocast():
-                loss, rewards, penalty = draftplus_step(models, reward_fn, batch, noise, rollout_config,
-                                                        args.kl_coeff, args.negative_prompt, generator)
-                accelerator.backward(loss / args.gradient_accumulation_steps)
-            totals += torch.stack([loss.detach(), rewards.mean(), penalty]) / args.gradient_accumulation_steps
-            step_metrics.add(rewards, reward_fn)
+        totals = accumulate_gradients(accelerator, models, reward_fn, checked.prompts, args, rollout_config,
+                                      latent_shape, global_step, step_metrics)
         grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm or float("inf"))
         if nonfinite.check(accelerator, totals[0], grad_norm, global_step + 1):  # else: skipped, no update
             optimizer.step()
@@ -484,40 +414,24 @@ def main(args: argparse.Namespace) -> None:
                 f.write(json.dumps(line) + "\n")
         if nonfinite.exhausted:
             progress.close()
-            fail(nonfinite.stop_message(last_checkpoint), guards.EXIT_NONFINITE)
+            raise guards.NonFiniteError(nonfinite.stop_message(checkpoints.last))
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            checkpoint(global_step, fatal=False)
+            checkpoints.save(global_step, fatal=False)
         if validation is not None and args.validation_steps and global_step % args.validation_steps == 0:
             validation(global_step)
         signum = preemption.requested(accelerator)  # agreed by all ranks
         if signum and global_step < args.max_train_steps:
             progress.close()
-            if not (last_checkpoint or "").endswith(f"checkpoint-{global_step}"):
-                checkpoint(global_step, fatal=True)
+            if checkpoint_step(checkpoints.last or "") != global_step:
+                checkpoints.save(global_step, fatal=True)
             accelerator.print(f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved "
-                              f"{last_checkpoint}. Continue with --resume_from_checkpoint latest.")
+                              f"{checkpoints.last}. Continue with --resume_from_checkpoint latest.")
             accelerator.end_training()
             raise SystemExit(exit_code(signum))
 
-    # Data parallelism must leave every process with the same LoRA; a silent desync would make the
-    # saved weights depend on which rank wrote them.
-    try:
-        guards.ensure_finite_weights(accelerator, lora_params, "the LoRA")
-    except guards.NonFiniteError as e:
-        fail(str(e), guards.EXIT_NONFINITE)
-    digests = guards.lora_digests_across_ranks(accelerator, lora_state_dict(models.raw_unet))
-    if len(set(digests)) > 1:
-        fail(f"the LoRA weights differ across processes (sha256 {', '.join(d[:12] for d in digests)}), a "
-             "data-parallel desync; the LoRA was not written", 1)
-    logger.info(f"LoRA sha256 {digests[0]} (process {accelerator.process_index}, equal on all "
-                f"{accelerator.num_processes})", main_process_only=False)
-    if accelerator.is_main_process:
-        try:
-            lora_file = save_lora(models.raw_unet, args.output_dir, family)
-        except OSError as e:
-            fail(f"{e}; the newest checkpoint is {last_checkpoint}", 1)
-        # validation after training, kohya export, curves, model card, upload
+    lora_file = save_final_lora(accelerator, args, models, lora_params, checkpoints.last)
+    if accelerator.is_main_process:  # validation after training, kohya export, curves, model card, upload
         accelerator.print(finish_run(args, accelerator, models, validation, repo_id, global_step, lora_file))
     accelerator.end_training()
 

@@ -99,12 +99,11 @@ def run(steps: int) -> tuple[list[float], list[float], list[int], list[str]]:
     """Train `steps` steps; per step: its duration (start to the next step's start) and RSS at its start.
     The last step is left out: its end includes the final LoRA save and the run's teardown."""
     import train_draftplus
-    import utils.rollout
 
     starts: list[float] = []
     cpu: list[float] = []
     rss: list[int] = []
-    inner = utils.rollout.draftplus_step
+    inner = train_draftplus.draftplus_step
 
     def timed_step(*args, **kwargs):  # called once per training step (no accumulation here)
         starts.append(time.perf_counter())
@@ -112,11 +111,11 @@ def run(steps: int) -> tuple[list[float], list[float], list[int], list[str]]:
         rss.append(rss_bytes())
         return inner(*args, **kwargs)
 
-    utils.rollout.draftplus_step = timed_step  # main() imports it from the module when it starts
+    train_draftplus.draftplus_step = timed_step  # what the training loop calls
     with tempfile.TemporaryDirectory() as tmp:
         args = training_args(os.path.join(tmp, "run"), steps)
         train_draftplus.main(train_draftplus.parse_args(args))
-    utils.rollout.draftplus_step = inner
+    train_draftplus.draftplus_step = inner
     step_seconds = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     cpu_seconds = [b - a for a, b in zip(cpu[:-1], cpu[1:], strict=True)]
     return step_seconds, cpu_seconds, rss[:-1], args

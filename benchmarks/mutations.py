@@ -56,9 +56,29 @@ MUTATIONS = (
     Mutation("process_index_dropped", "the process index dropped from the prompt and noise keys "
              "(every rank trains on the same samples)",
              "train_draftplus.py",
-             "keys = (global_step, micro, accelerator.process_index)",
-             "keys = (global_step, micro, 0)",
-             ("tests/test_train.py::test_two_process_gloo_run_with_model_and_custom_rewards",)),
+             "keys = (step, micro, accelerator.process_index)",
+             "keys = (step, micro, 0)",
+             ("tests/test_gradient_accumulation.py::test_each_micro_step_and_each_process_draws_its_own_prompts_and_noise",
+              "tests/test_train.py::test_two_process_gloo_run_with_model_and_custom_rewards")),
+    Mutation("micro_step_dropped", "the micro-step dropped from the prompt and noise keys (every micro-step of "
+             "an update trains on the same samples)",
+             "train_draftplus.py",
+             "keys = (step, micro, accelerator.process_index)",
+             "keys = (step, 0, accelerator.process_index)",
+             ("tests/test_gradient_accumulation.py::test_each_micro_step_and_each_process_draws_its_own_prompts_and_noise",)),
+    Mutation("accumulated_loss_not_averaged", "each micro-step's loss backpropagated whole (the update is the "
+             "sum over micro-steps, not the mean)",
+             "train_draftplus.py",
+             "accelerator.backward(loss / count)",
+             "accelerator.backward(loss)",
+             ("tests/test_gradient_accumulation.py::"
+              "test_the_accumulated_gradient_is_the_gradient_of_one_step_on_the_combined_batch",)),
+    Mutation("accumulated_loss_averaged_twice", "each micro-step's loss divided by the accumulation count twice",
+             "train_draftplus.py",
+             "accelerator.backward(loss / count)",
+             "accelerator.backward(loss / count / count)",
+             ("tests/test_gradient_accumulation.py::"
+              "test_the_accumulated_gradient_is_the_gradient_of_one_step_on_the_combined_batch",)),
     Mutation("lv_wrong_timestep", "DRaFT-LV re-noising to the second-to-last step's noise level",
              "utils/rollout.py",
              "n, last = config.lv_samples, len(scheduler.timesteps) - 1",

@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rewards import resolve_dtype  # noqa: E402
 from utils.compile import (  # noqa: E402
     RecompileError,
     compile_no_grad_unet,
@@ -476,8 +477,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     torch.manual_seed(0)
     start = time.perf_counter()
     if args.sd15 or args.sdxl:

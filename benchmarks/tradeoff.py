@@ -51,6 +51,9 @@ SERIES_NAMES = {"kl": "kl_coeff sweep (final LoRAs)", "scale": "LoRA scale of th
 
 
 def train(model: str, kl: float, out: Path, args) -> list[dict]:
+    from utils.lora import LORA_WEIGHTS_NAME
+    from utils.run_dir import METRICS_NAME
+
     cmd = [sys.executable, str(ROOT / "train_draftplus.py"), "--pretrained_model_name_or_path", model,
            "--reward", args.reward, "--prompts", args.prompts, "--resolution", str(args.resolution),
            "--num_inference_steps", str(args.num_inference_steps), "--guidance_scale", str(args.guidance_scale),
@@ -58,10 +61,10 @@ def train(model: str, kl: float, out: Path, args) -> list[dict]:
            "--train_batch_size", str(args.train_batch_size), "--max_train_steps", str(args.max_train_steps),
            "--checkpointing_steps", str(args.eval_every), "--seed", str(args.seed), "--output_dir", str(out),
            "--report_to", "none"]
-    if not (out / "pytorch_lora_weights.safetensors").exists():  # finished runs are reused
+    if not (out / LORA_WEIGHTS_NAME).exists():  # finished runs are reused
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
 
 
 def collect(args) -> dict:

@@ -18,15 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils.arg_checks import (
-    ArgumentError,
-    check_launch,
-    check_process_count,
-    unmatched_targets,
-    world_size_from_env,
-)
+from utils.arg_checks import ArgumentError, check_launch, check_process_count, world_size_from_env
 from utils.checkpoints import ResumeMismatchError, check_resume_compatible, read_run_config
 from utils.guards import NonFiniteError, NonFiniteSteps, ensure_finite_weights, finite_or_none, lora_digest
+from utils.lora import unmatched_targets
 from utils.preemption import Preemption
 from utils.run_dir import LOCK_NAME, LockOwner, OutputDirLock, RunDirError, read_lock, truncate_metrics
 

@@ -1,19 +1,45 @@
-"""Argument checks of train_draftplus.py beyond the basic ones in its `check_args` (the entry point).
+"""The argument checks of train_draftplus.py: `check_training_args`, run once, before any model loads.
 
-Everything here runs before any model is loaded (type, finiteness, range and combination of every
-argument, the device and launch the run will get, whether the model, reward and output directory
-are usable) except `check_lora_targets`, which needs the UNet. Each problem raises ArgumentError
-with one line for the user; the trainer turns it into `error: ...` and exit code 2.
+It checks the type, finiteness, range and combination of every argument, the device and launch the run
+will get, and whether the model, the reward, the prompts and the output directory are usable; and it
+returns what it found out on the way (`CheckedArgs`), so the trainer does not work any of it out again.
+Each problem raises a `UserError` (ArgumentError here; the model, sampler, prompt, reward and output
+directory modules raise their own) with one line for the user, which the trainer's entry turns into
+`error: ...` and exit code 2. The one check that needs the UNet, LoRA targets that match no module, is
+`utils.lora.check_lora_targets`, made when the adapters are added.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import accelerate.utils
+import torch
+from huggingface_hub import get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+import utils.compile
+from rewards import validate_reward_spec
+from utils.checkpoints import (
+    check_resume_compatible,
+    checkpoint_step,
+    resolve_resume,
+    run_config,
+    unet_fingerprint,
+)
+from utils.errors import UserError, first_line
+from utils.family import ModelFamily, family_for_class_name, read_model_index
 from utils.hub import hub_cached, hub_offline, looks_like_path, truthy
+from utils.lora import LORA_WEIGHTS_NAME, expand_target_modules
+from utils.prompts import load_prompts
+from utils.run_dir import check_not_in_use, previous_run_files
+from utils.schedulers import scheduler_class_name
+from utils.validation import check_validation_args
 
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules we do not take)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -21,8 +47,20 @@ TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvc
 WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-class ArgumentError(ValueError):
-    """Bad input: one line for the user."""
+class ArgumentError(UserError, ValueError):
+    """A bad argument, or a combination of arguments that cannot work."""
+
+
+@dataclass(frozen=True)
+class CheckedArgs:
+    """What the argument check found out, for the trainer to use as it is."""
+
+    family: type[ModelFamily]  # the model's family, from its model_index.json
+    scheduler: str  # the diffusers class of the training rollout's sampler
+    lora_targets: tuple[str, ...]  # --lora_target_modules with the presets expanded
+    resume_from: str | None  # the checkpoint directory to resume (None: a fresh start)
+    first_step: int  # the step the run continues from (0 on a fresh start)
+    prompts: tuple[str, ...]  # the prompts of --prompts, loaded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,8 +121,6 @@ def world_size_from_env(env: Mapping[str, str] = os.environ) -> int:
 
 
 def has_accelerator_device() -> bool:
-    import torch
-
     return (torch.cuda.is_available() or torch.backends.mps.is_available()
             or bool(getattr(torch, "xpu", None) and torch.xpu.is_available()))
 
@@ -117,16 +153,12 @@ def check_process_count(num_processes: int, env: Mapping[str, str] = os.environ)
 
 def check_device_support(args: Any, env: Mapping[str, str] = os.environ) -> None:
     """fp16 and 8-bit Adam need a device that runs them; the device is known before accelerate starts."""
-    import importlib.util
-
     on_cpu = truthy(env.get("ACCELERATE_USE_CPU")) or not has_accelerator_device()
     precision = args.mixed_precision or env.get("ACCELERATE_MIXED_PRECISION")
     source = "--mixed_precision fp16" if args.mixed_precision else "mixed_precision: fp16 (accelerate config)"
     if precision == "fp16" and on_cpu:
         raise ArgumentError(f"{source} needs a GPU and this run is on the CPU; use bf16 or no")
     if args.use_8bit_adam:
-        import torch
-
         if on_cpu or not torch.cuda.is_available():
             raise ArgumentError("--use_8bit_adam (bitsandbytes' AdamW8bit) needs a CUDA GPU and this run is not on one; "
                                 "drop --use_8bit_adam")
@@ -139,8 +171,6 @@ def check_trackers(report_to: str) -> None:
         return
     if report_to not in TRACKERS:
         raise ArgumentError(f"--report_to {report_to!r} is not one of {', '.join(TRACKERS)}, all, none")
-    import accelerate.utils
-
     if not getattr(accelerate.utils, f"is_{report_to}_available", lambda: True)():
         raise ArgumentError(f"--report_to {report_to} needs the {report_to} package (pip install {report_to}), "
                             "or use --report_to none")
@@ -150,8 +180,6 @@ def check_trackers(report_to: str) -> None:
 # Output directory and resume
 # ----------------------------------------------------------------------------------------------
 def check_output_dir(args: Any) -> None:
-    from utils.run_dir import RunDirError, check_not_in_use, previous_run_files
-
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ArgumentError(f"--output_dir {out!r} is a file, not a directory")
@@ -166,10 +194,7 @@ def check_output_dir(args: Any) -> None:
         raise ArgumentError("--overwrite_output_dir starts over and --resume_from_checkpoint continues; give one")
     if not os.path.isdir(out):
         return
-    try:
-        check_not_in_use(out)
-    except RunDirError as e:
-        raise ArgumentError(str(e)) from None
+    check_not_in_use(out)
     found = previous_run_files(out)
     if found and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
@@ -178,66 +203,56 @@ def check_output_dir(args: Any) -> None:
                             "choose another --output_dir")
 
 
-def check_resume(args: Any) -> None:
-    """The checkpoint to resume is one, and was trained with this run's model and LoRA settings."""
-    from utils.checkpoints import (
-        LORA_NAME,
-        ResumeMismatchError,
-        check_resume_compatible,
-        resolve_resume,
-        run_config,
-        unet_fingerprint,
-    )
-
+def check_resume(args: Any, lora_targets: tuple[str, ...]) -> tuple[str | None, int]:
+    """The checkpoint to resume (None: a fresh start) and its step: one, trained with this run's model and
+    LoRA settings."""
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if path is None or not os.path.isdir(path):
-        return  # `latest` without checkpoints starts afresh; a missing path is reported by check_args
-    if not os.path.isfile(os.path.join(path, LORA_NAME)):
-        raise ArgumentError(f"--resume_from_checkpoint {path!r} is not a checkpoint (no {LORA_NAME}); "
+    if path is None:
+        return None, 0  # `latest` without checkpoints starts afresh
+    if not os.path.isdir(path):
+        raise ArgumentError(f"--resume_from_checkpoint {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, LORA_WEIGHTS_NAME)):
+        raise ArgumentError(f"--resume_from_checkpoint {path!r} is not a checkpoint (no {LORA_WEIGHTS_NAME}); "
                             "checkpoints are the checkpoint-N directories of an --output_dir")
-    from utils.lora import expand_target_modules
-
-    wanted = run_config(args, expand_target_modules(args.lora_target_modules),
-                        unet_fingerprint(args.pretrained_model_name_or_path, args.revision))
-    try:
-        check_resume_compatible(path, wanted)
-    except ResumeMismatchError as e:
-        raise ArgumentError(str(e)) from None
+    if (step := checkpoint_step(path)) is None:
+        raise ArgumentError(f"--resume_from_checkpoint {path!r} is not a checkpoint-N directory, so the step to "
+                            "continue from is unknown; give the checkpoint-N directory itself")
+    wanted = run_config(args, lora_targets, unet_fingerprint(args.pretrained_model_name_or_path, args.revision))
+    check_resume_compatible(path, wanted)
+    return path, step
 
 
 # ----------------------------------------------------------------------------------------------
 # Model variant, reward models, hub
 # ----------------------------------------------------------------------------------------------
-def check_model(name: str, revision: str | None, scheduler: str, env: Mapping[str, str] = os.environ) -> None:
-    """The model exists (locally, or as a hub id we may download), its family is one we train, and its own
-    sampler can serve the rollout when `--scheduler model` asks for it."""
-    from utils.family import UnsupportedModelError, family_for_class_name, read_model_index
-    from utils.schedulers import SchedulerError, scheduler_class_name
-
+def check_model(name: str, revision: str | None, scheduler: str,
+                env: Mapping[str, str] = os.environ) -> tuple[type[ModelFamily], str]:
+    """The model exists (locally, in the hub cache, or on a reachable hub), its family is one we train, and
+    the sampler `--scheduler` names can serve the rollout. Returns the family and the sampler's class;
+    reads `model_index.json` alone (from the hub if it must), no weights."""
     if name != "toy" and os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")):
             raise ArgumentError(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
     elif name != "toy":
         if looks_like_path(name):
             raise ArgumentError(f"model path {name!r} does not exist")
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
         try:
             validate_repo_id(name)
         except HFValidationError:
             raise ArgumentError(f"model {name!r} is neither a local directory nor a valid hub id") from None
-    index = read_model_index(name, revision, local_only=True)  # None: on the hub, checked after download
+    index = read_model_index(name, revision, local_only=True)
+    if index is None and hub_offline(env):
+        raise ArgumentError(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE "
+                            "is set; point --pretrained_model_name_or_path at a local copy (a directory saved "
+                            "with save_pretrained)")
     if index is None:
-        if hub_offline(env):
-            raise ArgumentError(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE "
-                                "is set; point --pretrained_model_name_or_path at a local copy (a directory saved "
-                                "with save_pretrained)")
-        return
-    try:
-        family_for_class_name(index.get("_class_name", "?"))
-        scheduler_class_name(scheduler, (index.get("scheduler") or [None, None])[1])
-    except (UnsupportedModelError, SchedulerError) as e:
-        raise ArgumentError(str(e)) from None
+        try:
+            index = read_model_index(name, revision)
+        except (OSError, ValueError) as e:  # not on the hub, no network, gated
+            raise ArgumentError(f"could not read {name!r}'s model_index.json from the hub ({first_line(e)}); "
+                                "point --pretrained_model_name_or_path at a local copy") from None
+    family = family_for_class_name(index.get("_class_name", "?"))
+    return family, scheduler_class_name(scheduler, (index.get("scheduler") or [None, None])[1])
 
 
 def check_vae(name: str) -> None:
@@ -283,8 +298,6 @@ def check_hub(args: Any, env: Mapping[str, str] = os.environ) -> None:
         return
     if hub_offline(env):
         raise ArgumentError("--push_to_hub needs the hub, and HF_HUB_OFFLINE is set")
-    from huggingface_hub import get_token
-
     if not (args.hub_token or get_token()):
         raise ArgumentError("--push_to_hub needs a hub token: run `hf auth login` (or set HF_TOKEN)")
 
@@ -297,14 +310,19 @@ def token_warning(args: Any) -> str | None:
             "or checkpoints")
 
 
-def check_all(args: Any, env: Mapping[str, str] = os.environ) -> None:
-    """Every check of this module that needs no model, in the order a user would want to hear them."""
+def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> CheckedArgs:
+    """Every check of the command line, in the order a user would want to hear them (the cheap ones first,
+    loading the prompts last), and what they found."""
     check_numbers(args)
-    check_model(args.pretrained_model_name_or_path, args.revision, args.scheduler, env)
+    if (problem := check_validation_args(args)) is not None:
+        raise ArgumentError(problem)
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ArgumentError("--hub_token with --report_to wandb would expose the token in the run config; "
+                            "use `hf auth login`")
+    validate_reward_spec(args.reward, **args.reward_options)
+    family, scheduler = check_model(args.pretrained_model_name_or_path, args.revision, args.scheduler, env)
     if args.pretrained_vae_model_name_or_path is not None:
         check_vae(args.pretrained_vae_model_name_or_path)
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
     check_launch(env)
     check_device_support(args, env)
     check_trackers(args.report_to)
@@ -313,28 +331,10 @@ def check_all(args: Any, env: Mapping[str, str] = os.environ) -> None:
     if args.pretrained_model_name_or_path != "toy" and os.path.isdir(args.pretrained_model_name_or_path):
         check_variant(args.pretrained_model_name_or_path, args.variant)
     check_reward_reachable(args.reward, args.reward_options, env)
-    check_resume(args)
-
-
-# ----------------------------------------------------------------------------------------------
-# After the UNet is built
-# ----------------------------------------------------------------------------------------------
-def unmatched_targets(module_names: Iterable[str], targets: Iterable[str]) -> list[str]:
-    """Targets that name no module, with PEFT's rule for a list of names (the name or its last parts)."""
-    names = list(module_names)
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-
-
-def check_lora_targets(unet: Any, targets: Iterable[str]) -> None:
-    import torch
-
-    missing = unmatched_targets((n for n, _ in unet.named_modules()), targets)
-    if missing:
-        layers = {}
-        for name, module in unet.named_modules():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                short = ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
-                layers[short] = layers.get(short, 0) + 1
-        examples = ", ".join(sorted(layers, key=lambda k: -layers[k])[:10])
-        raise ArgumentError(f"--lora_target_modules: no UNet module is named {' '.join(missing)} "
-                            f"(presets: attention, attention+ff; layer names include {examples})")
+    lora_targets = tuple(expand_target_modules(args.lora_target_modules))
+    resume_from, first_step = check_resume(args, lora_targets)
+    if args.compile and (reason := utils.compile.compile_unsupported_reason()):
+        raise ArgumentError(reason)
+    prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, max_prompts=args.max_prompts)
+    return CheckedArgs(family=family, scheduler=scheduler, lora_targets=lora_targets, resume_from=resume_from,
+                       first_step=first_step, prompts=tuple(prompts))

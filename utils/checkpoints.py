@@ -14,27 +14,44 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+from accelerate.logging import get_logger
+
+from utils.errors import EXIT_RUN_FAILED, UserError
+from utils.guards import any_rank, ensure_finite_weights
+from utils.lora import LORA_WEIGHTS_NAME, load_lora_into_unet, save_lora
+
 RUN_CONFIG_NAME = "draftplus_run.json"
-LORA_NAME = "pytorch_lora_weights.safetensors"
-SECRET_ARGS = frozenset({"hub_token"})
+# Attributes of the parsed arguments that are never recorded (checkpoints, trackers): the hub token is a
+# secret, and `checked` holds what the argument check found (classes, prompts), not an argument.
+NOT_RECORDED = frozenset({"hub_token", "checked"})
+logger = get_logger("draftplus")
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous ones are intact. One line for the user."""
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written; the previous ones are intact."""
+
+    exit_code = EXIT_RUN_FAILED
 
 
-class ResumeMismatchError(ValueError):
-    """The checkpoint to resume was trained with other model/LoRA settings. One line for the user."""
+class ResumeMismatchError(UserError, ValueError):
+    """The checkpoint to resume was trained with other model/LoRA settings."""
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """N of a `checkpoint-N` directory (a name or a path); None for any other name."""
+    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_steps(output_dir: str | os.PathLike) -> list[int]:
     """Steps of the complete checkpoints (checkpoint-N) in `output_dir`, ascending."""
     if not os.path.isdir(output_dir):
         return []
-    names = (re.fullmatch(r"checkpoint-(\d+)", d) for d in os.listdir(output_dir))
-    return sorted(int(m.group(1)) for m in names if m)
+    return sorted(step for name in os.listdir(output_dir) if (step := checkpoint_step(name)) is not None)
 
 
 def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
@@ -48,17 +65,13 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str |
     return resume_from_checkpoint
 
 
-def checkpoint_step(path: str) -> int:
-    return int(path.rstrip("/").rsplit("-", 1)[-1])
-
-
 # ----------------------------------------------------------------------------------------------
 # The run config saved into every checkpoint
 # ----------------------------------------------------------------------------------------------
 def public_args(args: Any) -> dict[str, Any]:
-    """The arguments as JSON-able values, without secrets (hub tokens)."""
+    """The arguments as JSON-able values (what checkpoints and trackers record), without secrets."""
     return {k: v if isinstance(v, int | float | str | bool | type(None)) else str(v)
-            for k, v in vars(args).items() if k not in SECRET_ARGS}
+            for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
 def unet_fingerprint(model: str, revision: str | None = None) -> str | None:
@@ -101,7 +114,7 @@ def read_run_config(checkpoint: str) -> dict[str, Any] | None:
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
-    lora = os.path.join(checkpoint, LORA_NAME)
+    lora = os.path.join(checkpoint, LORA_WEIGHTS_NAME)
     if not os.path.isfile(lora):
         return None
     from safetensors import safe_open
@@ -149,8 +162,6 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
     A write that fails on any rank (disk full, permissions) removes the partial directory and raises
     CheckpointWriteError on every rank, leaving the earlier checkpoints as they were.
     """
-    from utils.guards import any_rank
-
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     if accelerator.is_main_process:
@@ -184,3 +195,45 @@ def save_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | 
                 shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
     accelerator.wait_for_everyone()
     return final
+
+
+@dataclass
+class Checkpointer:
+    """The training loop's checkpoints: `save(step)` writes checkpoint-<step> (never with non-finite LoRA
+    weights: NonFiniteError); `last` is the newest one written (or resumed from)."""
+
+    accelerator: Any
+    output_dir: str
+    total_limit: int | None
+    lora_params: Sequence[torch.Tensor]
+    config: Mapping[str, Any]  # `run_config`: what a resume is checked against
+    last: str | None = None
+
+    def save(self, step: int, fatal: bool) -> None:
+        """A failed write (disk full, permissions) leaves the earlier checkpoints intact; it ends the run
+        (CheckpointWriteError) only when `fatal`, and is logged otherwise."""
+        ensure_finite_weights(self.accelerator, self.lora_params, f"checkpoint-{step}")
+        try:
+            self.last = save_checkpoint(self.accelerator, self.output_dir, step, self.total_limit, self.config)
+        except CheckpointWriteError as e:
+            if fatal:
+                raise
+            logger.error(f"{e}; training goes on")
+            return
+        logger.info(f"Saved state to {self.last}")
+
+
+def register_lora_hooks(accelerator, family) -> None:
+    """accelerate's save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole UNet."""
+
+    def save_model_hook(models, weights, output_dir):
+        for model in models:
+            save_lora(accelerator.unwrap_model(model), output_dir, family, is_main_process=accelerator.is_main_process)
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            load_lora_into_unet(accelerator.unwrap_model(models.pop()), input_dir, family)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)

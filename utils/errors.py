@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from rewards.errors import RewardError
 
 EXIT_BAD_INPUT = 2  # argparse's code for a bad command line; every input problem uses it
+EXIT_RUN_FAILED = 1  # the run could not finish its work: a write failed, or the processes disagree
 
 
 class UserError(Exception):
@@ -38,17 +39,34 @@ def exit_code_of(error: BaseException) -> int:
     return getattr(error, "exit_code", EXIT_BAD_INPUT)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_first_process() -> bool:
+    """Global rank 0 (or a run without a launcher): the one process that speaks for all of them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(prog: str, message: str) -> None:
+    """`prog: message` on stderr, from the first process only (every rank would say the same)."""
+    if is_first_process():
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+
 def fail(prog: str, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
     """Print `prog: error: message` (from the first process only: every rank fails alike) and exit."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    say(prog, f"error: {message}")
     raise SystemExit(exit_code)
 
 
 @contextmanager
 def one_line_errors(prog: str) -> Iterator[None]:
-    """Turn a `USER_ERRORS` exception raised inside into one line on stderr and its exit code."""
+    """Turn a `USER_ERRORS` exception raised inside into one line on stderr and its exit code. Also a
+    decorator: `@one_line_errors("prog")` on the functions a command line (or a wrapper script) calls."""
     try:
         yield
     except USER_ERRORS as e:
-        fail(prog, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, exit_code_of(e))
+        fail(prog, first_line(e), exit_code_of(e))

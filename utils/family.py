@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from utils.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError, ValueError):
     """A model whose pipeline class no family serves; the message is one line for the user."""
 
 

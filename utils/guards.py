@@ -13,12 +13,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather_object
+
+from utils.errors import EXIT_RUN_FAILED, UserError
 
 EXIT_NONFINITE = 3  # the run stopped on non-finite values (nothing non-finite was written)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """The run cannot go on: too many non-finite steps in a row, or non-finite weights."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class LoraDesyncError(UserError, RuntimeError):
+    """The processes of a data-parallel run ended with different LoRA weights."""
+
+    exit_code = EXIT_RUN_FAILED
 
 
 def any_rank(accelerator, flag: bool | torch.Tensor) -> bool:
@@ -104,9 +115,13 @@ def lora_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def lora_digests_across_ranks(accelerator, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """This rank's digest gathered from every rank (the same list on all of them)."""
-    from accelerate.utils import gather_object
-
+def ensure_same_lora_on_all_ranks(accelerator, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The LoRA's digest, the same on every process; LoraDesyncError (on all of them) when it is not. Data
+    parallelism must leave every process with the same LoRA: a silent desync would make the saved weights
+    depend on which rank wrote them."""
     digest = lora_digest(state_dict)
-    return list(gather_object([digest])) if accelerator.num_processes > 1 else [digest]
+    digests = list(gather_object([digest])) if accelerator.num_processes > 1 else [digest]
+    if len(set(digests)) > 1:
+        raise LoraDesyncError(f"the LoRA weights differ across processes (sha256 {', '.join(d[:12] for d in digests)}), "
+                              "a data-parallel desync; the LoRA was not written")
+    return digest

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from diffusers.training_utils import _collate_lora_metadata
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
+
+from utils.errors import EXIT_RUN_FAILED, UserError
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # `--lora_target_modules` presets; anything else is a list of module names (PEFT's target_modules).
@@ -45,6 +47,7 @@ def add_lora(
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
 ) -> list[torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA adapter named "default", and return its (fp32) parameters."""
+    check_lora_targets(unet, expand_target_modules(target_modules))
     unet.requires_grad_(False)
     config = LoraConfig(
         r=rank,
@@ -91,6 +94,28 @@ def _grad_only_dropout(unet: torch.nn.Module) -> None:
                 dropouts[adapter] = GradOnlyDropout(module.p, module.inplace).train(unet.training)
 
 
+def unmatched_targets(module_names: Iterable[str], targets: Iterable[str]) -> list[str]:
+    """Targets that name no module, with PEFT's rule for a list of names (the name or its last parts)."""
+    names = list(module_names)
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def check_lora_targets(unet: torch.nn.Module, targets: Iterable[str]) -> None:
+    """UserError naming the targets no UNet module matches, with the UNet's commonest layer names as a hint
+    (PEFT's own error lists every module)."""
+    missing = unmatched_targets((n for n, _ in unet.named_modules()), targets)
+    if not missing:
+        return
+    layers: dict[str, int] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            short = ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
+            layers[short] = layers.get(short, 0) + 1
+    examples = ", ".join(sorted(layers, key=lambda k: -layers[k])[:10])
+    raise UserError(f"--lora_target_modules: no UNet module is named {' '.join(missing)} "
+                    f"(presets: attention, attention+ff; layer names include {examples})")
+
+
 @contextmanager
 def adapters_disabled(unet: torch.nn.Module):
     """Run the frozen base model: the same UNet with its LoRA switched off.
@@ -118,8 +143,10 @@ def inference_metadata(unet: torch.nn.Module) -> dict[str, dict]:
     return {key: {**config, "lora_dropout": 0.0} for key, config in _collate_lora_metadata({"unet": unet}).items()}
 
 
-class LoraWriteError(OSError):
+class LoraWriteError(UserError, OSError):
     """The LoRA file could not be written (disk full, permissions); the one already there is intact."""
+
+    exit_code = EXIT_RUN_FAILED
 
 
 def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_main_process: bool = True) -> Path:

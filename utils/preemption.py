@@ -17,6 +17,8 @@ import signal
 
 import torch
 
+from utils.errors import is_first_process
+
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -28,10 +30,6 @@ def _say(message: str) -> None:
     # os.write, not print: a handler may interrupt a print in progress, and a buffered stream
     # refuses re-entrant writes.
     os.write(2, f"train_draftplus.py: {message}\n".encode())
-
-
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 class Preemption:
@@ -57,12 +55,12 @@ class Preemption:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if not self.armed:
-            if _is_rank_zero():
+            if is_first_process():
                 _say(f"{name} before training started; exiting (nothing to save)")
             raise SystemExit(exit_code(signum))
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: quit now, without the checkpoint
-        if self.signum is None and _is_rank_zero():
+        if self.signum is None and is_first_process():
             _say(f"{name} received; saving a checkpoint at the end of this step"
                  + (" (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""))
         self.signum = self.signum or signum

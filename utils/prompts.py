@@ -15,6 +15,7 @@ import random
 import tarfile
 from collections.abc import Sequence
 
+from utils.errors import UserError
 from utils.hub import hub_cached, hub_offline
 
 # The 45 "simple animals" of the DDPO / AlignProp benchmarks.
@@ -28,7 +29,7 @@ PICKAPIC_DATASET = "yuvalkirstain/pickapic_v2_no_images"
 BUILTIN_SOURCES = ("animals", "pickapic")
 
 
-class PromptSourceError(ValueError):
+class PromptSourceError(UserError, ValueError):
     """A `--prompts` value that cannot give any prompt."""
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from utils.run_dir import METRICS_NAME
+
 
 def finish_run(args, accelerator, models, validation, repo_id: str | None, step: int, lora_file: Path) -> str:
     """Write everything besides the LoRA and the checkpoints; returns the summary to print."""
@@ -20,7 +22,7 @@ def finish_run(args, accelerator, models, validation, repo_id: str | None, step:
 
         kohya = export_kohya(lora_file)
         lines.append(f"kohya/webui LoRA: {kohya}")
-    lines.append(f"metrics: {out / 'metrics.jsonl'}")
+    lines.append(f"metrics: {out / METRICS_NAME}")
 
     summary = None
     if validation is not None:

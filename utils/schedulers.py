@@ -1,9 +1,8 @@
-"""The samplers the trainer and the evaluator offer, by short name (diffusers scheduler class names).
-
-Kept free of heavy imports: the trainer validates `--scheduler` before any library is loaded.
-"""
+"""The samplers the trainer and the evaluator offer, by short name (diffusers scheduler class names)."""
 
 from __future__ import annotations
+
+from utils.errors import UserError
 
 SCHEDULERS: dict[str, str | None] = {
     "ddim": "DDIMScheduler",
@@ -26,7 +25,7 @@ ROLLOUT_SCHEDULERS = (
 )
 
 
-class SchedulerError(ValueError):
+class SchedulerError(UserError, ValueError):
     """A sampler that cannot serve a training rollout; the message is one line for the user."""
 
 

@@ -292,6 +292,7 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
     try:
         family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                      vae_name_or_path=args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
+                                     vae_dtype=checked.family.vae_load_dtype(weight_dtype),
                                      quantize_base=args.quantize_base, **checked.family_options)
     except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
         raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
@@ -304,7 +305,7 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
         if not (model is family.denoiser and family.quantized):
             model.to(accelerator.device)
     family.vae.requires_grad_(False).eval().to(accelerator.device)
-    if family.vae.dtype != family.vae_dtype(weight_dtype):  # SDXL's fixed VAE in fp16 (loaded in fp32 to decide)
+    if family.vae.dtype != family.vae_dtype(weight_dtype):  # e.g. SDXL's fp16-fix VAE, loaded in fp32 to decide
         family.vae.to(dtype=family.vae_dtype(weight_dtype))
     scheduler = getattr(diffusers, checked.scheduler).from_config(family.pipe.scheduler.config)
     return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,

@@ -314,6 +314,49 @@ def test_draft_lv_renoises_x0_to_the_last_sigma(tiny_sd3_path):
     assert not torch.allclose(out.images[0], out.images[1])  # independent re-noising per copy
 
 
+def saved_bytes(fn):
+    """Bytes of the distinct tensors autograd keeps for backward while fn runs (and fn's result)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flux_dev_path", "tiny_sd3_path"])
+def test_t5_runs_once_without_grad_and_checkpointing_saves_memory_with_the_same_gradients(fixture, request):
+    """One step encodes its prompts once, T5 under no_grad; checkpointing the transformer and the VAE
+    decoder (the trainer keeps them in eval mode) keeps less for backward and gives the same gradients."""
+    family = load(request.getfixturevalue(fixture))
+    t5 = family.text_encoders[-1]
+    params = add_random_lora(family)
+    calls = []
+    hook = t5.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=3.5, truncation_steps=2)
+
+    def step():
+        return draftplus_step(models_of(family), mean_red, PROMPTS, noise_for(family), config, kl_coeff=1.0)
+
+    try:
+        plain_bytes, (loss, _, _) = saved_bytes(step)
+        passes = 2 if isinstance(family, StableDiffusion3) else 1  # SD3's encode_prompt: prompts, then negatives
+        assert calls == [False] * passes  # once for the batch, without autograd
+        plain = torch.autograd.grad(loss, params)
+        family.denoiser.enable_gradient_checkpointing()
+        family.vae.enable_gradient_checkpointing()
+        assert not family.denoiser.training and not family.vae.training
+        ckpt_bytes, (loss_ckpt, _, _) = saved_bytes(step)
+    finally:
+        hook.remove()
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+    for a, b in zip(plain, torch.autograd.grad(loss_ckpt, params), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 # ------------------------------------------------------------- the rectified-flow identities
 
 

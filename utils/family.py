@@ -159,7 +159,7 @@ class ModelFamily:
     """A text-to-image pipeline family; an instance wraps one loaded pipeline.
 
     The pipeline object holds the frozen text encoders, the VAE and the (LoRA-carrying) denoiser (a UNet or
-    a transformer); the trainer moves and casts those. The family owns everything that differs between
+    a transformer), loaded in the run's dtype. The family owns everything that differs between
     families, so the rollout and the trainer have no family-specific branch: the denoiser call with its
     guidance (`predict`), the prompt conditioning (`encode_prompts`), the noise parametrisation and timesteps
     of a rollout (`parametrisation`), the latent shape, the size rule, the rollout defaults, the LoRA presets
@@ -240,14 +240,15 @@ class ModelFamily:
         variant: str | None = None,
         vae_name_or_path: str | None = None,
         dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
         quantize_base: str | None = None,
         **options: Any,
     ) -> ModelFamily:
-        """Load the pipeline with its weights in `dtype` (the VAE in fp32 where the family may upcast it),
-        optionally with a replacement VAE, and with `quantize_base="nf4"` the denoiser in bitsandbytes 4-bit
-        (QLoRA; needs CUDA). `options`: the family's `options` (e.g. max_sequence_length)."""
+        """Load the pipeline with its weights in `dtype` (the VAE in `vae_dtype`, default `dtype`), optionally
+        with a replacement VAE, and with `quantize_base="nf4"` the denoiser in bitsandbytes 4-bit (QLoRA;
+        needs CUDA). `options`: the family's `options` (e.g. max_sequence_length)."""
         kwargs = dict(cls.load_kwargs)
-        vae_dtype = torch.float32 if cls.upcast_vae_in_fp16 else dtype
+        vae_dtype = vae_dtype or dtype
         if vae_name_or_path is not None:
             from diffusers import AutoencoderKL
 
@@ -305,6 +306,12 @@ class ModelFamily:
         """The rollout's noise for images of height x width: [B, C, h, w] (FLUX's too: it packs only around
         its transformer call)."""
         return (batch_size, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    @classmethod
+    def vae_load_dtype(cls, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype to load the VAE in for a run in `weight_dtype`: fp32 where `vae_dtype` may keep it so
+        (its config decides, once loaded)."""
+        return torch.float32 if cls.upcast_vae_in_fp16 else weight_dtype
 
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The VAE's dtype under mixed precision: fp32 where the family's pipeline would upcast it

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""DRaFT+ : direct reward fine-tuning of Stable Diffusion LoRAs, with a KL-style regulariser.
+"""DRaFT+ : direct reward fine-tuning of text-to-image diffusion LoRAs, with a KL-style regulariser.
 
-Each training sample: draw x_T, denoise with the LoRA UNet (no autograd for the first T-K steps),
-keep gradients through the last K steps and the VAE decoder, score the image with a differentiable
-reward, and minimise
+Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3/3.5 and FLUX.1. Each training sample: draw x_T, denoise
+with the LoRA denoiser (UNet or transformer; no autograd for the first T-K steps), keep gradients through
+the last K steps and the VAE decoder, score the image with a differentiable reward, and minimise
 
     loss = -mean_b R(x0_b, prompt_b) + kl_coeff * mean_k mean_{b,c,h,w} (eps_theta - eps_ref)^2
 
-where eps_ref is the same UNet with its LoRA disabled, on the same noisy latent. kl_coeff = 0 is
-plain DRaFT. Launch with `accelerate launch train_draftplus.py ...`; `--help` lists every option.
+where eps_theta is the noise implied by the guided prediction and eps_ref the same for the same denoiser
+with its LoRA disabled, on the same noisy latent. kl_coeff = 0 is plain DRaFT. Launch with
+`accelerate launch train_draftplus.py ...`; `--help` lists every option.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ from utils import arg_checks, guards
 from utils.checkpoints import (
     Checkpointer,
     checkpoint_step,
+    denoiser_fingerprint,
     public_args,
     register_lora_hooks,
     run_config,
-    unet_fingerprint,
 )
-from utils.compile import compile_no_grad_unet
+from utils.compile import compile_no_grad_denoiser
 from utils.errors import UserError, fail, first_line, one_line_errors, say
 from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
 from utils.preemption import Preemption, exit_code
@@ -76,16 +77,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                   help="Hub id or local directory of a diffusers Stable Diffusion 1.x/2.x or SDXL pipeline\n"
-                        "(the family is read from model_index.json). 'toy' uses the built-in pretrained toy\n"
-                        "model (CPU demo, no hub needed).")
+                   help="Hub id or local directory of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL,\n"
+                        "Stable Diffusion 3/3.5 or FLUX.1 (dev or schnell); the family is read from\n"
+                        "model_index.json. 'toy' uses the built-in pretrained toy model (CPU demo, no hub needed).")
     g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                    help="A replacement VAE (hub id or local dir), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL\n"
                         "in fp16. Without it, SDXL's own VAE is kept in fp32 under fp16, as its pipeline does.")
     g.add_argument("--revision", type=str, default=None, help="Hub revision of the model.")
     g.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
-    g.add_argument("--scheduler", type=str, default="ddim", choices=sorted(SCHEDULERS),
-                   help="Sampler used for the training rollout (default: ddim; 'model' = the model's own).")
+    g.add_argument("--scheduler", type=str, default=None, choices=sorted(SCHEDULERS),
+                   help="Sampler used for the training rollout ('model' = the model's own). Default: ddim for\n"
+                        "SD/SDXL; SD3 and FLUX sample with their own flow-matching Euler sampler (only 'model').")
+    g.add_argument("--quantize_base", type=str, default=None, choices=["nf4"],
+                   help="QLoRA: load the frozen denoiser in bitsandbytes 4-bit NF4 (computing in the weight dtype)\n"
+                        "under the LoRA, as diffusers' FLUX QLoRA example; CUDA only. The DRaFT+ reference\n"
+                        "(adapters disabled) is then the quantized base model.")
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", type=str, default="animals",
@@ -98,15 +104,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="Use the first N distinct prompts of the source. Hub datasets are streamed, so\n"
                         "'--prompts pickapic --max_prompts 10000' starts in seconds instead of after\n"
                         "downloading every shard.")
-    g.add_argument("--negative_prompt", type=str, default="", help="Negative prompt for classifier-free guidance.")
+    g.add_argument("--negative_prompt", type=str, default="",
+                   help="Negative prompt for classifier-free guidance (FLUX: for true CFG, with --true_cfg_scale).")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3/FLUX: T5 prompt tokens (at most 512; default: the pipeline's, 256 for SD3 and\n"
+                        "FLUX.1-schnell, 512 for FLUX.1-dev).")
     g.add_argument("--resolution", type=int, default=512,
-                   help="Image height and width (multiple of 8); 1024 for SDXL.")
-    g.add_argument("--height", type=int, default=None, help="Image height (multiple of 8; default --resolution).")
-    g.add_argument("--width", type=int, default=None, help="Image width (multiple of 8; default --resolution).")
+                   help="Image height and width: a multiple of 8 (SD, SDXL) or 16 (SD3, FLUX); 1024 for SDXL,\n"
+                        "SD3 and FLUX.")
+    g.add_argument("--height", type=int, default=None, help="Image height (multiple of 8 or 16; default --resolution).")
+    g.add_argument("--width", type=int, default=None, help="Image width (multiple of 8 or 16; default --resolution).")
 
     g = p.add_argument_group("rollout")
-    g.add_argument("--num_inference_steps", type=int, default=50, help="T: denoising steps per sample.")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale (<=1: off).")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help="T: denoising steps per sample (default: 50 for SD/SDXL, 28 for SD3 and FLUX.1-dev,\n"
+                        "4 for FLUX.1-schnell).")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance scale (<=1: off; default 7.5 for SD/SDXL, 7.0 for SD3). FLUX.1-dev:\n"
+                        "the distilled guidance its transformer takes, one pass per step (default 3.5);\n"
+                        "FLUX.1-schnell takes none.")
+    g.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="FLUX only: true classifier-free guidance with --negative_prompt (a second transformer\n"
+                        "pass per step), on when > 1, as FluxPipeline's true_cfg_scale. Default 1 (off).")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic sampler).")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: the last K denoising steps get gradients (DRaFT-K). Default 1.")
@@ -115,7 +134,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--final_latent", type=str, default="x0", choices=["x0", "sample"],
                    help="What the VAE decodes after the last step: the model's x0 prediction (default, as\n"
                         "NeMo-Aligner's DRaFT+, so kl_coeff means what it means in NVIDIA's recipes), or the\n"
-                        "scheduler's own final sample (images bit-identical to the diffusers pipeline's).")
+                        "scheduler's own final sample (images bit-identical to the diffusers pipeline's).\n"
+                        "SD3/FLUX: the last Euler step lands on sigma 0, so both are the same latent.")
 
     g = p.add_argument_group("objective")
     g.add_argument("--reward", type=str, default="pickscore",
@@ -128,16 +148,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--reward_gradient_checkpointing", action="store_true",
                    help="Checkpoint the reward model's activations (less memory, ~30%% more reward compute).")
     g.add_argument("--kl_coeff", type=float, default=0.1,
-                   help="Weight of the DRaFT+ penalty mean (eps_lora - eps_base)^2. 0 = plain DRaFT.")
+                   help="Weight of the DRaFT+ penalty mean (eps_lora - eps_base)^2, eps the noise implied by the\n"
+                        "guided prediction (every family alike). 0 = plain DRaFT.")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank).")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
     g.add_argument("--lora_target_modules", type=str, nargs="+", default=["attention"],
-                   help="UNet modules that get LoRA adapters: 'attention' (to_q to_k to_v to_out.0, the default,\n"
-                        "as diffusers' scripts), 'attention+ff' (adds ff.net.0.proj ff.net.2, as NeMo-Aligner),\n"
-                        "or module names.")
+                   help="Denoiser modules that get LoRA adapters: 'attention' (the default, as diffusers' LoRA\n"
+                        "scripts: to_q to_k to_v to_out.0; on SD3/FLUX also the text stream's add_q_proj add_k_proj\n"
+                        "add_v_proj to_add_out), 'attention+ff' (adds the feed-forward layers, ff.net.0.proj\n"
+                        "ff.net.2 as NeMo-Aligner; on SD3/FLUX also ff_context.*, and FLUX's single blocks'\n"
+                        "proj_mlp and proj_out), or module names.")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
@@ -162,12 +185,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Overrides accelerate's config. Frozen weights are cast to this dtype; LoRA stays fp32.")
     g.add_argument("--gradient_checkpointing", action="store_true",
-                   help="Checkpoint the graded UNet steps and the VAE decoder (memory flat in K).")
+                   help="Checkpoint the graded denoiser steps and the VAE decoder (memory flat in K).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the rollout's no-grad UNet calls (the T-K prefix and the adapters-off\n"
+                   help="torch.compile the rollout's no-grad denoiser calls (the T-K prefix and the adapters-off\n"
                         "reference; CUDA graphs on GPUs); the graded steps stay eager. Opt-in: the first steps\n"
-                        "compile (minutes for SD-size UNets). Speed: benchmarks/RESULTS.md.")
+                        "compile (minutes for SD-size UNets). SD/SDXL. Speed: benchmarks/RESULTS.md.")
     g.add_argument("--seed", type=int, default=0, help="Seed for LoRA init, prompts and noise.")
 
     g = p.add_argument_group("validation")
@@ -250,7 +273,7 @@ def accumulate_gradients(accelerator: Accelerator, models: Models, reward_fn: Ca
         generator = torch.Generator(accelerator.device).manual_seed(step_seed(args.seed, *keys))
         noise = randn_tensor(latent_shape, generator=generator, device=accelerator.device, dtype=torch.float32)
         # Only the last micro-step all-reduces gradients across processes.
-        sync = contextlib.nullcontext() if micro == count - 1 else accelerator.no_sync(models.unet)
+        sync = contextlib.nullcontext() if micro == count - 1 else accelerator.no_sync(models.denoiser)
         with sync, accelerator.autocast():
             loss, rewards, penalty = draftplus_step(models, reward_fn, batch, noise, config, args.kl_coeff,
                                                     args.negative_prompt, generator)
@@ -261,22 +284,32 @@ def accumulate_gradients(accelerator: Accelerator, models: Models, reward_fn: Ca
 
 
 def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accelerator: Accelerator) -> Models:
-    """The model's pipeline, frozen and cast to the run's dtype (the VAE to its family's), with the
-    training rollout's sampler. Only the LoRA adapters added later train."""
+    """The model's pipeline, loaded in the run's dtype (the VAE in its family's), frozen, with the training
+    rollout's sampler; with --quantize_base the denoiser's base weights in 4-bit. Only the LoRA adapters
+    added later train."""
+    mixed = accelerator.mixed_precision
+    weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
     try:
         family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-                                     vae_name_or_path=args.pretrained_vae_model_name_or_path)
+                                     vae_name_or_path=args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
+                                     vae_dtype=checked.family.vae_load_dtype(weight_dtype),
+                                     quantize_base=args.quantize_base, **checked.family_options)
     except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
         raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
                         "point --pretrained_model_name_or_path at a local copy (a directory saved with "
                         "save_pretrained)") from e
-    mixed = accelerator.mixed_precision
-    weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
-    for model in (*family.text_encoders, family.unet):
-        model.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
-    family.vae.requires_grad_(False).eval().to(accelerator.device, dtype=family.vae_dtype(weight_dtype))
+    # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
+    # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device.
+    for model in (*family.text_encoders, family.denoiser):
+        model.requires_grad_(False).eval()
+        if not (model is family.denoiser and family.quantized):
+            model.to(accelerator.device)
+    family.vae.requires_grad_(False).eval().to(accelerator.device)
+    if family.vae.dtype != family.vae_dtype(weight_dtype):  # e.g. SDXL's fp16-fix VAE, loaded in fp32 to decide
+        family.vae.to(dtype=family.vae_dtype(weight_dtype))
     scheduler = getattr(diffusers, checked.scheduler).from_config(family.pipe.scheduler.config)
-    return Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae, scheduler=scheduler)
+    return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
+                  scheduler=scheduler)
 
 
 def save_final_lora(accelerator: Accelerator, args: argparse.Namespace, models: Models,
@@ -284,13 +317,13 @@ def save_final_lora(accelerator: Accelerator, args: argparse.Namespace, models: 
     """The trained LoRA into --output_dir (by the main process; None elsewhere), once it is known to be
     finite and the same on every process."""
     guards.ensure_finite_weights(accelerator, lora_params, "the LoRA")
-    digest = guards.ensure_same_lora_on_all_ranks(accelerator, lora_state_dict(models.raw_unet))
+    digest = guards.ensure_same_lora_on_all_ranks(accelerator, lora_state_dict(models.raw_denoiser, models.family))
     logger.info(f"LoRA sha256 {digest} (process {accelerator.process_index}, equal on all "
                 f"{accelerator.num_processes})", main_process_only=False)
     if not accelerator.is_main_process:
         return None
     try:
-        return save_lora(models.raw_unet, args.output_dir, models.family)
+        return save_lora(models.raw_denoiser, args.output_dir, models.family)
     except LoraWriteError as e:
         raise LoraWriteError(f"{e}; the newest checkpoint is {newest_checkpoint}") from e
 
@@ -322,9 +355,9 @@ def main(args: argparse.Namespace) -> None:
                               token=args.hub_token).repo_id
 
     models = load_models(args, checked, accelerator)
-    lora_params = add_lora(models.unet, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
+    lora_params = add_lora(models.denoiser, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
     if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+        models.denoiser.enable_gradient_checkpointing()
         models.vae.enable_gradient_checkpointing()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -348,22 +381,21 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    models.raw_unet = accelerator.unwrap_model(models.unet)
+    models.denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
+    models.raw_denoiser = accelerator.unwrap_model(models.denoiser)
     if args.compile:  # after prepare(): weights on their device, in their dtype, for good
-        models.no_grad_unet = compile_no_grad_unet(models.raw_unet, models.vae)
+        models.no_grad_denoiser = compile_no_grad_denoiser(models.raw_denoiser, models.vae)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("draftplus", config=public_args(args))
     rollout_config = RolloutConfig(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                    truncation_steps=args.truncation_steps, eta=args.eta, lv_samples=args.lv_samples,
                                    final_latent=args.final_latent)
-    latent_shape = (args.train_batch_size, models.raw_unet.config.in_channels,
-                    args.height // models.family.vae_scale_factor, args.width // models.family.vae_scale_factor)
+    latent_shape = models.family.latent_shape(args.train_batch_size, args.height, args.width)
     # What each checkpoint records, so that a resume with another model or LoRA shape is refused.
     checkpoints = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit, lora_params,
                                run_config(args, checked.lora_targets,
-                                          unet_fingerprint(args.pretrained_model_name_or_path, args.revision)),
+                                          denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)),
                                last=checked.resume_from)
     global_step = checked.first_step
     if checked.resume_from is not None:

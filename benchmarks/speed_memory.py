@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from rewards import resolve_dtype  # noqa: E402
 from utils.compile import (  # noqa: E402
     RecompileError,
-    compile_no_grad_unet,
+    compile_no_grad_denoiser,
     compiled_graph_count,
     cudagraph_skip_count,
     default_compile_options,
@@ -226,7 +226,7 @@ def make_models(pipe, device, rank: int = 4) -> Models:
         module.requires_grad_(False).to(device)
     add_lora(pipe.unet, rank=rank)  # LoRA weights in fp32, the frozen UNet in its dtype, as the trainer has them
     give_lora_a_trained_look(pipe.unet)
-    return Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler)
+    return Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler)
 
 
 def plain_unet_of(lora_unet: torch.nn.Module) -> torch.nn.Module:
@@ -257,7 +257,7 @@ def training_sample(models, reward, prompts, noise, config, kl_coeff, autocast_d
         loss, _, _ = draftplus_step(models, reward, prompts, noise, config, kl_coeff)
     with torch.profiler.record_function("draftplus/backward"):
         loss.backward()
-    for p in models.unet.parameters():
+    for p in models.denoiser.parameters():
         p.grad = None
 
 
@@ -285,25 +285,25 @@ class Sides:
         if "train_compiled" in names or "pipeline_compiled" in names:
             vae_c = copy.deepcopy(models.vae)  # channels_last on CUDA (the compiled sides' VAE)
         if "train_compiled" in names:
-            unet_c = copy.deepcopy(models.raw_unet)
+            unet_c = copy.deepcopy(models.raw_denoiser)
             scheduler = models.scheduler.__class__.from_config(models.scheduler.config)
-            no_grad_unet = compile_no_grad_unet(unet_c, vae_c, backend=args.compile_backend)
-            self.models["train_compiled"] = Models(family=models.family, unet=unet_c, raw_unet=unet_c, vae=vae_c,
-                                                   scheduler=scheduler, no_grad_unet=no_grad_unet)
+            no_grad_denoiser = compile_no_grad_denoiser(unet_c, vae_c, backend=args.compile_backend)
+            self.models["train_compiled"] = Models(family=models.family, denoiser=unet_c, raw_denoiser=unet_c, vae=vae_c,
+                                                   scheduler=scheduler, no_grad_denoiser=no_grad_denoiser)
         self.pipes = {}
         if "pipeline" in names:
-            self.pipes["pipeline"] = pipeline_with(pipe, plain_unet_of(models.raw_unet), models.vae)
+            self.pipes["pipeline"] = pipeline_with(pipe, plain_unet_of(models.raw_denoiser), models.vae)
         if "pipeline_compiled" in names:
             # diffusers' recipe (docs: optimization/fp16#torch.compile): channels_last, then
             # pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-            plain = plain_unet_of(models.raw_unet)
+            plain = plain_unet_of(models.raw_denoiser)
             if device.type == "cuda":
                 plain.to(memory_format=torch.channels_last)
             compiled_pipe = pipeline_with(pipe, plain, vae_c)
             compiled_pipe.unet = torch.compile(plain, fullgraph=True, **compile_options)
             self.pipes["pipeline_compiled"] = compiled_pipe
         if "pipeline_lora" in names:
-            self.pipes["pipeline_lora"] = pipeline_with(pipe, models.raw_unet, models.vae)
+            self.pipes["pipeline_lora"] = pipeline_with(pipe, models.raw_denoiser, models.vae)
 
     def fn(self, name, prompts, noise, config):
         if name.startswith("train"):
@@ -332,8 +332,8 @@ class Sides:
                 loss.backward()
                 sync(noise.device)
                 seconds[name] = time.perf_counter() - start
-                grads = torch.cat([p.grad.flatten().float() for p in models.unet.parameters() if p.grad is not None])
-                for p in models.unet.parameters():
+                grads = torch.cat([p.grad.flatten().float() for p in models.denoiser.parameters() if p.grad is not None])
+                for p in models.denoiser.parameters():
                     p.grad = None
                 out[name] = {"images": images[0], "rewards": rewards.float(), "penalty": penalty.float(), "grads": grads}
             else:
@@ -555,7 +555,7 @@ def main(argv=None) -> None:
     if need_compiled and "train_compiled" in args.sides and "train_compiled" not in names:
         names.append("train_compiled")  # memory and profile cover the compiled path too
     sides = Sides(pipe, models, reward, names or ["train"], args, dtype)
-    train_modules = [(m.raw_unet, m.vae) for k, m in sides.models.items()]
+    train_modules = [(m.raw_denoiser, m.vae) for k, m in sides.models.items()]
 
     # 2. Timing: all sides interleaved, so that drift of the machine hits them alike.
     if "timing" in args.sections:
@@ -615,16 +615,16 @@ def main(argv=None) -> None:
 
     def activations(models, T, K, checkpointing):
         config = RolloutConfig(num_inference_steps=T, guidance_scale=7.5, truncation_steps=K)
-        set_checkpointing((models.raw_unet, models.vae), checkpointing)
+        set_checkpointing((models.raw_denoiser, models.vae), checkpointing)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             n = saved_activation_bytes(lambda: draftplus_step(models, reward, prompts, noise, config, args.kl_coeff),
-                                       (models.raw_unet, models.vae, *text_encoders, reward))
+                                       (models.raw_denoiser, models.vae, *text_encoders, reward))
         peak = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             training_sample(models, reward, prompts, noise, config, args.kl_coeff, dtype)
             peak = torch.cuda.max_memory_allocated()
-        set_checkpointing((models.raw_unet, models.vae), False)
+        set_checkpointing((models.raw_denoiser, models.vae), False)
         return n, peak
 
     if "memory" in args.sections:

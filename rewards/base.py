@@ -2,7 +2,7 @@
 
 A reward maps a batch of images in [0, 1] (and their prompts) to one float32 score per image,
 higher is better, and must be differentiable with respect to the images: DRaFT+ backpropagates
-the reward through the VAE decoder into the UNet's LoRA weights. The reward's own weights are
+the reward through the VAE decoder into the denoiser's LoRA weights. The reward's own weights are
 never trained, so they are frozen and the module is pinned to eval mode (dropout off, and no
 train-mode batch statistics), even if the trainer calls `.train()` on every module it owns.
 

@@ -43,3 +43,33 @@ def tiny_sdxl_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-sdxl")
     build_random_sdxl_pipeline(path, seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusion3Pipeline shaped like SD3.5-Medium (VAE factor 2: 48x32 images are 24x16 latents)."""
+    from utils.tiny_models import build_random_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    build_random_sd3_pipeline(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev_path(tmp_path_factory) -> Path:
+    """A tiny random FluxPipeline like FLUX.1-dev: a guidance embedding, the dynamic shift."""
+    from utils.tiny_models import build_random_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux-dev")
+    build_random_flux_pipeline(path, guidance_embeds=True, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_path(tmp_path_factory) -> Path:
+    """A tiny random FluxPipeline like FLUX.1-schnell: no guidance embedding, a fixed shift."""
+    from utils.tiny_models import build_random_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux-schnell")
+    build_random_flux_pipeline(path, guidance_embeds=False, seed=0)
+    return path

@@ -65,6 +65,9 @@ BAD_INPUTS = {
     "fp16 from the accelerate config on CPU": ([], "mixed_precision: fp16 (accelerate config) needs a GPU",
                                                {"ACCELERATE_MIXED_PRECISION": "fp16"}),
     "8-bit Adam on CPU": (["--use_8bit_adam"], "--use_8bit_adam (bitsandbytes' AdamW8bit) needs a CUDA GPU"),
+    "4-bit base on CPU": (["--quantize_base", "nf4"], "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU"),
+    "4-bit FLUX base on CPU": (["--pretrained_model_name_or_path", "{flux}", "--quantize_base", "nf4"],
+                               "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU"),
     "torchrun on CPU without ACCELERATE_USE_CPU": ([], "only with ACCELERATE_USE_CPU=true",
                                                    {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}),
     "accelerate multi-CPU launch that starts one process": (
@@ -74,9 +77,37 @@ BAD_INPUTS = {
     "missing model path": (["--pretrained_model_name_or_path", "/nonexistent/model"], "does not exist"),
     "hub model not cached offline": (["--pretrained_model_name_or_path", "someone/not-cached-model"],
                                      "HF_HUB_OFFLINE is set; point --pretrained_model_name_or_path at a local copy"),
-    "unsupported pipeline": (["--pretrained_model_name_or_path", "{flux}"], "FluxPipeline pipelines are not supported"),
+    "unsupported pipeline": (["--pretrained_model_name_or_path", "{kandinsky}"],
+                             "KandinskyV22Pipeline pipelines are not supported"),
     "model's sampler cannot train": (["--pretrained_model_name_or_path", "{lcm}", "--scheduler", "model"],
                                      "LCMScheduler cannot serve a training rollout"),
+    # the options of the families, and their size rules
+    "unknown quantization": (["--quantize_base", "int3"], "argument --quantize_base: invalid choice"),
+    "FLUX height not multiple of 16": (["--pretrained_model_name_or_path", "{flux}", "--height", "40"],
+                                       "--height must be a multiple of 16 for FluxPipeline models, got 40"),
+    "SD3 resolution not multiple of 16": (["--pretrained_model_name_or_path", "{sd3}", "--resolution", "24"],
+                                          "--resolution must be a multiple of 16 for StableDiffusion3Pipeline models"),
+    "true CFG on SD": (["--true_cfg_scale", "2"],
+                       "--true_cfg_scale is for FluxPipeline models; StableDiffusionPipeline models do not take it"),
+    "true CFG on SD3": (["--pretrained_model_name_or_path", "{sd3}", "--true_cfg_scale", "2", "--negative_prompt", "x"],
+                        "--true_cfg_scale is for FluxPipeline models; StableDiffusion3Pipeline models do not take it"),
+    "T5 length on SD": (["--max_sequence_length", "77"], "--max_sequence_length is for StableDiffusion3Pipeline and "
+                        "FluxPipeline models; StableDiffusionPipeline models do not take it"),
+    "T5 length above 512": (["--pretrained_model_name_or_path", "{flux}", "--max_sequence_length", "600"],
+                            "--max_sequence_length must be between 1 and 512, got 600"),
+    "FLUX true CFG without a negative prompt": (["--pretrained_model_name_or_path", "{flux}", "--true_cfg_scale", "2"],
+                                                "--true_cfg_scale needs --negative_prompt"),
+    "FLUX negative prompt without true CFG": (["--pretrained_model_name_or_path", "{flux}", "--negative_prompt", "blur"],
+                                              "--negative_prompt acts on FLUX only with --true_cfg_scale > 1"),
+    "guidance for FLUX.1-schnell": (["--pretrained_model_name_or_path", "{schnell}", "--guidance_scale", "3.5"],
+                                    "--guidance_scale does not reach this model"),
+    "DDIM for FLUX": (["--pretrained_model_name_or_path", "{flux}", "--scheduler", "ddim"],
+                      "DDIMScheduler cannot serve a training rollout (supported: FlowMatchEulerDiscreteScheduler); "
+                      "choose --scheduler model"),
+    "FLUX validation not yet": (["--pretrained_model_name_or_path", "{flux}", "--validation_prompts", "a cat"],
+                                "--validation_prompts is not available for FluxPipeline models yet"),
+    "SD3 --compile not yet": (["--pretrained_model_name_or_path", "{sd3}", "--compile"],
+                              "--compile is not available for StableDiffusion3Pipeline models yet"),
     "missing weight variant": (["--variant", "fp16"], "has no fp16 weights"),
     "reward model not cached offline": (["--reward", "pickscore"],
                                         "reward 'pickscore' needs model 'yuvalkirstain/PickScore_v1' from the hub"),
@@ -103,8 +134,8 @@ BAD_INPUTS = {
     "resume latest with another alpha": (["--output_dir", "{previous}", "--resume_from_checkpoint", "latest",
                                           "--lora_alpha", "16"], "--lora_alpha 4, not 16"),
 }
-DEVICE_CASES = {"fp16 on CPU", "fp16 from the accelerate config on CPU", "8-bit Adam on CPU",
-                "torchrun on CPU without ACCELERATE_USE_CPU"}
+DEVICE_CASES = {"fp16 on CPU", "fp16 from the accelerate config on CPU", "8-bit Adam on CPU", "4-bit base on CPU",
+                "4-bit FLUX base on CPU", "torchrun on CPU without ACCELERATE_USE_CPU"}
 
 
 def test_the_table_is_wide():
@@ -117,11 +148,20 @@ def make_inputs(tmp_path, tiny_sd_path):
     (tmp_path / "nocolumn.csv").write_text("name,n\nx,1\n")
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "a_file").write_text("not a directory")
-    for name, index in {"flux": {"_class_name": "FluxPipeline"},
+    for name, index in {"kandinsky": {"_class_name": "KandinskyV22Pipeline"},
                         "lcm": {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "LCMScheduler"]}
                         }.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text(json.dumps(index))
+    # flow-matching pipelines as the checks see them: model_index.json and the transformer's config, no weights
+    flow_scheduler = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    for name, pipeline, transformer in (("sd3", "StableDiffusion3Pipeline", {"patch_size": 2}),
+                                        ("flux", "FluxPipeline", {"guidance_embeds": True, "num_single_layers": 1}),
+                                        ("schnell", "FluxPipeline", {"guidance_embeds": False, "num_single_layers": 1})):
+        (tmp_path / name / "transformer").mkdir(parents=True)
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline,
+                                                                      "scheduler": flow_scheduler}))
+        (tmp_path / name / "transformer" / "config.json").write_text(json.dumps(transformer))
     # a previous run with one checkpoint: rank 4, alpha 4, attention targets, trained on another model
     checkpoint = tmp_path / "previous" / "checkpoint-3"
     checkpoint.mkdir(parents=True)
@@ -136,8 +176,9 @@ def make_inputs(tmp_path, tiny_sd_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / LOCK_NAME).write_text(json.dumps(LockOwner.me().__dict__))
     return dict(tmp=tmp_path, empty=tmp_path / "empty.txt", nocolumn_csv=tmp_path / "nocolumn.csv",
-                empty_csv=tmp_path / "empty.csv", a_file=tmp_path / "a_file", flux=tmp_path / "flux",
-                lcm=tmp_path / "lcm", previous=tmp_path / "previous", checkpoint=checkpoint, busy=tmp_path / "busy")
+                empty_csv=tmp_path / "empty.csv", a_file=tmp_path / "a_file", kandinsky=tmp_path / "kandinsky",
+                lcm=tmp_path / "lcm", previous=tmp_path / "previous", checkpoint=checkpoint, busy=tmp_path / "busy",
+                sd3=tmp_path / "sd3", flux=tmp_path / "flux", schnell=tmp_path / "schnell")
 
 
 def snapshot(root):
@@ -174,7 +215,7 @@ def run(cmd, **env):
 @pytest.mark.parametrize("extra, expected", [
     (["--rank", "x"], "argument --rank: invalid int value: 'x'"),
     (["--prompts", "{nocolumn_csv}"], "has no prompt column"),
-    (["--lora_target_modules", "to_q", "no_such_module"], "--lora_target_modules: no UNet module is named no_such_module"),
+    (["--lora_target_modules", "to_q", "no_such_module"], "--lora_target_modules: no UNet2DConditionModel module is named no_such_module"),
     (["--reward", "pickscore", "--reward_options", "model={tmp}"], "could not load"),
 ], ids=["argparse type", "prompt column", "LoRA targets (after the UNet is built)", "reward weights (after the UNet)"])
 def test_command_line_bad_input_one_error_line_exit_2_no_output_dir(extra, expected, tiny_sd_path, tmp_path):

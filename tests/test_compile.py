@@ -19,9 +19,9 @@ import torch
 from peft.helpers import disable_input_dtype_casting
 
 from utils.compile import (
-    CompiledUNet,
+    CompiledDenoiser,
     RecompileError,
-    compile_no_grad_unet,
+    compile_no_grad_denoiser,
     compiled_graph_count,
     no_new_graphs,
 )
@@ -68,10 +68,10 @@ def setup(tiny_sd_path):
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    eager = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=scheduler)
-    compiled_unet = compile_no_grad_unet(pipe.unet, pipe.vae, backend="aot_eager")
-    compiled = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=scheduler,
-                      no_grad_unet=compiled_unet)
+    eager = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=scheduler)
+    compiled_unet = compile_no_grad_denoiser(pipe.unet, pipe.vae, backend="aot_eager")
+    compiled = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=scheduler,
+                      no_grad_denoiser=compiled_unet)
     before = compiled_graph_count()
     config = RolloutConfig(num_inference_steps=3, guidance_scale=5.0, truncation_steps=1)
     draftplus_step(compiled, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)[0].backward()
@@ -115,7 +115,7 @@ def test_compiled_rollout_gives_the_eager_rewards_penalty_and_lora_gradients(set
 
 def test_compiled_images_equal_eager_images_with_and_without_adapters(setup):
     """The two graphs of the one wrapper: adapters on (the prefix) and off (the reference)."""
-    unet, compiled_unet = setup["eager"].raw_unet, setup["compiled_unet"]
+    unet, compiled_unet = setup["eager"].raw_denoiser, setup["compiled_unet"]
     x, t = noise(), torch.tensor(500)  # the rollout's shapes, dtypes and keywords: the warmed-up graphs
     ehs = torch.randn(4, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
     kwargs = dict(encoder_hidden_states=ehs, added_cond_kwargs=None, return_dict=False)
@@ -156,7 +156,7 @@ def test_memory_kept_for_backward_is_flat_in_t_on_the_compiled_path(setup):
     from benchmarks.speed_memory import saved_activation_bytes
 
     compiled = setup["compiled"]
-    modules = (compiled.raw_unet, compiled.vae, *compiled.family.text_encoders)
+    modules = (compiled.raw_denoiser, compiled.vae, *compiled.family.text_encoders)
 
     def saved(steps):
         config = RolloutConfig(num_inference_steps=steps, guidance_scale=5.0, truncation_steps=1)
@@ -183,7 +183,7 @@ def test_bf16_autocast_euler_rollout_compiles_two_graphs_and_matches_eager(tiny_
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    eager = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=scheduler)
+    eager = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=scheduler)
     config = RolloutConfig(num_inference_steps=4, guidance_scale=5.0, truncation_steps=1)
 
     def run(models):
@@ -191,10 +191,10 @@ def test_bf16_autocast_euler_rollout_compiles_two_graphs_and_matches_eager(tiny_
             return images_and_grads(models, params, config)
 
     r_e, p_e, g_e = run(eager)
-    compiled_unet = compile_no_grad_unet(pipe.unet, pipe.vae, backend="aot_eager")
+    compiled_unet = compile_no_grad_denoiser(pipe.unet, pipe.vae, backend="aot_eager")
     try:
-        compiled = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=scheduler,
-                          no_grad_unet=compiled_unet)
+        compiled = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=scheduler,
+                          no_grad_denoiser=compiled_unet)
         before = compiled_graph_count()
         r_c, p_c, g_c = run(compiled)
         assert compiled_graph_count() - before == 2
@@ -216,7 +216,7 @@ def test_input_dtype_casting_off_is_bitwise_identical_under_bf16_autocast_with_f
             self.n += 1
             return func(*args, **(kwargs or {}))
 
-    unet = load_family(str(tiny_sd_path)).unet.to(torch.bfloat16)
+    unet = load_family(str(tiny_sd_path)).denoiser.to(torch.bfloat16)
     add_lora(unet, rank=4)
     torch.manual_seed(1)
     for name, p in unet.named_parameters():
@@ -238,8 +238,8 @@ def test_input_dtype_casting_off_is_bitwise_identical_under_bf16_autocast_with_f
 
 
 def test_compiled_unet_is_a_wrapper_not_the_module_compiled_in_place(setup):
-    unet, compiled_unet = setup["eager"].raw_unet, setup["compiled_unet"]
-    assert isinstance(compiled_unet, CompiledUNet)
+    unet, compiled_unet = setup["eager"].raw_denoiser, setup["compiled_unet"]
+    assert isinstance(compiled_unet, CompiledDenoiser)
     assert compiled_unet.compiled._orig_mod is unet  # an OptimizedModule around the module
     assert getattr(unet, "_compiled_call_impl", None) is None  # the module itself stays eager (no `.compile()`)
     assert compiled_unet.options["backend"] == "aot_eager" and not compiled_unet.cuda_graphs

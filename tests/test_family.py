@@ -14,7 +14,7 @@ from utils.family import (
     load_family,
     read_model_index,
 )
-from utils.lora import add_lora, expand_target_modules, save_lora
+from utils.lora import add_lora, save_lora
 from utils.rollout import Models, RolloutConfig, decode, draftplus_step, rollout
 
 PROMPTS = ["a red circle", "a cat"]
@@ -24,8 +24,8 @@ def test_family_is_read_from_model_index(tiny_sd_path, tiny_sdxl_path, tmp_path)
     assert family_of(str(tiny_sd_path)) is StableDiffusion
     assert family_of(str(tiny_sdxl_path)) is StableDiffusionXL
     assert family_of("toy") is StableDiffusion
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UnsupportedModelError, match="FluxPipeline pipelines are not supported"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(UnsupportedModelError, match="KandinskyV22Pipeline pipelines are not supported"):
         family_of(str(tmp_path))
     assert StableDiffusionXL.pipeline_class() is StableDiffusionXLPipeline
     assert StableDiffusion.pipeline_class() is StableDiffusionPipeline
@@ -80,8 +80,9 @@ def test_sdxl_rollout_with_final_sample_equals_the_sdxl_pipeline(sdxl, negative_
     config = RolloutConfig(num_inference_steps=4, guidance_scale=5.0, final_latent="sample")
     cond = sdxl.encode_prompts(PROMPTS, negative_prompt, True, height=32, width=32)
     scheduler = sdxl.pipe.scheduler.__class__.from_config(sdxl.pipe.scheduler.config)
+    models = Models(family=sdxl, denoiser=sdxl.denoiser, raw_denoiser=sdxl.denoiser, vae=sdxl.vae, scheduler=scheduler)
     with torch.no_grad():
-        ours = rollout(sdxl.unet, scheduler, sdxl.vae, cond, z, config, with_reference=False).images
+        ours = rollout(models, cond, z, config, with_reference=False).images
         theirs = sdxl.pipe(PROMPTS, negative_prompt=[negative_prompt] * 2 if negative_prompt else None,
                            latents=z.clone(), num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
                            output_type="pt").images
@@ -90,15 +91,15 @@ def test_sdxl_rollout_with_final_sample_equals_the_sdxl_pipeline(sdxl, negative_
 
 def test_sdxl_draftplus_step_trains_the_lora_against_the_adapters_off_reference(tiny_sdxl_path):
     family = load_family(str(tiny_sdxl_path))
-    for module in (family.vae, family.unet, *family.text_encoders):
+    for module in (family.vae, family.denoiser, *family.text_encoders):
         module.requires_grad_(False)
-    params = add_lora(family.unet, rank=4, target_modules=["attention+ff"])
+    params = add_lora(family.denoiser, rank=4, target_modules=family.target_modules(["attention+ff"]))
     torch.manual_seed(1)
-    for name, p in family.unet.named_parameters():
+    for name, p in family.denoiser.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
-    models = Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae, scheduler=scheduler)
+    models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae, scheduler=scheduler)
     z = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
     for config in (RolloutConfig(num_inference_steps=3, guidance_scale=5.0),
                    RolloutConfig(num_inference_steps=3, guidance_scale=5.0, truncation_steps=2),
@@ -108,16 +109,16 @@ def test_sdxl_draftplus_step_trains_the_lora_against_the_adapters_off_reference(
         grads = torch.autograd.grad(loss, params)
         assert penalty.item() > 0 and rewards.shape == (2 * max(1, config.lv_samples),)
         assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    assert any("ff.net.2" in n for n, _ in family.unet.named_parameters() if "lora" in n)
+    assert any("ff.net.2" in n for n, _ in family.denoiser.named_parameters() if "lora" in n)
 
 
 def test_sdxl_lora_saves_in_diffusers_format_and_loads_into_the_sdxl_pipeline(tiny_sdxl_path, tmp_path):
     family = load_family(str(tiny_sdxl_path))
-    add_lora(family.unet, rank=4, lora_alpha=2)
-    for name, p in family.unet.named_parameters():
+    add_lora(family.denoiser, rank=4, lora_alpha=2)
+    for name, p in family.denoiser.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
-    save_lora(family.unet, tmp_path, family)
+    save_lora(family.denoiser, tmp_path, family)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
     before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -132,11 +133,11 @@ def test_a_lora_trained_with_dropout_renders_without_it_in_diffusers(tiny_sd_pat
     """Dropout is a training device: the saved LoRA must not bring it into `pipe.load_lora_weights` renders
     (PEFT builds the loaded adapter's dropout in training mode, and the pipeline never switches it off)."""
     family = load_family(str(tiny_sd_path))
-    add_lora(family.unet.eval(), rank=4, lora_dropout=0.5)
-    for name, p in family.unet.named_parameters():
+    add_lora(family.denoiser.eval(), rank=4, lora_dropout=0.5)
+    for name, p in family.denoiser.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
-    save_lora(family.unet, tmp_path, family)
+    save_lora(family.denoiser, tmp_path, family)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
     with torch.no_grad():
         trained = family.pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -183,7 +184,8 @@ def test_replacement_vae_is_loaded(tiny_sdxl_path, tmp_path):
 
 
 def test_lora_target_presets():
-    assert expand_target_modules(["attention"]) == ["to_k", "to_q", "to_v", "to_out.0"]
-    assert expand_target_modules(["attention+ff"]) == ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj",
-                                                       "ff.net.2"]
-    assert expand_target_modules(["to_q", "proj_in", "to_q"]) == ["to_q", "proj_in"]
+    for family in (StableDiffusion, StableDiffusionXL):
+        assert family.target_modules(["attention"]) == ["to_k", "to_q", "to_v", "to_out.0"]
+        assert family.target_modules(["attention+ff"]) == ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj",
+                                                           "ff.net.2"]
+        assert family.target_modules(["to_q", "proj_in", "to_q"]) == ["to_q", "proj_in"]

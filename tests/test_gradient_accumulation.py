@@ -61,7 +61,7 @@ def record_steps(monkeypatch, run_the_step: bool) -> list[tuple[list[str], torch
 
 def test_each_micro_step_and_each_process_draws_its_own_prompts_and_noise(monkeypatch):
     seen = record_steps(monkeypatch, run_the_step=False)
-    args, models = training_args(accumulation=3, batch=2), SimpleNamespace(unet=None)
+    args, models = training_args(accumulation=3, batch=2), SimpleNamespace(denoiser=None)
     for process in (0, 1):
         train_draftplus.accumulate_gradients(OneProcess(process), models, mean_red, ANIMALS, args, CONFIG,
                                              (2, 4, 8, 8), 5, StepMetrics(torch.device("cpu")))
@@ -82,20 +82,20 @@ def lora_models(tiny_sd_path):
     family = load_family(str(tiny_sd_path))
     for module in (family.vae, *family.text_encoders):
         module.requires_grad_(False)
-    params = add_lora(family.unet, rank=4, lora_alpha=8)
+    params = add_lora(family.denoiser, rank=4, lora_alpha=8)
     torch.manual_seed(1)
-    for name, p in family.unet.named_parameters():
+    for name, p in family.denoiser.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, where A gets no gradient: make it a trained LoRA
             p.data.normal_(0, 0.05)
     scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
-    models = Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae, scheduler=scheduler)
+    models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae, scheduler=scheduler)
     return models, params
 
 
 def test_the_accumulated_gradient_is_the_gradient_of_one_step_on_the_combined_batch(lora_models, monkeypatch):
     models, params = lora_models
     seen = record_steps(monkeypatch, run_the_step=True)
-    latent_shape = (1, models.raw_unet.config.in_channels, 32 // models.family.vae_scale_factor,
+    latent_shape = (1, models.raw_denoiser.config.in_channels, 32 // models.family.vae_scale_factor,
                     32 // models.family.vae_scale_factor)
     totals = train_draftplus.accumulate_gradients(OneProcess(), models, mean_red, ANIMALS,
                                                   training_args(accumulation=2, batch=1), CONFIG, latent_shape, 0,

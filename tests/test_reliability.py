@@ -210,12 +210,12 @@ def test_resume_checks_use_the_run_config_or_the_lora_metadata_of_older_checkpoi
         check_resume_compatible(str(tmp_path), {**same, "lora_alpha": 4})
     with pytest.raises(ResumeMismatchError, match="has LoRA on to_q to_v, not to_k"):
         check_resume_compatible(str(tmp_path), {**same, "target_modules": ["to_k"]})
-    # the same UNet under another path is the same base model
-    (tmp_path / "draftplus_run.json").write_text(json.dumps({**same, "base_model": "/old/path",
-                                                             "unet_config_sha256": "abc"}))
-    check_resume_compatible(str(tmp_path), {**same, "base_model": "/new/path", "unet_config_sha256": "abc"})
-    with pytest.raises(ResumeMismatchError, match="trained on '/old/path', not '/new/path'"):
-        check_resume_compatible(str(tmp_path), {**same, "base_model": "/new/path", "unet_config_sha256": "def"})
+    # the same denoiser under another path is the same base model
+    for recorded in ("denoiser_config_sha256", "unet_config_sha256"):  # the latter: checkpoints of earlier versions
+        (tmp_path / "draftplus_run.json").write_text(json.dumps({**same, "base_model": "/old/path", recorded: "abc"}))
+        check_resume_compatible(str(tmp_path), {**same, "base_model": "/new/path", "denoiser_config_sha256": "abc"})
+        with pytest.raises(ResumeMismatchError, match="trained on '/old/path', not '/new/path'"):
+            check_resume_compatible(str(tmp_path), {**same, "base_model": "/new/path", "denoiser_config_sha256": "def"})
 
 
 def test_targets_match_like_peft_by_name_or_last_parts():

@@ -10,17 +10,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from utils.family import load_family
 from utils.lora import adapters_disabled, add_lora
-from utils.rollout import (
-    Models,
-    RolloutConfig,
-    alpha_bar,
-    decode,
-    draftplus_step,
-    kl_penalty,
-    rollout,
-    to_epsilon,
-    to_x0,
-)
+from utils.parametrisation import alpha_bar, to_epsilon, to_x0
+from utils.rollout import Models, RolloutConfig, decode, draftplus_step, kl_penalty, rollout
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -46,7 +37,7 @@ def make_models(path, scheduler: str | None = None):
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     train_scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    m = Models(family=family, unet=pipe.unet, raw_unet=pipe.unet, vae=pipe.vae, scheduler=train_scheduler)
+    m = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=train_scheduler)
     return m, params, base_unet, pipe
 
 
@@ -128,7 +119,7 @@ def test_rollout_with_final_sample_matches_diffusers_pipeline(models):
     config = RolloutConfig(num_inference_steps=4, guidance_scale=5.0, truncation_steps=2, final_latent="sample")
     cond = m.family.encode_prompts(PROMPTS, guided=True)
     with torch.no_grad():
-        ours = rollout(m.unet, m.scheduler, m.vae, cond, z, config, with_reference=False).images
+        ours = rollout(m, cond, z, config, with_reference=False).images
     torch.testing.assert_close(ours, pipeline_images(pipe, z, 4, 5.0), atol=1e-5, rtol=1e-5)
 
 
@@ -137,9 +128,9 @@ def test_default_final_latent_decodes_the_models_x0_prediction(models):
     z = noise()
     cond = m.family.encode_prompts(PROMPTS)
     with torch.no_grad():
-        sample = rollout(m.unet, m.scheduler, m.vae, cond, z, RolloutConfig(num_inference_steps=4, guidance_scale=3.0,
+        sample = rollout(m, cond, z, RolloutConfig(num_inference_steps=4, guidance_scale=3.0,
                                                                             final_latent="sample"), with_reference=False)
-        x0 = rollout(m.unet, m.scheduler, m.vae, cond, z, RolloutConfig(num_inference_steps=4, guidance_scale=3.0),
+        x0 = rollout(m, cond, z, RolloutConfig(num_inference_steps=4, guidance_scale=3.0),
                      with_reference=False)
     torch.testing.assert_close(x0.images, decode(m.vae, x0.latents))
     # DDIM's final sample sits at alpha_0 = 0.99915, close to but not at the x0 prediction
@@ -215,7 +206,7 @@ def hand_prefix(m, z, steps, guidance):
     x = z.clone()
     with torch.no_grad():
         for t in scheduler.timesteps[:-1]:
-            x = scheduler.step(guided(m.unet, x, t), t, x).prev_sample
+            x = scheduler.step(guided(m.denoiser, x, t), t, x).prev_sample
     return x, scheduler.timesteps[-1], guided
 
 
@@ -231,7 +222,7 @@ def test_penalty_alone_gives_the_lora_the_hand_computed_gradient(models):
     x, t, guided = hand_prefix(m, z, 3, 3.0)
     with torch.no_grad():
         reference = guided(base_unet, x, t)
-    hand = 2.0 * (guided(m.unet, x, t) - reference).pow(2).mean()
+    hand = 2.0 * (guided(m.denoiser, x, t) - reference).pow(2).mean()
     assert penalty.item() == pytest.approx(hand.item() / 2.0, rel=1e-5) and hand.item() > 0
     for a, b in zip(ours, torch.autograd.grad(hand, params), strict=True):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-4)
@@ -243,7 +234,7 @@ def test_reference_is_the_guided_prediction_of_the_adapters_off_unet(models):
     z = noise()
     config = RolloutConfig(num_inference_steps=3, guidance_scale=4.0)
     cond = m.family.encode_prompts(PROMPTS)
-    out = rollout(m.unet, m.scheduler, m.vae, cond, z, config, with_reference=True)
+    out = rollout(m, cond, z, config, with_reference=True)
     x, t, guided = hand_prefix(m, z, 3, 4.0)
     with torch.no_grad():
         expected = guided(base_unet, x, t)
@@ -275,18 +266,18 @@ def test_adapters_disabled_equals_base_unet_exactly(models):
     x, t = noise(), torch.tensor(500)
     cond = m.family.encode_prompts(PROMPTS, guided=False).encoder_hidden_states
     with torch.no_grad():
-        with_lora = m.unet(x, t, encoder_hidden_states=cond).sample
-        with adapters_disabled(m.unet):
-            disabled = m.unet(x, t, encoder_hidden_states=cond).sample
+        with_lora = m.denoiser(x, t, encoder_hidden_states=cond).sample
+        with adapters_disabled(m.denoiser):
+            disabled = m.denoiser(x, t, encoder_hidden_states=cond).sample
         base = base_unet(x, t, encoder_hidden_states=cond).sample
     assert torch.equal(disabled, base)
     assert not torch.allclose(with_lora, base)  # the adapter is active again afterwards
-    assert all(p.requires_grad for n, p in m.unet.named_parameters() if "lora" in n)
+    assert all(p.requires_grad for n, p in m.denoiser.named_parameters() if "lora" in n)
 
 
 def test_one_step_gives_every_lora_param_a_gradient_and_leaves_base_frozen(models):
     m, params, _, _ = models
-    base_before = {n: p.detach().clone() for n, p in m.unet.named_parameters() if "lora" not in n}
+    base_before = {n: p.detach().clone() for n, p in m.denoiser.named_parameters() if "lora" not in n}
     lora_before = [p.detach().clone() for p in params]
     config = RolloutConfig(num_inference_steps=3, guidance_scale=3.0)
     loss, rewards, penalty = draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)
@@ -295,7 +286,7 @@ def test_one_step_gives_every_lora_param_a_gradient_and_leaves_base_frozen(model
     for p in params:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     torch.optim.SGD(params, lr=1.0).step()
-    for n, p in m.unet.named_parameters():
+    for n, p in m.denoiser.named_parameters():
         if "lora" not in n:
             assert torch.equal(p, base_before[n]), n
             assert p.grad is None
@@ -313,14 +304,14 @@ def test_loss_is_reward_plus_weighted_penalty_and_kl0_is_plain_draft(models):
     # kl_coeff = 0: no reference pass at all, loss is exactly -mean reward, same images and gradients
     # as the reward term alone of a DRaFT+ step.
     calls = []
-    m.unet.disable_adapters = lambda: calls.append(1)
+    m.denoiser.disable_adapters = lambda: calls.append(1)
     loss0, rewards0, penalty0 = draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=0.0)
-    del m.unet.disable_adapters
+    del m.denoiser.disable_adapters
     assert calls == [] and penalty0.item() == 0.0
     assert loss0.item() == pytest.approx(-rewards0.mean().item())
     torch.testing.assert_close(rewards0, rewards)
     grads0 = torch.autograd.grad(loss0, params)
-    reward_only = -mean_red(rollout(m.unet, m.scheduler, m.vae, m.family.encode_prompts(PROMPTS), noise(), config,
+    reward_only = -mean_red(rollout(m, m.family.encode_prompts(PROMPTS), noise(), config,
                                     with_reference=False).images, PROMPTS).mean()
     for g0, g in zip(grads0, torch.autograd.grad(reward_only, params)):
         torch.testing.assert_close(g0, g)
@@ -348,12 +339,12 @@ def test_draft_lv_renoises_x0_to_the_last_steps_noise_level(models):
     z = noise()
     cond = m.family.encode_prompts(PROMPTS)
     with torch.no_grad():  # x0 of the same no-grad rollout: what a K=1 rollout decodes
-        x0 = rollout(m.unet, m.scheduler, m.vae, cond, z, RolloutConfig(num_inference_steps=4, guidance_scale=3.0),
+        x0 = rollout(m, cond, z, RolloutConfig(num_inference_steps=4, guidance_scale=3.0),
                      with_reference=False).latents
     calls = []
-    hook = m.unet.register_forward_pre_hook(lambda _, args: calls.append((args[0].detach(), args[1])))
+    hook = m.denoiser.register_forward_pre_hook(lambda _, args: calls.append((args[0].detach(), args[1])))
     config = RolloutConfig(num_inference_steps=4, guidance_scale=3.0, lv_samples=n)
-    out = rollout(m.unet, m.scheduler, m.vae, cond, z, config, generator=torch.Generator().manual_seed(5))
+    out = rollout(m, cond, z, config, generator=torch.Generator().manual_seed(5))
     hook.remove()
     assert out.repeats == n and out.images.shape == (2 * n, 3, 32, 32)
     assert len(out.eps) == len(out.eps_ref) == 1 and out.eps[0].shape == (2 * n, 4, 16, 16)
@@ -392,37 +383,37 @@ def lora_dropouts(unet):
 def dropout_models(path):
     """The LoRA UNet as the trainer builds it: modules in eval mode before add_lora, dropout 0.5."""
     family = load_family(str(path))
-    for module in (family.vae, family.unet, *family.text_encoders):
+    for module in (family.vae, family.denoiser, *family.text_encoders):
         module.requires_grad_(False).eval()
-    params = add_lora(family.unet, rank=4, lora_alpha=8, lora_dropout=0.5)
+    params = add_lora(family.denoiser, rank=4, lora_alpha=8, lora_dropout=0.5)
     torch.manual_seed(1)
-    for name, p in family.unet.named_parameters():
+    for name, p in family.denoiser.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
-    return Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae, scheduler=scheduler), params
+    return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae, scheduler=scheduler), params
 
 
 def test_lora_dropout_acts_in_the_graded_calls_only(tiny_sd_path):
     """The no-grad prefix, the adapters-off reference and validation renders are the model itself;
     dropout regularises the gradient-carrying call and nothing else."""
     m, _ = dropout_models(tiny_sd_path)
-    assert len(lora_dropouts(m.unet)) > 0 and not any(d.training for d in lora_dropouts(m.unet))
+    assert len(lora_dropouts(m.denoiser)) > 0 and not any(d.training for d in lora_dropouts(m.denoiser))
     z = noise()
     cond = m.family.encode_prompts(PROMPTS)
     config = RolloutConfig(num_inference_steps=3, guidance_scale=3.0)
     with torch.no_grad():  # a rollout without gradients is deterministic: no dropout anywhere
-        a, b = (rollout(m.unet, m.scheduler, m.vae, cond, z, config, with_reference=False).images for _ in range(2))
+        a, b = (rollout(m, cond, z, config, with_reference=False).images for _ in range(2))
     assert torch.equal(a, b)
     calls = []
-    hook = m.unet.register_forward_pre_hook(lambda _, args: calls.append(args[0].detach()))
-    first, second = (rollout(m.unet, m.scheduler, m.vae, cond, z, config) for _ in range(2))
+    hook = m.denoiser.register_forward_pre_hook(lambda _, args: calls.append(args[0].detach()))
+    first, second = (rollout(m, cond, z, config) for _ in range(2))
     hook.remove()
     assert torch.equal(calls[2], calls[6])  # the graded step's input: the prefix is deterministic
     assert torch.equal(first.eps_ref[0], second.eps_ref[0])  # so is the reference
     assert not torch.allclose(first.eps[0], second.eps[0])  # the graded call draws its own dropout masks
     with torch.no_grad():  # the same graded step without gradients: the dropout-free prediction
-        no_dropout = rollout(m.unet, m.scheduler, m.vae, cond, z, config).eps[0]
+        no_dropout = rollout(m, cond, z, config).eps[0]
     assert not torch.allclose(first.eps[0], no_dropout)
     render = lambda: pipeline_images(m.family.pipe, z, 3, 3.0)  # noqa: E731  (validation renders this way)
     assert torch.equal(render(), render())
@@ -440,7 +431,7 @@ def test_gradient_checkpointing_replays_the_graded_calls_lora_dropout(tiny_sd_pa
         return torch.autograd.grad(loss, params)
 
     plain = grads()
-    m.unet.enable_gradient_checkpointing()
+    m.denoiser.enable_gradient_checkpointing()
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     torch.manual_seed(1)  # other masks, another gradient: dropout is on in the graded call
@@ -468,9 +459,9 @@ def test_gradient_checkpointing_saves_memory_and_gives_the_same_gradients(models
     step = lambda: draftplus_step(m, mean_red, PROMPTS, noise(), config, kl_coeff=1.0)  # noqa: E731
     plain_bytes, (loss, _, _) = saved_bytes(step)
     plain = torch.autograd.grad(loss, params)
-    m.unet.enable_gradient_checkpointing()
+    m.denoiser.enable_gradient_checkpointing()
     m.vae.enable_gradient_checkpointing()
-    assert not m.unet.training and not m.vae.training
+    assert not m.denoiser.training and not m.vae.training
     ckpt_bytes, (loss_ckpt, _, _) = saved_bytes(step)
     assert ckpt_bytes < 0.5 * plain_bytes
     for a, b in zip(plain, torch.autograd.grad(loss_ckpt, params)):
@@ -504,7 +495,7 @@ def test_every_sampler_and_prediction_type_trains(tiny_sd_path, tiny_sd_v_path, 
     if scheduler_name in DETERMINISTIC:
         cond = m.family.encode_prompts(PROMPTS)
         with torch.no_grad():
-            ours = rollout(m.unet, m.scheduler, m.vae, cond, z, config, with_reference=False).images
+            ours = rollout(m, cond, z, config, with_reference=False).images
         torch.testing.assert_close(ours, pipeline_images(pipe, z, 4, 5.0), atol=1e-5, rtol=1e-5)
 
 
@@ -513,7 +504,7 @@ def test_samplers_ending_at_sigma_zero_decode_the_same_either_way(tiny_sd_path, 
     m, _, _, _ = make_models(tiny_sd_path, scheduler_name)
     cond = m.family.encode_prompts(PROMPTS)
     with torch.no_grad():
-        x0, sample = (rollout(m.unet, m.scheduler, m.vae, cond, noise(), RolloutConfig(
+        x0, sample = (rollout(m, cond, noise(), RolloutConfig(
             num_inference_steps=4, guidance_scale=5.0, final_latent=f), with_reference=False).latents
             for f in ("x0", "sample"))
     torch.testing.assert_close(x0, sample, atol=1e-5, rtol=1e-5)
@@ -524,6 +515,6 @@ def test_non_square_latents_roll_out_like_the_pipeline(tiny_sd_path, scheduler_n
     m, params, _, pipe = make_models(tiny_sd_path, scheduler_name)
     z = noise(size=(16, 24))
     config = RolloutConfig(num_inference_steps=3, guidance_scale=5.0, final_latent="sample")
-    out = rollout(m.unet, m.scheduler, m.vae, m.family.encode_prompts(PROMPTS), z, config)
+    out = rollout(m, m.family.encode_prompts(PROMPTS), z, config)
     assert out.images.shape == (2, 3, 32, 48)
     torch.testing.assert_close(out.images.detach(), pipeline_images(pipe, z, 3, 5.0), atol=1e-5, rtol=1e-5)

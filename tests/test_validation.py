@@ -44,8 +44,8 @@ def validation_setup(tiny_sd_path, tmp_path):
     from utils.rollout import Models
 
     family = load_family(str(tiny_sd_path))
-    add_lora(family.unet, rank=4)  # gaussian init: B = 0, so the LoRA is exactly the base model at first
-    models = Models(family=family, unet=family.unet, raw_unet=family.unet, vae=family.vae,
+    add_lora(family.denoiser, rank=4)  # gaussian init: B = 0, so the LoRA is exactly the base model at first
+    models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
                     scheduler=DDIMScheduler.from_config(family.pipe.scheduler.config))
     args = SimpleNamespace(validation_prompts=["a red circle", "a blue square"], num_validation_images=3, seed=0,
                            negative_prompt="", num_inference_steps=3, guidance_scale=3.0, eta=0.0, height=32,
@@ -69,7 +69,7 @@ def test_base_rendered_once_lora_from_the_same_noise_grid_and_log(validation_set
     assert torch.equal(same.images, base.images)
     # a trained LoRA renders different images, again from the base's noise
     with torch.no_grad():
-        for name, p in models.raw_unet.named_parameters():
+        for name, p in models.raw_denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
     trained = validation(2)

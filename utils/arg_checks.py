@@ -5,8 +5,12 @@ will get, and whether the model, the reward, the prompts and the output director
 returns what it found out on the way (`CheckedArgs`), so the trainer does not work any of it out again.
 Each problem raises a `UserError` (ArgumentError here; the model, sampler, prompt, reward and output
 directory modules raise their own) with one line for the user, which the trainer's entry turns into
-`error: ...` and exit code 2. The one check that needs the UNet, LoRA targets that match no module, is
+`error: ...` and exit code 2. The one check that needs the denoiser, LoRA targets that match no module, is
 `utils.lora.check_lora_targets`, made when the adapters are added.
+
+The options whose default depends on the model's family (`--scheduler`, `--num_inference_steps`,
+`--guidance_scale`, `--max_sequence_length`, `--true_cfg_scale`) are filled in here, once the family is
+known, from `ModelFamily.rollout_defaults`: every later reader sees the values the run uses.
 """
 
 from __future__ import annotations
@@ -28,14 +32,20 @@ from rewards import validate_reward_spec
 from utils.checkpoints import (
     check_resume_compatible,
     checkpoint_step,
+    denoiser_fingerprint,
     resolve_resume,
     run_config,
-    unet_fingerprint,
 )
 from utils.errors import UserError, first_line
-from utils.family import ModelFamily, family_for_class_name, read_model_index
+from utils.family import (
+    MAX_SEQUENCE_LENGTH,
+    ModelFamily,
+    family_for_class_name,
+    read_denoiser_config,
+    read_model_index,
+)
 from utils.hub import hub_cached, hub_offline, looks_like_path, truthy
-from utils.lora import LORA_WEIGHTS_NAME, expand_target_modules
+from utils.lora import LORA_WEIGHTS_NAME
 from utils.prompts import load_prompts
 from utils.run_dir import check_not_in_use, previous_run_files
 from utils.schedulers import scheduler_class_name
@@ -57,6 +67,7 @@ class CheckedArgs:
 
     family: type[ModelFamily]  # the model's family, from its model_index.json
     scheduler: str  # the diffusers class of the training rollout's sampler
+    family_options: dict[str, Any]  # the options only this family takes (ModelFamily.options), for its load()
     lora_targets: tuple[str, ...]  # --lora_target_modules with the presets expanded
     resume_from: str | None  # the checkpoint directory to resume (None: a fresh start)
     first_step: int  # the step the run continues from (0 on a fresh start)
@@ -75,10 +86,8 @@ def check_numbers(args: Any) -> None:
     for name in ("resolution", "height", "width"):
         need(getattr(args, name) > 0 and getattr(args, name) % 8 == 0,
              f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
-    need(args.num_inference_steps >= 1, "--num_inference_steps must be at least 1")
-    need(1 <= args.truncation_steps <= args.num_inference_steps,
-         f"--truncation_steps must be between 1 and --num_inference_steps ({args.num_inference_steps}), "
-         f"got {args.truncation_steps}")
+    need(args.num_inference_steps is None or args.num_inference_steps >= 1, "--num_inference_steps must be at least 1")
+    need(args.truncation_steps >= 1, f"--truncation_steps must be at least 1, got {args.truncation_steps}")
     need(args.lv_samples >= 0, "--lv_samples must be >= 0")
     need(not (args.lv_samples and args.truncation_steps != 1),
          "--lv_samples grades a single re-noised step; leave --truncation_steps at 1")
@@ -109,6 +118,17 @@ def check_numbers(args: Any) -> None:
     need(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}")
     need(args.max_prompts is None or args.max_prompts >= 1, f"--max_prompts must be at least 1, got {args.max_prompts}")
     need(args.max_nonfinite_steps >= 1, f"--max_nonfinite_steps must be at least 1, got {args.max_nonfinite_steps}")
+    need(args.max_sequence_length is None or 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH,
+         f"--max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH}, got {args.max_sequence_length}")
+    need(args.true_cfg_scale is None or args.true_cfg_scale >= 1,
+         f"--true_cfg_scale must be >= 1 (1: off), got {args.true_cfg_scale}")
+
+
+def check_rollout_length(args: Any) -> None:
+    """K <= T, once T is known (the family's default when not given)."""
+    if not args.truncation_steps <= args.num_inference_steps:
+        raise ArgumentError(f"--truncation_steps must be between 1 and --num_inference_steps "
+                            f"({args.num_inference_steps}), got {args.truncation_steps}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +184,13 @@ def check_device_support(args: Any, env: Mapping[str, str] = os.environ) -> None
                                 "drop --use_8bit_adam")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ArgumentError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    # diffusers' bitsandbytes quantizer would only fail once the text encoders have loaded (minutes for T5-XXL).
+    if args.quantize_base is not None:
+        if on_cpu or not torch.cuda.is_available():
+            raise ArgumentError(f"--quantize_base {args.quantize_base} (bitsandbytes 4-bit) needs a CUDA GPU and this "
+                                "run is not on one; drop --quantize_base")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ArgumentError(f"--quantize_base {args.quantize_base} needs bitsandbytes: pip install bitsandbytes")
 
 
 def check_trackers(report_to: str) -> None:
@@ -217,7 +244,7 @@ def check_resume(args: Any, lora_targets: tuple[str, ...]) -> tuple[str | None, 
     if (step := checkpoint_step(path)) is None:
         raise ArgumentError(f"--resume_from_checkpoint {path!r} is not a checkpoint-N directory, so the step to "
                             "continue from is unknown; give the checkpoint-N directory itself")
-    wanted = run_config(args, lora_targets, unet_fingerprint(args.pretrained_model_name_or_path, args.revision))
+    wanted = run_config(args, lora_targets, denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision))
     check_resume_compatible(path, wanted)
     return path, step
 
@@ -225,11 +252,11 @@ def check_resume(args: Any, lora_targets: tuple[str, ...]) -> tuple[str | None, 
 # ----------------------------------------------------------------------------------------------
 # Model variant, reward models, hub
 # ----------------------------------------------------------------------------------------------
-def check_model(name: str, revision: str | None, scheduler: str,
+def check_model(name: str, revision: str | None, scheduler: str | None,
                 env: Mapping[str, str] = os.environ) -> tuple[type[ModelFamily], str]:
     """The model exists (locally, in the hub cache, or on a reachable hub), its family is one we train, and
-    the sampler `--scheduler` names can serve the rollout. Returns the family and the sampler's class;
-    reads `model_index.json` alone (from the hub if it must), no weights."""
+    the sampler `--scheduler` names (None: the family's default) can serve the rollout. Returns the family
+    and the sampler's class; reads `model_index.json` alone (from the hub if it must), no weights."""
     if name != "toy" and os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")):
             raise ArgumentError(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
@@ -252,7 +279,32 @@ def check_model(name: str, revision: str | None, scheduler: str,
             raise ArgumentError(f"could not read {name!r}'s model_index.json from the hub ({first_line(e)}); "
                                 "point --pretrained_model_name_or_path at a local copy") from None
     family = family_for_class_name(index.get("_class_name", "?"))
-    return family, scheduler_class_name(scheduler, (index.get("scheduler") or [None, None])[1])
+    model_scheduler = (index.get("scheduler") or [None, None])[1]
+    return family, scheduler_class_name(scheduler or family.default_scheduler, model_scheduler,
+                                        family.rollout_schedulers)
+
+
+def check_denoiser_config(name: str, revision: str | None) -> dict | None:
+    """The denoiser's config.json (no weights), which the LoRA presets and rollout defaults of some families
+    read; None where it cannot be read (the families then use what holds for most of their models)."""
+    try:
+        return read_denoiser_config(name, revision)
+    except (OSError, ValueError) as e:  # not on the hub, no network, gated
+        raise ArgumentError(f"could not read the denoiser config of {name!r} ({first_line(e)}); point "
+                            "--pretrained_model_name_or_path at a local copy") from None
+
+
+def apply_family_defaults(args: Any, family: type[ModelFamily], denoiser_config: dict | None) -> None:
+    """Fill in the options the user left out whose defaults are the family's, and refuse the options the
+    family does not take (one line each, before any model loads)."""
+    if (problem := family.option_problem(args, denoiser_config)) is not None:
+        raise ArgumentError(problem)
+    if args.scheduler is None:
+        args.scheduler = family.default_scheduler
+    for name, value in family.rollout_defaults(denoiser_config).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    check_rollout_length(args)
 
 
 def check_vae(name: str) -> None:
@@ -263,10 +315,10 @@ def check_vae(name: str) -> None:
         raise ArgumentError(f"--pretrained_vae_model_name_or_path {name!r} does not exist")
 
 
-def check_variant(model: str, variant: str | None) -> None:
-    unet = os.path.join(model, "unet")
-    if variant and os.path.isdir(unet) and not any(f".{variant}." in name for name in os.listdir(unet)):
-        raise ArgumentError(f"--variant {variant}: {unet} has no {variant} weights (files named *.{variant}.*); "
+def check_variant(model: str, variant: str | None, family: type[ModelFamily]) -> None:
+    denoiser = os.path.join(model, family.denoiser_name)
+    if variant and os.path.isdir(denoiser) and not any(f".{variant}." in name for name in os.listdir(denoiser)):
+        raise ArgumentError(f"--variant {variant}: {denoiser} has no {variant} weights (files named *.{variant}.*); "
                             "drop --variant to load the default weights")
 
 
@@ -321,6 +373,8 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
                             "use `hf auth login`")
     validate_reward_spec(args.reward, **args.reward_options)
     family, scheduler = check_model(args.pretrained_model_name_or_path, args.revision, args.scheduler, env)
+    denoiser_config = check_denoiser_config(args.pretrained_model_name_or_path, args.revision)
+    apply_family_defaults(args, family, denoiser_config)
     if args.pretrained_vae_model_name_or_path is not None:
         check_vae(args.pretrained_vae_model_name_or_path)
     check_launch(env)
@@ -329,12 +383,16 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     check_hub(args, env)
     check_output_dir(args)
     if args.pretrained_model_name_or_path != "toy" and os.path.isdir(args.pretrained_model_name_or_path):
-        check_variant(args.pretrained_model_name_or_path, args.variant)
+        check_variant(args.pretrained_model_name_or_path, args.variant, family)
     check_reward_reachable(args.reward, args.reward_options, env)
-    lora_targets = tuple(expand_target_modules(args.lora_target_modules))
+    try:
+        lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
+    except ValueError as e:
+        raise ArgumentError(f"--lora_target_modules: {e}") from None
     resume_from, first_step = check_resume(args, lora_targets)
     if args.compile and (reason := utils.compile.compile_unsupported_reason()):
         raise ArgumentError(reason)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, max_prompts=args.max_prompts)
-    return CheckedArgs(family=family, scheduler=scheduler, lora_targets=lora_targets, resume_from=resume_from,
-                       first_step=first_step, prompts=tuple(prompts))
+    return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
+                       lora_targets=lora_targets, resume_from=resume_from, first_step=first_step,
+                       prompts=tuple(prompts))

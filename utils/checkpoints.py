@@ -22,7 +22,7 @@ from accelerate.logging import get_logger
 
 from utils.errors import EXIT_RUN_FAILED, UserError
 from utils.guards import any_rank, ensure_finite_weights
-from utils.lora import LORA_WEIGHTS_NAME, load_lora_into_unet, save_lora
+from utils.lora import LORA_WEIGHTS_NAME, load_lora_into_denoiser, save_lora
 
 RUN_CONFIG_NAME = "draftplus_run.json"
 # Attributes of the parsed arguments that are never recorded (checkpoints, trackers): the hub token is a
@@ -74,24 +74,18 @@ def public_args(args: Any) -> dict[str, Any]:
             for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
-def unet_fingerprint(model: str, revision: str | None = None) -> str | None:
-    """sha256 of the base model's UNet config (`unet/config.json`, keys without "_"): the same model
-    under another path gives the same fingerprint. None when the config cannot be read locally (and
-    for the built-in toy, which is compared by name)."""
+def denoiser_fingerprint(model: str, revision: str | None = None) -> str | None:
+    """sha256 of the base model's denoiser config (`unet/config.json` or `transformer/config.json`, keys
+    without "_"): the same model under another path gives the same fingerprint. None when the config cannot
+    be read locally (and for the built-in toy, which is compared by name)."""
     if model == "toy":
         return None
-    path = os.path.join(model, "unet", "config.json")
-    if not os.path.isfile(path):
-        if os.path.isdir(model):
-            return None
-        from huggingface_hub import try_to_load_from_cache
+    from utils.family import read_denoiser_config
 
-        cached = try_to_load_from_cache(model, "unet/config.json", revision=revision)
-        if not isinstance(cached, str):
-            return None
-        path = cached
-    with open(path) as f:
-        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    config = read_denoiser_config(model, revision, local_only=True)
+    if config is None:
+        return None
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
@@ -99,7 +93,7 @@ def run_config(args: Any, target_modules: Sequence[str], fingerprint: str | None
     return {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
-        "unet_config_sha256": fingerprint,
+        "denoiser_config_sha256": fingerprint,
         "rank": args.rank,
         "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank,
         "target_modules": sorted(target_modules),
@@ -144,8 +138,10 @@ def check_resume_compatible(checkpoint: str, wanted: Mapping[str, Any]) -> None:
                                   "--lora_target_modules or start a new --output_dir")
     if saved.get("base_model") is None:
         return
-    same_unet = saved.get("unet_config_sha256") and saved["unet_config_sha256"] == wanted.get("unet_config_sha256")
-    if not same_unet and (saved["base_model"], saved.get("revision")) != (wanted["base_model"], wanted.get("revision")):
+    # Checkpoints written before the flow transformers were served name it after the UNet.
+    saved_fingerprint = saved.get("denoiser_config_sha256", saved.get("unet_config_sha256"))
+    same_denoiser = saved_fingerprint and saved_fingerprint == wanted.get("denoiser_config_sha256")
+    if not same_denoiser and (saved["base_model"], saved.get("revision")) != (wanted["base_model"], wanted.get("revision")):
         raise ResumeMismatchError(f"{name} was trained on {saved['base_model']!r}, not "
                                   f"{wanted['base_model']!r}; resume with --pretrained_model_name_or_path "
                                   f"{saved['base_model']!r} or start a new --output_dir")
@@ -224,7 +220,7 @@ class Checkpointer:
 
 
 def register_lora_hooks(accelerator, family) -> None:
-    """accelerate's save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole UNet."""
+    """accelerate's save/load hooks: checkpoints hold the LoRA (diffusers format), not the whole denoiser."""
 
     def save_model_hook(models, weights, output_dir):
         for model in models:
@@ -233,7 +229,7 @@ def register_lora_hooks(accelerator, family) -> None:
 
     def load_model_hook(models, input_dir):
         while models:
-            load_lora_into_unet(accelerator.unwrap_model(models.pop()), input_dir, family)
+            load_lora_into_denoiser(accelerator.unwrap_model(models.pop()), input_dir, family)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)

@@ -1,4 +1,4 @@
-"""`--compile`: the rollout's no-grad UNet calls through torch.compile, replayed as CUDA graphs on GPUs.
+"""`--compile`: the rollout's no-grad denoiser calls through torch.compile, replayed as CUDA graphs on GPUs.
 
 DRaFT+ spends nearly all of its time in the T-K no-grad steps of the rollout (87% of the kernel time of
 an SD1.5-size sample), and on a fast GPU those steps are launch-bound: the host issues ~1,200-1,750
@@ -6,7 +6,7 @@ small kernels per UNet call with LoRA layers. `mode="reduce-overhead"` fuses the
 replays each call as one CUDA graph.
 
 What is compiled, and how:
-- A *wrapper* around the raw (unwrapped, LoRA-carrying) UNet: `torch.compile(unet)` returns an
+- A *wrapper* around the raw (unwrapped, LoRA-carrying) denoiser: `torch.compile(denoiser)` returns an
   OptimizedModule around the module, which itself stays eager. The graded step(s), which need autograd,
   keep calling the eager module (through DDP where there is one), on the very same weights.
 - The adapters-on prefix and the adapters-off reference are two graphs of that one wrapper. PEFT's
@@ -21,7 +21,9 @@ What is compiled, and how:
 
 Also under --compile: peft's `disable_input_dtype_casting` (LoRA layers skip casting their input to the
 fp32 adapter dtype; under autocast the matmul casts to bf16/fp16 anyway, so the result is bitwise the same,
-with ~500 fewer ops per UNet call), and channels_last weights for the UNet and the VAE on CUDA.
+with ~500 fewer ops per UNet call), and channels_last weights for the denoiser and the VAE on CUDA.
+
+Served for the UNet families (SD 1.x/2.x, SDXL); the flow transformers' families refuse `--compile` for now.
 """
 
 from __future__ import annotations
@@ -65,22 +67,22 @@ def default_compile_options(device: torch.device, backend: str | None = None) ->
     return options
 
 
-class CompiledUNet:
-    """The UNet's call signature, for calls without autograd (the rollout's prefix and reference pass).
+class CompiledDenoiser:
+    """The denoiser's call signature, for calls without autograd (the rollout's prefix and reference pass).
 
     `fullgraph=True`: a graph break would split a step into pieces with eager gaps. `dynamic=False`: a
     training run has one latent shape, and static shapes give the fastest kernels; a second shape (e.g. a
     different batch size) compiles its own graph.
     """
 
-    def __init__(self, unet: torch.nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
-        options = default_compile_options(unet.device, backend)
+    def __init__(self, denoiser: torch.nn.Module, *, backend: str | None = None, mode: str | None = None) -> None:
+        options = default_compile_options(denoiser.device, backend)
         if mode is not None:
             options["mode"] = mode
-        self.unet = unet
+        self.denoiser = denoiser
         self.options = options
-        self.cuda_graphs = options.get("mode") in ("reduce-overhead", "max-autotune") and unet.device.type == "cuda"
-        self.compiled = torch.compile(unet, fullgraph=True, dynamic=False, **options)
+        self.cuda_graphs = options.get("mode") in ("reduce-overhead", "max-autotune") and denoiser.device.type == "cuda"
+        self.compiled = torch.compile(denoiser, fullgraph=True, dynamic=False, **options)
         self.stack = contextlib.ExitStack()  # module settings that last as long as this object (see close())
 
     def close(self) -> None:
@@ -102,25 +104,25 @@ class CompiledUNet:
         return out
 
     def __repr__(self) -> str:
-        return f"CompiledUNet({type(self.unet).__name__}, {self.options})"
+        return f"CompiledDenoiser({type(self.denoiser).__name__}, {self.options})"
 
 
-def compile_no_grad_unet(unet: torch.nn.Module, vae: torch.nn.Module | None = None, *, backend: str | None = None,
-                         mode: str | None = None) -> CompiledUNet:
-    """Prepare the LoRA UNet (and the VAE) for fast sampling and return the compiled no-grad callable.
+def compile_no_grad_denoiser(denoiser: torch.nn.Module, vae: torch.nn.Module | None = None, *,
+                             backend: str | None = None, mode: str | None = None) -> CompiledDenoiser:
+    """Prepare the LoRA denoiser (and the VAE) for fast sampling and return the compiled no-grad callable.
 
     Changes the modules in place: channels_last weights on CUDA, and the LoRA layers' input casting switched
     off (peft's own `disable_input_dtype_casting`, held open by the returned object: `close()` restores it).
-    Call after the UNet has its final device, dtype and adapters: a CUDA graph holds the weights' addresses.
+    Call after the denoiser has its final device, dtype and adapters: a CUDA graph holds the weights' addresses.
     """
     from peft.helpers import disable_input_dtype_casting
 
-    if unet.device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
+    if denoiser.device.type == "cuda":
+        denoiser.to(memory_format=torch.channels_last)
         if vae is not None:
             vae.to(memory_format=torch.channels_last)
-    compiled = CompiledUNet(unet, backend=backend, mode=mode)
-    compiled.stack.enter_context(disable_input_dtype_casting(unet))
+    compiled = CompiledDenoiser(denoiser, backend=backend, mode=mode)
+    compiled.stack.enter_context(disable_input_dtype_casting(denoiser))
     return compiled
 
 

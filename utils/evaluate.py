@@ -57,10 +57,13 @@ def load_pipeline(model: str, scheduler: str = "ddim", device: torch.device | st
     `toy` is the built-in toy model."""
     import diffusers
 
-    from utils.family import UnsupportedModelError, load_family
+    from utils.family import UnsupportedModelError, family_of
 
     try:
-        pipe = load_family(model, dtype=dtype).pipe
+        family = family_of(model)
+        if "evaluation" in family.not_yet_supported:
+            raise EvaluationError(f"evaluating {family.pipeline_class_name} models is not available yet")
+        pipe = family.load(model, dtype=dtype).pipe
     except UnsupportedModelError as e:
         raise EvaluationError(str(e)) from e
     except (OSError, ValueError) as e:

@@ -107,10 +107,18 @@ def finite_or_none(logs: Mapping[str, object]) -> dict[str, object]:
 
 def lora_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 of a LoRA state dict's names and fp32 bytes, independent of key order and of the
-    "unet." prefix of saved files, so an in-memory LoRA and its file give the same digest."""
+    denoiser prefix of saved files ("unet.", "transformer."), so an in-memory LoRA and its file give the same
+    digest."""
+    from utils.family import FAMILIES
+
+    prefixes = tuple(dict.fromkeys(f"{family.denoiser_name}." for family in FAMILIES))
+
+    def module_key(name: str) -> str:
+        return next((name.removeprefix(p) for p in prefixes if name.startswith(p)), name)
+
     h = hashlib.sha256()
-    for name in sorted(state_dict, key=lambda k: k.removeprefix("unet.")):
-        h.update(name.removeprefix("unet.").encode())
+    for name in sorted(state_dict, key=module_key):
+        h.update(module_key(name).encode())
         h.update(state_dict[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 

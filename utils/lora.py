@@ -1,66 +1,65 @@
-"""PEFT LoRA on the UNet: add adapters, save them in diffusers' format, load them back.
+"""PEFT LoRA on the denoiser (a UNet or a transformer): add adapters, save them in diffusers' format, load them back.
 
-The saved file carries the adapter's LoraConfig as safetensors metadata, so `lora_alpha != rank`
-(and target modules) survive `pipe.load_lora_weights(...)`; without it diffusers assumes alpha = rank.
+The file format is the model family's (`utils.family`): the pipeline class's `save_lora_weights`, with the
+key style of diffusers' own LoRA scripts for that family. The saved file carries the adapter's LoraConfig as
+safetensors metadata, so `lora_alpha != rank` (and target modules) survive `pipe.load_lora_weights(...)`;
+without it diffusers assumes alpha = rank.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers.training_utils import _collate_lora_metadata
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
-from peft.utils import get_peft_model_state_dict
 
 from utils.errors import EXIT_RUN_FAILED, UserError
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-# `--lora_target_modules` presets; anything else is a list of module names (PEFT's target_modules).
-TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "attention": ("to_k", "to_q", "to_v", "to_out.0"),  # diffusers' LoRA training scripts
-    "attention+ff": ("to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),  # as NeMo-Aligner
-}
-DEFAULT_TARGET_MODULES = TARGET_PRESETS["attention"]
+# The attention projections every family's denoiser has (the `attention` preset of the UNet families);
+# `utils.family` holds each family's presets (`--lora_target_modules attention`, `attention+ff`).
+DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 
 
-def expand_target_modules(names: Sequence[str]) -> list[str]:
-    """Presets (`attention`, `attention+ff`) expanded to module names; other names kept, in order."""
+def expand_target_modules(names: Sequence[str], presets: Mapping[str, Sequence[str]]) -> list[str]:
+    """Presets (e.g. `attention`, `attention+ff`) expanded to module names; other names kept, in order."""
     out: list[str] = []
     for name in names:
-        for module in TARGET_PRESETS.get(name, (name,)):
+        for module in presets.get(name, (name,)):
             if module not in out:
                 out.append(module)
     return out
 
 
 def add_lora(
-    unet: torch.nn.Module,
+    denoiser: torch.nn.Module,
     rank: int,
     lora_alpha: float | None = None,
     lora_dropout: float = 0.0,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
 ) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add a LoRA adapter named "default", and return its (fp32) parameters."""
-    check_lora_targets(unet, expand_target_modules(target_modules))
-    unet.requires_grad_(False)
+    """Freeze the denoiser, add a LoRA adapter named "default" on the modules named `target_modules`
+    (presets expanded: `ModelFamily.target_modules`), and return its (fp32) parameters."""
+    check_lora_targets(denoiser, target_modules)
+    denoiser.requires_grad_(False)
     config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha if lora_alpha is not None else rank,
         lora_dropout=lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=expand_target_modules(target_modules),
+        target_modules=list(target_modules),
     )
-    unet.add_adapter(config)
-    _grad_only_dropout(unet)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    # LoRA weights are the only thing optimised: keep them in fp32 even when the UNet is bf16/fp16,
-    # otherwise small updates round away.
+    denoiser.add_adapter(config)
+    _grad_only_dropout(denoiser)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    # LoRA weights are the only thing optimised: keep them in fp32 even when the denoiser is bf16/fp16 (or
+    # 4-bit, whose LoRA layers PEFT creates in the compute dtype), otherwise small updates round away.
     for p in params:
         p.data = p.data.float()
     return params
@@ -71,7 +70,7 @@ class GradOnlyDropout(torch.nn.Dropout):
 
     Dropout regularises the LoRA's gradient, so it belongs to the rollout's graded calls; every no-grad
     call (the step prefix, the adapters-off reference, validation and evaluation renders) must be the
-    model itself. The trainer keeps the UNet in eval mode throughout. Switching dropout modules on only
+    model itself. The trainer keeps the denoiser in eval mode throughout. Switching dropout modules on only
     around the graded call would not do: gradient checkpointing recomputes that call during backward,
     after the rollout has returned, and a recompute without the forward's dropout fails (or, were it
     allowed, differentiates another function). The recompute runs with grad enabled and the forward's
@@ -82,16 +81,16 @@ class GradOnlyDropout(torch.nn.Dropout):
         return torch.nn.functional.dropout(x, self.p, torch.is_grad_enabled(), self.inplace)
 
 
-def _grad_only_dropout(unet: torch.nn.Module) -> None:
+def _grad_only_dropout(denoiser: torch.nn.Module) -> None:
     """Replace PEFT's LoRA dropout (an nn.Dropout per adapter in each layer's `lora_dropout` ModuleDict,
-    created in training mode) with GradOnlyDropout, in the UNet's train/eval mode."""
-    for layer in list(unet.modules()):
+    created in training mode) with GradOnlyDropout, in the denoiser's train/eval mode."""
+    for layer in list(denoiser.modules()):
         dropouts = getattr(layer, "lora_dropout", None)
         if not isinstance(dropouts, torch.nn.ModuleDict):
             continue
         for adapter, module in list(dropouts.items()):
             if isinstance(module, torch.nn.Dropout) and not isinstance(module, GradOnlyDropout):
-                dropouts[adapter] = GradOnlyDropout(module.p, module.inplace).train(unet.training)
+                dropouts[adapter] = GradOnlyDropout(module.p, module.inplace).train(denoiser.training)
 
 
 def unmatched_targets(module_names: Iterable[str], targets: Iterable[str]) -> list[str]:
@@ -100,47 +99,49 @@ def unmatched_targets(module_names: Iterable[str], targets: Iterable[str]) -> li
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def check_lora_targets(unet: torch.nn.Module, targets: Iterable[str]) -> None:
-    """UserError naming the targets no UNet module matches, with the UNet's commonest layer names as a hint
-    (PEFT's own error lists every module)."""
-    missing = unmatched_targets((n for n, _ in unet.named_modules()), targets)
+def check_lora_targets(denoiser: torch.nn.Module, targets: Iterable[str]) -> None:
+    """UserError naming the targets no module of the denoiser matches, with its commonest layer names as a
+    hint (PEFT's own error lists every module)."""
+    missing = unmatched_targets((n for n, _ in denoiser.named_modules()), targets)
     if not missing:
         return
     layers: dict[str, int] = {}
-    for name, module in unet.named_modules():
+    for name, module in denoiser.named_modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
             short = ".".join(name.split(".")[-2:]) if name.split(".")[-1].isdigit() else name.split(".")[-1]
             layers[short] = layers.get(short, 0) + 1
     examples = ", ".join(sorted(layers, key=lambda k: -layers[k])[:10])
-    raise UserError(f"--lora_target_modules: no UNet module is named {' '.join(missing)} "
+    raise UserError(f"--lora_target_modules: no {type(denoiser).__name__} module is named {' '.join(missing)} "
                     f"(presets: attention, attention+ff; layer names include {examples})")
 
 
 @contextmanager
-def adapters_disabled(unet: torch.nn.Module):
-    """Run the frozen base model: the same UNet with its LoRA switched off.
+def adapters_disabled(denoiser: torch.nn.Module):
+    """Run the frozen base model: the same denoiser with its LoRA switched off (with `--quantize_base`, the
+    quantized base weights).
 
     PEFT's disable also sets requires_grad=False on the LoRA weights, so a backward() taken before
     re-enabling would silently give them no gradient; the `finally` always switches them back on.
     """
-    unet.disable_adapters()
+    denoiser.disable_adapters()
     try:
-        yield unet
+        yield denoiser
     finally:
-        unet.enable_adapters()
+        denoiser.enable_adapters()
 
 
-def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in diffusers' key format (what `load_lora_weights` expects)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+def lora_state_dict(denoiser: torch.nn.Module, family) -> dict[str, torch.Tensor]:
+    """The adapter weights in the key format of `family`'s LoRA files (what `load_lora_weights` expects)."""
+    return family.lora_layers(denoiser)
 
 
-def inference_metadata(unet: torch.nn.Module) -> dict[str, dict]:
+def inference_metadata(denoiser: torch.nn.Module, family) -> dict[str, dict]:
     """The adapter's LoraConfig as diffusers writes it beside the weights, with no dropout: a loaded
     adapter's dropout is built in training mode and `pipe(...)` never switches it off, so a recorded
     `lora_dropout` would perturb every image rendered with the LoRA. Dropout is a training setting
     (the run's config and model card keep it)."""
-    return {key: {**config, "lora_dropout": 0.0} for key, config in _collate_lora_metadata({"unet": unet}).items()}
+    return {key: {**config, "lora_dropout": 0.0}
+            for key, config in _collate_lora_metadata({family.denoiser_name: denoiser}).items()}
 
 
 class LoraWriteError(UserError, OSError):
@@ -149,7 +150,7 @@ class LoraWriteError(UserError, OSError):
     exit_code = EXIT_RUN_FAILED
 
 
-def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_main_process: bool = True) -> Path:
+def save_lora(denoiser: torch.nn.Module, output_dir: str | os.PathLike, family, is_main_process: bool = True) -> Path:
     """Write `pytorch_lora_weights.safetensors` (+ LoRA metadata) atomically into `output_dir`, in the
     format of `family`'s pipeline (a `utils.family.ModelFamily` class or instance).
 
@@ -161,11 +162,12 @@ def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_m
     target = output_dir / LORA_WEIGHTS_NAME
     if not is_main_process:
         return target
-    state_dict = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    state_dict = {k: v.detach().to("cpu", torch.float32).contiguous()
+                  for k, v in lora_state_dict(denoiser, family).items()}
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
-            family.save_lora_weights(tmp, unet_lora_layers=state_dict, **inference_metadata(unet))
+            family.save_lora_weights(tmp, state_dict, **inference_metadata(denoiser, family))
             written = os.path.join(tmp, LORA_WEIGHTS_NAME)
             umask = os.umask(0)
             os.umask(umask)
@@ -177,15 +179,13 @@ def save_lora(unet: torch.nn.Module, output_dir: str | os.PathLike, family, is_m
     return target
 
 
-def load_lora_into_unet(unet: torch.nn.Module, lora_dir: str | os.PathLike, family) -> None:
-    """Load a saved LoRA into the UNet's existing "default" adapter (used to resume training)."""
-    state_dict = family.lora_state_dict(lora_dir)
-    unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-    unet_state_dict = convert_unet_state_dict_to_peft(unet_state_dict)
-    result = set_peft_model_state_dict(unet, unet_state_dict, adapter_name="default")
+def load_lora_into_denoiser(denoiser: torch.nn.Module, lora_dir: str | os.PathLike, family) -> None:
+    """Load a saved LoRA into the denoiser's existing "default" adapter (used to resume training)."""
+    state_dict = family.peft_lora_state_dict(family.lora_state_dict(lora_dir))
+    result = set_peft_model_state_dict(denoiser, state_dict, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"LoRA in {lora_dir} does not match the UNet's adapter: unexpected keys {unexpected[:3]}")
+        raise ValueError(f"LoRA in {lora_dir} does not match the denoiser's adapter: unexpected keys {unexpected[:3]}")
 
 
 # ---------------------------------------------------------------------------------------- kohya export

@@ -12,9 +12,10 @@ SCHEDULERS: dict[str, str | None] = {
     "model": None,  # whatever the model ships in its scheduler/ folder
 }
 
-# Schedulers whose `step()` the training rollout is tested with (every one on epsilon and v-prediction
-# models): one UNet call per step, a noise level per step that `utils.rollout.alpha_bar` can read, and
-# an update that autograd can follow. `--scheduler model` must resolve to one of these.
+# Schedulers whose `step()` the UNet families' training rollout is tested with (every one on epsilon and
+# v-prediction models): one UNet call per step, a noise level per step that `utils.parametrisation.alpha_bar`
+# can read, and an update that autograd can follow. `--scheduler model` must resolve to one of these (the
+# flow-matching families step their pipeline's own FlowMatchEulerDiscreteScheduler: `utils.family`).
 ROLLOUT_SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
@@ -29,13 +30,18 @@ class SchedulerError(UserError, ValueError):
     """A sampler that cannot serve a training rollout; the message is one line for the user."""
 
 
-def scheduler_class_name(choice: str, model_scheduler: str | None) -> str:
-    """The diffusers class for `--scheduler choice`; `model_scheduler` is the model's own class name."""
+def scheduler_class_name(choice: str, model_scheduler: str | None,
+                         allowed: tuple[str, ...] = ROLLOUT_SCHEDULERS) -> str:
+    """The diffusers class for `--scheduler choice`; `model_scheduler` is the model's own class name, `allowed`
+    the samplers its family's rollout can step (`ModelFamily.rollout_schedulers`)."""
     name = SCHEDULERS[choice] or model_scheduler
+    choices = [short for short, cls in SCHEDULERS.items() if cls in allowed]
+    if model_scheduler in allowed:
+        choices.append("model")
+    hint = "choose --scheduler " + (", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0])
     if name is None:
-        raise SchedulerError("the model has no scheduler config; choose --scheduler ddim, dpmsolver, euler or ddpm")
-    if name not in ROLLOUT_SCHEDULERS:
+        raise SchedulerError(f"the model has no scheduler config; {hint}")
+    if name not in allowed:
         raise SchedulerError(
-            f"--scheduler {choice}: {name} cannot serve a training rollout (supported: {', '.join(ROLLOUT_SCHEDULERS)}); "
-            "choose --scheduler ddim, ddpm, dpmsolver or euler")
+            f"--scheduler {choice}: {name} cannot serve a training rollout (supported: {', '.join(allowed)}); {hint}")
     return name

@@ -1,7 +1,7 @@
 """Validation during training: fixed prompts and seeds, the base model's images next to the LoRA's.
 
 The validation prompts are rendered with fixed per-image seeds through the model family's diffusers
-pipeline and scored with the training reward. The base model (the same UNet with its adapters
+pipeline and scored with the training reward. The base model (the same denoiser with its adapters
 disabled) is rendered once, at the start, and kept in memory; every `--validation_steps` steps the
 current LoRA renders the same prompts from the same noise, so any difference is the training's doing.
 
@@ -86,13 +86,13 @@ class Validation:
 
     # ------------------------------------------------------------------ rendering
     def render(self) -> Rendered:
-        """The validation images of the UNet as it is now, scored with the training reward.
+        """The validation images of the denoiser as it is now, scored with the training reward.
 
         The pipeline denoises; the latents are decoded as the rollout decodes them (outside autocast
         when the VAE was upcast), so validation and training images agree in precision."""
         from utils.rollout import decode
 
-        args, pipe = self.args, self.models.family.pipe  # its UNet is the raw LoRA UNet
+        args, pipe = self.args, self.models.family.pipe  # its denoiser is the raw LoRA denoiser
         pipe.scheduler = self.models.scheduler.__class__.from_config(self.models.scheduler.config)  # own instance
         images, rewards = [], []
         for prompt in self.prompts:
@@ -114,7 +114,7 @@ class Validation:
         from utils.lora import adapters_disabled
 
         if self.base is None:
-            with adapters_disabled(self.models.raw_unet):
+            with adapters_disabled(self.models.raw_denoiser):
                 self.base = self.render()
             self._record(0, "base", self.base)
         return self.base

@@ -1,0 +1,128 @@
+"""LoRA on the flow-matching transformers (SD3/SD3.5, FLUX.1): the presets on the real configs, the diffusers
+file and its scale in the family's pipeline, loading it back to resume, and the 4-bit base (QLoRA) at load time."""
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from safetensors import safe_open
+
+from utils.family import Flux, StableDiffusion3, load_family
+from utils.guards import lora_digest
+from utils.lora import LORA_WEIGHTS_NAME, add_lora, load_lora_into_denoiser, lora_state_dict, save_lora
+
+# The transformer configs of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3.5-medium.
+FLUX_1_DEV = {"attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
+              "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38,
+              "patch_size": 1, "pooled_projection_dim": 768}
+SD35_MEDIUM = {"attention_head_dim": 64, "caption_projection_dim": 1536, "dual_attention_layers": list(range(13)),
+               "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24,
+               "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+               "qk_norm": "rms_norm", "sample_size": 128}
+SEQ = 16
+
+
+@pytest.mark.parametrize("family,model_class,config,attention,attention_ff", [
+    (Flux, FluxTransformer2DModel, FLUX_1_DEV, 19 * 8 + 38 * 3, 19 * 8 + 38 * 3 + 19 * 4 + 38 * 2),
+    (StableDiffusion3, SD3Transformer2DModel, SD35_MEDIUM, 24 * 7 + 23 + 13 * 4, 24 * 7 + 23 + 13 * 4 + 24 * 2 + 23 * 2),
+])
+def test_presets_on_the_real_configs(family, model_class, config, attention, attention_ff):
+    """FLUX.1-dev: 19 double blocks x 8 attention projections + 38 single blocks x (q, k, v); +ff: both streams'
+    MLPs and the single blocks' proj_mlp / proj_out, never the final proj_out. SD3.5-Medium: 24 blocks x 7,
+    to_add_out on 23 (the last is context-pre-only), attn2 on the 13 dual-attention blocks; +ff: both MLPs
+    (no ff_context on the last block)."""
+    counts = []
+    for preset in ("attention", "attention+ff"):
+        with torch.device("meta"):
+            transformer = model_class.from_config(config)
+            add_lora(transformer, rank=4, target_modules=family.target_modules([preset], config))
+        names = {n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")}
+        assert "proj_out" not in names and "norm_out.linear" not in names  # the output layers stay the model's
+        counts.append(len(names))
+    assert counts == [attention, attention_ff]
+
+
+def test_flux_attention_ff_needs_the_transformer_config():
+    with pytest.raises(ValueError, match="num_single_layers"):
+        Flux.target_modules(["attention+ff"], None)
+    assert Flux.target_modules(["attention"], None) == StableDiffusion3.target_modules(["attention"])
+
+
+def lora_family(path, alpha, seed=1):
+    family = load_family(str(path), max_sequence_length=SEQ)
+    for module in (family.vae, family.denoiser, *family.text_encoders):
+        module.requires_grad_(False).eval()
+    add_lora(family.denoiser, rank=4, lora_alpha=alpha,
+             target_modules=family.target_modules(["attention+ff"], family.denoiser.config))
+    torch.manual_seed(seed)
+    for name, p in family.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return family
+
+
+def velocity(family, pipe=None, seed=0):
+    """The guided velocity of the family's denoiser (or of `pipe`'s) on a fixed latent, at the second timestep."""
+    denoiser = (pipe or family.pipe).transformer
+    noise = torch.randn(1, family.latent_channels, 8, 12, generator=torch.Generator().manual_seed(seed))
+    cond = family.encode_prompts(["a red circle"], "", True)
+    scheduler = copy.deepcopy(family.pipe.scheduler)
+    family.set_timesteps(scheduler, 4, (8, 12))
+    with torch.no_grad():
+        return family.predict(denoiser, noise, scheduler.timesteps[1], cond, 3.5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flux_dev_path", "tiny_sd3_path"])
+def test_saved_lora_loads_in_the_pipeline_at_its_alpha_and_resumes(fixture, request, tmp_path):
+    """The file: PEFT's keys under `transformer.` (no old-style key conversion), the LoraConfig as metadata;
+    `pipe.load_lora_weights` gives the trained velocity (alpha 8 != rank 4), and so does loading it back
+    into a fresh adapter, as a resume does."""
+    path = request.getfixturevalue(fixture)
+    trained = lora_family(path, alpha=8.0)
+    file = save_lora(trained.denoiser, tmp_path, trained)
+    assert file == tmp_path / LORA_WEIGHTS_NAME
+    with safe_open(str(file), framework="pt") as f:
+        keys, metadata = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert keys and all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    assert not any(".lora.down." in k or ".lora.up." in k for k in keys)
+    assert (metadata["transformer.lora_alpha"], metadata["transformer.r"]) == (8.0, 4)
+    assert metadata["transformer.lora_dropout"] == 0.0
+    with safe_open(str(file), framework="pt") as f:  # the digest of the file is the digest of the LoRA in memory
+        assert lora_digest({k: f.get_tensor(k) for k in f.keys()}) == lora_digest(lora_state_dict(trained.denoiser,
+                                                                                                   trained))
+
+    pipe = type(trained.pipe).from_pretrained(path)
+    base = velocity(trained, pipe)
+    pipe.load_lora_weights(str(tmp_path), weight_name=LORA_WEIGHTS_NAME)
+    config = next(iter(pipe.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8.0)
+    expected = velocity(trained)
+    torch.testing.assert_close(velocity(trained, pipe), expected, rtol=1e-5, atol=1e-6)
+    assert (expected - base).abs().max() > 1e-2
+
+    resumed = lora_family(path, alpha=8.0, seed=2)  # another random adapter of the same shape
+    assert not torch.allclose(velocity(resumed), expected)
+    load_lora_into_denoiser(resumed.denoiser, tmp_path, resumed)
+    torch.testing.assert_close(velocity(resumed), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", [Flux, StableDiffusion3])
+def test_quantize_base_loads_the_denoiser_in_nf4_computing_in_the_weight_dtype(family, monkeypatch):
+    """QLoRA as diffusers' FLUX example: BitsAndBytesConfig(load_in_4bit, nf4, compute dtype = weight dtype) for
+    the transformer alone, given to from_pretrained (which needs CUDA to apply it; here it is only recorded)."""
+    seen = {}
+
+    def from_pretrained(*args, **kwargs):
+        seen.update(kwargs)
+        raise OSError("recorded")
+
+    monkeypatch.setattr(family.pipeline_class(), "from_pretrained", from_pretrained)
+    with pytest.raises(OSError, match="recorded"):
+        family.load("some/model", dtype=torch.bfloat16, quantize_base="nf4")
+    config = seen["quantization_config"]
+    assert list(config.quant_mapping) == ["transformer"]
+    nf4 = config.quant_mapping["transformer"]
+    assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_compute_dtype == torch.bfloat16
+    assert seen["dtype"] == {"default": torch.bfloat16, "vae": torch.bfloat16}

@@ -3,7 +3,8 @@
 This is the only module that names diffusers pipeline classes. The trainer, the rollout, validation, LoRA
 I/O and the evaluator ask the family of a model (picked from `model_index.json`'s `_class_name`) for its
 components, its prompt conditioning, its denoiser call and noise parametrisation, and its pipeline class.
-Adding a family means adding one class below and listing it in `FAMILIES`.
+Adding a family means adding one class below and listing it in `FAMILIES`. The module is long on purpose:
+keeping every pipeline-specific fact in one place is what lets the rollout and the trainer stay family-agnostic.
 
 Two generations of denoiser:
 - UNets (SD 1.x/2.x, SDXL): variance-preserving noise, any diffusers sampler, classifier-free guidance;

@@ -36,18 +36,11 @@ from tqdm.auto import tqdm
 
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
 from utils import arg_checks, guards
-from utils.checkpoints import (
-    Checkpointer,
-    checkpoint_step,
-    denoiser_fingerprint,
-    public_args,
-    register_lora_hooks,
-    run_config,
-)
+from utils.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
 from utils.compile import compile_no_grad_denoiser
 from utils.errors import UserError, fail, first_line, one_line_errors, say
 from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
-from utils.preemption import Preemption, exit_code
+from utils.preemption import Preemption
 from utils.prompts import sample_prompts
 from utils.rollout import Models, RolloutConfig, draftplus_step
 from utils.run_dir import METRICS_NAME, claim_output_dir, truncate_metrics
@@ -150,6 +143,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kl_coeff", type=float, default=0.1,
                    help="Weight of the DRaFT+ penalty mean (eps_lora - eps_base)^2, eps the noise implied by the\n"
                         "guided prediction (every family alike). 0 = plain DRaFT.")
+    g.add_argument("--allow_objective_change", action="store_true",
+                   help="Let a resume change the objective (reward and options, kl_coeff, prompts, sampler, T,\n"
+                        "K, eta, DRaFT-LV, decoded latent, guidance, negative prompt, size, validation\n"
+                        "settings); without it such a resume is refused. The change is recorded in the\n"
+                        "checkpoints, metrics.jsonl and the model card (from which step, what changed).")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank.")
@@ -213,8 +211,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "using is refused, and so is one holding a previous run unless\n"
                         "--resume_from_checkpoint or --overwrite_output_dir is given.")
     g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="Start over in an --output_dir that holds a previous run: its checkpoints, metrics\n"
-                        "and tracker logs are removed first.")
+                   help="Start over in an --output_dir that holds a previous run: everything it wrote\n"
+                        "(checkpoints, LoRA files, metrics, validation, curves, model card, tracker logs) is\n"
+                        "removed first.")
     g.add_argument("--checkpointing_steps", type=int, default=500, help="Save accelerate state every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
@@ -223,9 +222,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help=f"accelerate tracker: {', '.join(arg_checks.TRACKERS)},\n"
                         "all (every one installed), or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
-    g.add_argument("--export_kohya", action="store_true",
-                   help="Also write pytorch_lora_weights_kohya.safetensors (kohya format, for AUTOMATIC1111 and\n"
-                        "ComfyUI); `python -m utils.export_kohya DIR` converts an existing output dir.")
+    g.add_argument("--no_kohya_export", dest="export_kohya", action="store_false",
+                   help="Do not write pytorch_lora_weights_kohya.safetensors, the file ComfyUI and AUTOMATIC1111\n"
+                        "load (written by default; `python -m utils.export_kohya DIR` writes it later).")
+    g.add_argument("--export_kohya", dest="export_kohya", action="store_true", help=argparse.SUPPRESS)  # the default
     g.add_argument("--push_to_hub", action="store_true",
                    help="Upload the model card, the LoRA (and kohya file), the validation grids and the training\n"
                         "curves to the Hub (never checkpoints or logs).")
@@ -318,8 +318,9 @@ def save_final_lora(accelerator: Accelerator, args: argparse.Namespace, models: 
     finite and the same on every process."""
     guards.ensure_finite_weights(accelerator, lora_params, "the LoRA")
     digest = guards.ensure_same_lora_on_all_ranks(accelerator, lora_state_dict(models.raw_denoiser, models.family))
-    logger.info(f"LoRA sha256 {digest} (process {accelerator.process_index}, equal on all "
-                f"{accelerator.num_processes})", main_process_only=False)
+    logger.info(f"LoRA weights digest {digest} (process {accelerator.process_index}, equal on all "
+                f"{accelerator.num_processes}): the sha256 of the weights' names and values, not of a file",
+                main_process_only=False)
     if not accelerator.is_main_process:
         return None
     try:
@@ -392,11 +393,9 @@ def main(args: argparse.Namespace) -> None:
                                    truncation_steps=args.truncation_steps, eta=args.eta, lv_samples=args.lv_samples,
                                    final_latent=args.final_latent)
     latent_shape = models.family.latent_shape(args.train_batch_size, args.height, args.width)
-    # What each checkpoint records, so that a resume with another model or LoRA shape is refused.
+    # What each checkpoint records, so that a resume with another model, LoRA shape or objective is refused.
     checkpoints = Checkpointer(accelerator, args.output_dir, args.checkpoints_total_limit, lora_params,
-                               run_config(args, checked.lora_targets,
-                                          denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)),
-                               last=checked.resume_from)
+                               checked.run_config, last=checked.resume_from)
     global_step = checked.first_step
     if checked.resume_from is not None:
         accelerator.print(f"Resuming from {checked.resume_from}")
@@ -412,7 +411,7 @@ def main(args: argparse.Namespace) -> None:
                 f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
     validation = None
     if accelerator.is_main_process and args.validation_prompts:
-        validation = Validation(args, accelerator, models, reward_fn)
+        validation = Validation(args, accelerator, models, reward_fn, start_step=global_step)
         validation.render_base()  # once (also when resuming): every validation is compared with it
 
     nonfinite = guards.NonFiniteSteps(args.max_nonfinite_steps)
@@ -443,6 +442,8 @@ def main(args: argparse.Namespace) -> None:
         if accelerator.is_main_process:
             with open(metrics_file, "a") as f:
                 line = guards.finite_or_none({"step": global_step, **logs, "reward_by_process": reward_by_process})
+                if checked.objective_change and global_step == checked.objective_change["from_step"]:
+                    line["objective_change"] = checked.objective_change["changes"]  # {flag: [before, after]}
                 f.write(json.dumps(line) + "\n")
         if nonfinite.exhausted:
             progress.close()
@@ -460,11 +461,12 @@ def main(args: argparse.Namespace) -> None:
             accelerator.print(f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved "
                               f"{checkpoints.last}. Continue with --resume_from_checkpoint latest.")
             accelerator.end_training()
-            raise SystemExit(exit_code(signum))
+            preemption.exit(signum)
 
     lora_file = save_final_lora(accelerator, args, models, lora_params, checkpoints.last)
     if accelerator.is_main_process:  # validation after training, kohya export, curves, model card, upload
-        accelerator.print(finish_run(args, accelerator, models, validation, repo_id, global_step, lora_file))
+        accelerator.print(finish_run(args, accelerator, models, validation, repo_id, global_step, lora_file,
+                                     checked.objective_changes))
     accelerator.end_training()
 
 

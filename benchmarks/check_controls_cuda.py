@@ -61,7 +61,7 @@ def check_training(work: Path) -> bool:
            "--num_inference_steps", "10", "--guidance_scale", "5", "--kl_coeff", "0.01", "--learning_rate", "2e-2",
            "--train_batch_size", "4", "--max_train_steps", "6", "--checkpointing_steps", "6", "--mixed_precision",
            "bf16", "--validation_prompts", "a blue circle", "a green square", "--validation_steps", "3",
-           "--validation_diversity", "--export_kohya", "--output_dir", str(out), "--report_to", "none"]
+           "--validation_diversity", "--output_dir", str(out), "--report_to", "none"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     if result.returncode != 0:
         print("training bf16 cuda: FAILED\n" + result.stderr[-2000:])

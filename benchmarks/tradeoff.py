@@ -280,18 +280,30 @@ def report(raw: dict, result: dict, command: str) -> str:
             lead = SERIES_NAMES[row["leader"]] if row.get("leader") else "-"
             lines.append(f"| {row['reward']:.4f} | " + " | ".join(cells) + f" | {lead} | "
                          f"{'yes' if row.get('best') else 'no'} ({vs}) |")
-        best = [row["best"] for row in result["controls"] if row.get("best")]
-        if best and len(set(best)) == 1 and len(best) == len(result["controls"]):
-            conclusion = f"{SERIES_NAMES[best[0]]} keeps the most diversity at every level, beyond noise."
-        elif best:
-            conclusion = ("Resolved leaders: " + ", ".join(f"{SERIES_NAMES[b]}" for b in best)
-                          + f" at {len(best)} of {len(result['controls'])} levels; the others are within noise.")
-        else:
-            conclusion = "No control beats the others beyond noise at any level."
-        lines += ["", f"On the toy: {conclusion} Jena et al. (WACV 2025) report that AIG beats both KL and LoRA "
+        lines += ["", f"On the toy: {leaders_conclusion(result['controls'])} Jena et al. (WACV 2025) report that "
+                  "AIG beats both KL and LoRA "
                   "scaling (SDXL, real rewards); this is what the toy shows, and it need not transfer."]
     lines += ["", "![reward vs diversity](tradeoff.png)", ""]
     return "\n".join(lines)
+
+
+def leaders_conclusion(controls: list[dict]) -> str:
+    """Which control keeps the most diversity beyond noise, and at which reward levels: each control named
+    once, with its levels; the levels where no control leads beyond noise counted apart."""
+    levels: dict[str, list[str]] = {}
+    for row in controls:
+        if row.get("best"):
+            levels.setdefault(row["best"], []).append(f"{row['reward']:.3f}")
+    resolved = sum(len(v) for v in levels.values())
+    if not resolved:
+        return "No control keeps more diversity than the others beyond noise at any reward level."
+    if resolved == len(controls) and len(levels) == 1:
+        return f"{SERIES_NAMES[next(iter(levels))]} keeps the most diversity at every reward level, beyond noise."
+    parts = [f"{SERIES_NAMES[series]} at {len(v)} of {len(controls)} reward levels ({', '.join(v)})"
+             for series, v in levels.items()]
+    rest = len(controls) - resolved
+    return ("Beyond noise, the most diversity is kept by " + " and ".join(parts)
+            + (f"; at the other {rest}, no control leads beyond noise." if rest else "."))
 
 
 def plot(raw: dict, result: dict, path: Path) -> None:

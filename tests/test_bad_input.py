@@ -165,7 +165,9 @@ def make_inputs(tmp_path, tiny_sd_path):
     # a previous run with one checkpoint: rank 4, alpha 4, attention targets, trained on another model
     checkpoint = tmp_path / "previous" / "checkpoint-3"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, checkpoint / "pytorch_lora_weights.safetensors")
     (checkpoint / "draftplus_run.json").write_text(json.dumps({
         "base_model": "/elsewhere/sd", "revision": None, "unet_config_sha256": "0" * 64, "rank": 4, "lora_alpha": 4,
         "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}))

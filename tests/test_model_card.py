@@ -1,9 +1,12 @@
 """utils/model_card.py: a complete card (no placeholders, the right base model, YAML that parses)."""
 
+import shlex
+
 import pytest
 from huggingface_hub import ModelCard
 
 import train_draftplus
+from utils.lora import KOHYA_WEIGHTS_NAME
 from utils.model_card import HUB_ALLOW_PATTERNS, ValidationSummary, model_card_text, save_model_card
 
 PLACEHOLDERS = ("TODO", "[More Information Needed]", "More Information Needed", "{{", "}}")
@@ -42,7 +45,7 @@ def test_hub_base_model_card_with_license_from_the_hub_cache(tiny_sd_path, tmp_p
                                    grid="validation/step-40.png",
                                    widget=[("a blue circle", "validation/prompt-0.png"),
                                            ("a green square", "validation/prompt-1.png")])
-    text = model_card_text(args, "StableDiffusionXLPipeline", "me/my-lora", validation, kohya=True,
+    text = model_card_text(args, "StableDiffusionXLPipeline", "me/my-lora", validation, ui_lora=KOHYA_WEIGHTS_NAME,
                            curves="training_curves.png", mixed_precision="bf16")
     card = parse(text)
     assert card.data.base_model == "someone/base-model"
@@ -70,7 +73,8 @@ def test_toy_card_says_where_the_toy_lives_and_names_no_hub_id(tmp_path):
     assert 'from_pretrained("toy")' not in card.text
     assert "built-in toy model" in card.text and "assets/toy" in card.text
     assert 'from_pretrained("assets/toy")' in card.text
-    assert f'load_lora_weights("{tmp_path / "out"}")' in card.text  # no repo: the local output dir
+    assert 'load_lora_weights("out")' in card.text  # no repo: the local output dir, by name only
+    assert str(tmp_path) not in card.text
     assert "## Validation" not in card.text  # no validation prompts: no made-up figures
 
 
@@ -84,7 +88,8 @@ def test_local_base_model_license_from_its_readme_and_no_base_model_id(tiny_sd_p
     path = save_model_card(tmp_path, args, "StableDiffusionPipeline", None)
     card = ModelCard.load(path)
     assert card.data.base_model is None and card.data.license == "apache-2.0"
-    assert f'from_pretrained("{local}")' in card.text and "local model directory" in card.text
+    assert 'from_pretrained("my-model")' in card.text and "local model directory" in card.text
+    assert str(tmp_path) not in card.text
 
 
 def test_upload_patterns_are_the_card_lora_and_pictures_only():
@@ -108,3 +113,64 @@ def test_reward_tags(spec, tags):
     from utils.model_card import reward_tags
 
     assert reward_tags(spec) == tags
+
+
+def card_commands(text, language):
+    """The code blocks of a card in `language`, each as one string."""
+    blocks, inside = [], None
+    for line in text.splitlines():
+        if inside is None and line == f"```{language}":
+            inside = []
+        elif inside is not None and line == "```":
+            blocks.append("\n".join(inside))
+            inside = None
+        elif inside is not None:
+            inside.append(line)
+    return blocks
+
+
+def test_the_card_states_the_reward_with_its_options_and_an_evaluator_command_that_parses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the run starts here; its output dir is relative, as in the README
+    args = train_draftplus.parse_args(["--pretrained_model_name_or_path", "toy", "--reward", "color",
+                                       "--reward_options", "target=blue", "--prompts", "animals", "--resolution", "32",
+                                       "--num_inference_steps", "10", "--guidance_scale", "5", "--negative_prompt",
+                                       "a dull photo", "--output_dir", "outputs/blue"])
+    text = model_card_text(args, "StableDiffusionPipeline", None)
+    card = parse(text)
+    assert "# DRaFT+ LoRA: `color` with options `target=blue` on the draftplus toy model" in card.text
+    assert "| reward | `color` with options `target=blue` |" in card.text
+    assert 'load_lora_weights("outputs/blue")' in card.text  # relative to where the run started
+    (command,) = card_commands(card.text, "bash")
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[:3] == ["python", "-m", "utils.evaluate"]
+    from utils.evaluate import parse_args as evaluate_args
+
+    parsed = evaluate_args(words[3:])  # it parses: every required argument is there
+    assert (parsed.pretrained_model_name_or_path, parsed.prompts, parsed.reward, parsed.reward_options) == (
+        "toy", "animals", "color", ["target=blue"])
+    assert (parsed.num_inference_steps, parsed.guidance_scale, parsed.height, parsed.width, parsed.scheduler,
+            parsed.negative_prompt) == (10, 5.0, 32, 32, "ddim", "a dull photo")
+    assert parsed.lora == ["outputs/blue"] and parsed.lora_scale and parsed.aig
+    assert "offline" in card.text and "--diversity_metric lpips_random_backbone" in card.text
+
+
+def test_the_card_writes_no_path_of_the_machine_that_trained_it(tiny_sd_path, tmp_path):
+    import shutil
+
+    local = tmp_path / "models" / "my-model"
+    shutil.copytree(tiny_sd_path, local)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    (tmp_path / "my_reward.py").write_text("def blueness(images, prompts):\n    return images[:, 2].mean((1, 2))\n")
+    args = train_draftplus.parse_args([
+        "--pretrained_model_name_or_path", str(local), "--reward", f"redness=1,{tmp_path / 'my_reward.py'}:blueness=0.5",
+        "--prompts", str(tmp_path / "prompts.txt"), "--resolution", "32", "--output_dir", str(tmp_path / "runs" / "a")])
+    changes = [{"from_step": 7, "changes": {"--prompts": [str(tmp_path / "old.txt"), str(tmp_path / "prompts.txt")]}}]
+    for ui_lora in (KOHYA_WEIGHTS_NAME, None):
+        text = model_card_text(args, "StableDiffusionPipeline", None, ui_lora=ui_lora, objective_changes=changes)
+        parse(text)
+        assert str(tmp_path) not in text and "/tmp" not in text
+    assert "`redness=1,my_reward.py:blueness=0.5`" in text and "`prompts.txt`" in text
+    assert "from step 7: --prompts old.txt -> prompts.txt" in text
+    assert 'from_pretrained("my-model")' in text and 'load_lora_weights("a")' in text
+    assert "`my-model`, `a`" in text and "stand for paths outside it" in text  # and the card says so
+    assert "python -m utils.export_kohya a" in text  # no kohya file: how to write it

@@ -547,7 +547,7 @@ def test_two_nodes_on_localhost_train_one_lora_equal_on_both_ranks(launcher, tin
         log.close()
     logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert all("MULTI_CPU" in text and "Num processes: 2" in text for text in logs)
-    digests = [text.split("LoRA sha256 ")[1].split()[0] for text in logs]
+    digests = [text.split("LoRA weights digest ")[1].split()[0] for text in logs]
     assert "(process 0, equal on all 2)" in logs[0] and "(process 1, equal on all 2)" in logs[1]
     assert digests[0] == digests[1] == lora_digest(load_file(str(out / LORA)))  # one LoRA, the one written
     assert (out / "checkpoint-3" / "random_states_1.pkl").is_file() and not (out / LOCK_NAME).exists()

@@ -73,3 +73,16 @@ def test_analyse_only_rebuilds_every_table_and_figure_from_the_raw_file(tmp_path
     assert "**holds**" in text and "Reward rises** beyond noise for 2 of 3 settings; not for kl_coeff 1." in text
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "tradeoff.json").read_text())["matched_reward"]["claim"]["holds"] is True
+
+
+def test_the_leaders_conclusion_names_each_control_once_with_its_reward_levels():
+    rows = [{"reward": 0.2167, "best": None}, {"reward": 0.284, "best": "aig"}, {"reward": 0.3513, "best": "aig"},
+            {"reward": 0.4187, "best": "scale"}]
+    text = tradeoff.leaders_conclusion(rows)
+    assert text == (f"Beyond noise, the most diversity is kept by {tradeoff.SERIES_NAMES['aig']} at 2 of 4 reward "
+                    f"levels (0.284, 0.351) and {tradeoff.SERIES_NAMES['scale']} at 1 of 4 reward levels (0.419); "
+                    "at the other 1, no control leads beyond noise.")
+    assert text.count(tradeoff.SERIES_NAMES["aig"]) == 1
+    assert tradeoff.leaders_conclusion([{"reward": 0.2, "best": "aig"}]) == (
+        f"{tradeoff.SERIES_NAMES['aig']} keeps the most diversity at every reward level, beyond noise.")
+    assert "at any reward level" in tradeoff.leaders_conclusion([{"reward": 0.2, "best": None}])

@@ -91,7 +91,12 @@ def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path)
     assert "validation reward (8 images, fixed seeds)" in result.stdout
     from PIL import Image
 
-    assert Image.open(out / "validation_before_after.png").size == (4 * 32 * 8, 4 * 32 * 8)  # 4x4 grid, zoom 8
+    from utils.image_grid import GridLayout
+
+    labels = [f"{when}: {prompt}" for prompt in ("a blue circle", "a green square") for when in ("before",
+                                                                                                "after 20 steps")]
+    layout = GridLayout(labels, 4, (32 * 8, 32 * 8), "base model (before) and the LoRA (after), same seeds")
+    assert Image.open(out / "validation_before_after.png").size == layout.size  # 4 labelled rows of 4, zoom 8
     assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in (out / "README.md").read_text()
 
 
@@ -122,9 +127,13 @@ def test_non_square_run_writes_non_square_validation_images(tiny_sd_path, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
 
+    from utils.image_grid import GridLayout
+
     zoom = 256 // 48
-    # 2 images per row (before, after) x 1 prompt, each 48 wide and 32 high, enlarged by `zoom`
-    assert Image.open(out / "validation_before_after.png").size == (2 * 48 * zoom, 2 * 32 * zoom)
+    # rows "before" and "after", 2 images each, 48 wide and 32 high, enlarged by `zoom`
+    layout = GridLayout(["before: a cat", "after 1 step: a cat"], 2, (48 * zoom, 32 * zoom),
+                        "base model (before) and the LoRA (after), same seeds")
+    assert Image.open(out / "validation_before_after.png").size == layout.size
 
 
 def tiny_clip_dir(path):

@@ -95,6 +95,58 @@ def test_base_rendered_once_lora_from_the_same_noise_grid_and_log(validation_set
     assert any(step == 2 and values.get("validation_reward") == log[2]["reward"] for step, values in accelerator.logged)
 
 
+def test_a_resumed_series_keeps_its_base_row_and_drops_what_lies_past_the_resumed_step(validation_setup):
+    validation, models, accelerator, args = validation_setup
+    validation.render_base()
+    for step in (1, 2, 3):
+        validation(step)
+    out = Path(args.output_dir)
+    assert [(e["phase"], e["step"]) for e in read_validation_log(out)] == [("base", 0), ("lora", 1), ("lora", 2),
+                                                                           ("lora", 3)]
+    lines_before = (out / "validation.jsonl").read_text().splitlines()
+
+    # resumed from checkpoint-2: the step-3 row and grid go, the base row stays the only one
+    resumed = Validation(args, FakeAccelerator(), models, validation.reward_fn, start_step=2)
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-1.png", "step-2.png"]
+    base = resumed.render_base()
+    assert base.diversity == pytest.approx(json.loads(lines_before[0])["diversity"])  # still known for the card
+    resumed(3)
+    lines = (out / "validation.jsonl").read_text().splitlines()
+    assert lines[:3] == lines_before[:3] and [json.loads(line)["phase"] for line in lines].count("base") == 1
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+
+    # other prompts (a resume allowed to change them): a new series, the old one set aside whole
+    other = SimpleNamespace(**{**vars(args), "validation_prompts": ["a green circle"]})
+    anew = Validation(other, FakeAccelerator(), models, validation.reward_fn, start_step=3)
+    anew.render_base()
+    assert [(e["phase"], e["step"], e["settings"]["prompts"]) for e in read_validation_log(out)] == [
+        ("base", 0, ["a green circle"])]
+    assert (out / "validation-until-step-3.jsonl").read_text().splitlines() == lines
+
+
+def test_the_before_after_grid_labels_each_row_with_before_or_after_and_its_prompt(validation_setup, tmp_path):
+    from utils.image_grid import GridLayout, labelled_grid
+    from utils.validation import before_after_rows
+
+    validation, models, accelerator, args = validation_setup
+    with torch.no_grad():
+        for name, p in models.raw_unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    after = validation(7)
+    validation.save_before_after(tmp_path / "grid.png")
+    rows = before_after_rows(validation.prompts, validation.render_base(), after, 3, 7)
+    assert [label for label, _ in rows] == ["before: a red circle", "after 7 steps: a red circle",
+                                            "before: a blue square", "after 7 steps: a blue square"]
+    assert all(torch.equal(a, b) for a, b in zip(rows[1][1], after.images[:3]))
+    grid = Image.open(tmp_path / "grid.png")
+    title = "base model (before) and the LoRA (after), same seeds"
+    assert list(grid.getdata()) == list(labelled_grid(rows, title=title, min_side=256).getdata())
+    layout = GridLayout([label for label, _ in rows], 3, (256, 256), title)
+    for r in range(4):  # every row's label is drawn
+        assert min(grid.crop(layout.label_box(r)).convert("L").getdata()) < 100
+
+
 def test_comparison_grid_puts_base_left_lora_right_pixel_exact():
     from utils.validation import Rendered, tile_origin, to_pil
 
@@ -150,7 +202,7 @@ def test_training_writes_grids_at_the_requested_steps_metrics_curves_and_kohya(t
     result = run([sys.executable, SCRIPT, *train_args(
         tiny_sd_path, out, "--max_train_steps", "5", "--checkpointing_steps", "10", "--validation_steps", "2",
         "--validation_prompts", "a cat", "a dog", "--num_validation_images", "2", "--validation_diversity",
-        "--export_kohya", "--report_to", "tensorboard")])
+        "--report_to", "tensorboard")])
     assert result.returncode == 0, result.stderr[-3000:]
     # every 2 steps, and at the end
     assert sorted(p.name for p in (out / "validation").glob("step-*.png")) == ["step-2.png", "step-4.png",
@@ -165,6 +217,7 @@ def test_training_writes_grids_at_the_requested_steps_metrics_curves_and_kohya(t
         assert m["reward_std"] >= 0 and m["images_per_s"] > 0
         assert m["reward"] == pytest.approx(m["reward/redness"] + 0.5 * m["reward/brightness"], abs=1e-5)
         assert "peak_memory_gib" not in m  # CPU run
+    # the file ComfyUI and AUTOMATIC1111 load is written by default
     assert (out / "training_curves.png").is_file() and (out / "pytorch_lora_weights_kohya.safetensors").is_file()
     validation = json.loads((out / "validation_reward.json").read_text())
     assert validation["after"] == pytest.approx(log[-1]["reward"]) and validation["before"] == pytest.approx(

@@ -31,8 +31,11 @@ import utils.compile
 from rewards import validate_reward_spec
 from utils.checkpoints import (
     check_resume_compatible,
+    checkpoint_problem,
     checkpoint_step,
     denoiser_fingerprint,
+    newest_intact_checkpoint,
+    read_run_config,
     resolve_resume,
     run_config,
 )
@@ -46,10 +49,11 @@ from utils.family import (
 )
 from utils.hub import hub_cached, hub_offline, looks_like_path, truthy
 from utils.lora import LORA_WEIGHTS_NAME
+from utils.objective import describe_changes, objective_differences, objective_of
 from utils.prompts import load_prompts
 from utils.run_dir import check_not_in_use, previous_run_files
 from utils.schedulers import scheduler_class_name
-from utils.validation import check_validation_args
+from utils.validation import check_validation_args, check_validation_history
 
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules we do not take)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -72,6 +76,16 @@ class CheckedArgs:
     resume_from: str | None  # the checkpoint directory to resume (None: a fresh start)
     first_step: int  # the step the run continues from (0 on a fresh start)
     prompts: tuple[str, ...]  # the prompts of --prompts, loaded
+    run_config: dict  # what each checkpoint records (utils.checkpoints.run_config)
+    # the objective changes a resume was allowed to make, oldest first: [{"from_step", "changes"}], where
+    # changes = {flag: [before, after]}; the last one is this run's when its from_step is first_step + 1
+    objective_changes: tuple[dict, ...] = ()
+
+    @property
+    def objective_change(self) -> dict | None:
+        """The change this resume makes to the objective (None: none)."""
+        last = self.objective_changes[-1] if self.objective_changes else None
+        return last if last is not None and last["from_step"] == self.first_step + 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,9 +244,9 @@ def check_output_dir(args: Any) -> None:
                             "choose another --output_dir")
 
 
-def check_resume(args: Any, lora_targets: tuple[str, ...]) -> tuple[str | None, int]:
-    """The checkpoint to resume (None: a fresh start) and its step: one, trained with this run's model and
-    LoRA settings."""
+def check_resume(args: Any, lora_targets: tuple[str, ...], fingerprint: str | None) -> tuple[str | None, int]:
+    """The checkpoint to resume (None: a fresh start) and its step: an intact one, trained with this run's
+    model and LoRA settings, at or before --max_train_steps."""
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         return None, 0  # `latest` without checkpoints starts afresh
@@ -244,9 +258,37 @@ def check_resume(args: Any, lora_targets: tuple[str, ...]) -> tuple[str | None, 
     if (step := checkpoint_step(path)) is None:
         raise ArgumentError(f"--resume_from_checkpoint {path!r} is not a checkpoint-N directory, so the step to "
                             "continue from is unknown; give the checkpoint-N directory itself")
-    wanted = run_config(args, lora_targets, denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision))
-    check_resume_compatible(path, wanted)
+    if (problem := checkpoint_problem(path)) is not None:
+        intact = newest_intact_checkpoint(os.path.dirname(os.path.normpath(path)), below=step)
+        then = (f"resume from the newest intact one with --resume_from_checkpoint {intact}" if intact else
+                "no earlier checkpoint is intact; start over with --overwrite_output_dir")
+        raise ArgumentError(f"{os.path.basename(os.path.normpath(path))} is damaged ({problem}); {then}")
+    check_resume_compatible(path, run_config(args, lora_targets, fingerprint))
+    if args.max_train_steps < step:
+        raise ArgumentError(f"--max_train_steps {args.max_train_steps} is below the step of {path!r} ({step}): a "
+                            f"resumed run trains up to --max_train_steps; give --max_train_steps {step} or more, or "
+                            "resume from an earlier checkpoint")
     return path, step
+
+
+def check_objective(args: Any, resume_from: str | None, first_step: int,
+                    objective: dict[str, Any]) -> tuple[dict, ...]:
+    """The objective changes of the run so far, this resume's included. A resume that changes the
+    objective is refused unless --allow_objective_change says the change is meant."""
+    saved = read_run_config(resume_from) if resume_from is not None else None
+    if not saved:
+        return ()
+    history = tuple(saved.get("objective_changes") or ())
+    changes = objective_differences(saved.get("objective") or {}, objective)
+    if not changes:
+        return history
+    name = os.path.basename(os.path.normpath(resume_from))
+    if not args.allow_objective_change:
+        raise ArgumentError(f"{name} was trained for another objective ({describe_changes(changes)}); resume with "
+                            f"the values it was trained with, pass --allow_objective_change to train the new "
+                            f"objective from step {first_step + 1} on (the model card and metrics.jsonl record "
+                            "the change), or start a new --output_dir")
+    return (*history, {"from_step": first_step + 1, "changes": changes})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,9 +315,10 @@ def check_model(name: str, revision: str | None, scheduler: str | None,
                             "is set; point --pretrained_model_name_or_path at a local copy (a directory saved "
                             "with save_pretrained)")
     if index is None:
+        check_on_hub(name, revision)
         try:
             index = read_model_index(name, revision)
-        except (OSError, ValueError) as e:  # not on the hub, no network, gated
+        except (OSError, ValueError) as e:  # gated, or the connection failed since
             raise ArgumentError(f"could not read {name!r}'s model_index.json from the hub ({first_line(e)}); "
                                 "point --pretrained_model_name_or_path at a local copy") from None
     family = family_for_class_name(index.get("_class_name", "?"))
@@ -305,6 +348,27 @@ def apply_family_defaults(args: Any, family: type[ModelFamily], denoiser_config:
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_rollout_length(args)
+
+
+def check_on_hub(name: str, revision: str | None) -> None:
+    """The model is on the hub, asked once (no retries): a mistyped id or revision, or a hub that cannot be
+    reached, is told at once instead of after the downloader's retries (about 25 s) and a traceback."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        huggingface_hub.HfApi().model_info(name, revision=revision, timeout=20)
+    except GatedRepoError:
+        return  # its files need a login; reading model_index.json says so
+    except RepositoryNotFoundError:
+        raise ArgumentError(f"model {name!r} is not on the hub (no such repository, or a private one this login "
+                            "cannot see): check the id, or log in with `hf auth login`") from None
+    except RevisionNotFoundError:
+        raise ArgumentError(f"model {name!r} has no revision {revision!r} on the hub; check --revision") from None
+    except Exception as e:  # the connection (httpx errors are no OSError), a server error
+        raise ArgumentError(f"could not reach the hub to look up model {name!r} ({type(e).__name__}: "
+                            f"{first_line(e)}); check the connection, or point --pretrained_model_name_or_path "
+                            "at a local copy") from None
 
 
 def check_vae(name: str) -> None:
@@ -389,10 +453,16 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
         lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
     except ValueError as e:
         raise ArgumentError(f"--lora_target_modules: {e}") from None
-    resume_from, first_step = check_resume(args, lora_targets)
+    fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    resume_from, first_step = check_resume(args, lora_targets, fingerprint)
     if args.compile and (reason := utils.compile.compile_unsupported_reason()):
         raise ArgumentError(reason)
     prompts = load_prompts(args.prompts, args.prompt_column, args.prompt_split, max_prompts=args.max_prompts)
+    objective = objective_of(args, prompts)
+    objective_changes = check_objective(args, resume_from, first_step, objective)
+    if args.validation_prompts and (problem := check_validation_history(args, first_step)):
+        raise ArgumentError(problem)
+    config = run_config(args, lora_targets, fingerprint, objective, objective_changes)
     return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
                        lora_targets=lora_targets, resume_from=resume_from, first_step=first_step,
-                       prompts=tuple(prompts))
+                       prompts=tuple(prompts), run_config=config, objective_changes=objective_changes)

@@ -2,8 +2,10 @@
 
 Each `checkpoint-N/` holds accelerate's state (the LoRA in diffusers' format via the trainer's save
 hook, optimizer, LR scheduler, RNG states) plus `draftplus_run.json`: the base model, LoRA rank,
-alpha and targets it was trained with (no secrets), so a resume with other settings is refused with
-one line instead of a wall of size-mismatch errors.
+alpha and targets it was trained with, and the objective it optimised (utils/objective.py), with the
+changes a resume was allowed to make (no secrets). A resume with other settings is refused with one
+line instead of a wall of size-mismatch errors, and so is a resume from a checkpoint whose files were
+cut short (a crash or a full disk during a copy): the line names the newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -89,7 +91,11 @@ def denoiser_fingerprint(model: str, revision: str | None = None) -> str | None:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def run_config(args: Any, target_modules: Sequence[str], fingerprint: str | None) -> dict[str, Any]:
+def run_config(args: Any, target_modules: Sequence[str], fingerprint: str | None,
+               objective: Mapping[str, Any] | None = None,
+               objective_changes: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """What a checkpoint records: the model and LoRA shape (a resume must match them), the objective
+    (a resume may change it only when told to) and the changes made so far ([{from_step, changes}])."""
     return {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
@@ -97,6 +103,8 @@ def run_config(args: Any, target_modules: Sequence[str], fingerprint: str | None
         "rank": args.rank,
         "lora_alpha": args.lora_alpha if args.lora_alpha is not None else args.rank,
         "target_modules": sorted(target_modules),
+        "objective": dict(objective) if objective is not None else None,
+        "objective_changes": [dict(c) for c in objective_changes],
         "args": public_args(args),
     }
 
@@ -145,6 +153,75 @@ def check_resume_compatible(checkpoint: str, wanted: Mapping[str, Any]) -> None:
         raise ResumeMismatchError(f"{name} was trained on {saved['base_model']!r}, not "
                                   f"{wanted['base_model']!r}; resume with --pretrained_model_name_or_path "
                                   f"{saved['base_model']!r} or start a new --output_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints
+# ----------------------------------------------------------------------------------------------
+def _safetensors_problem(path: str) -> str | None:
+    """Why a .safetensors file cannot be read whole (None if it can): its header names byte ranges
+    that must all lie inside the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "cut short"
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            return "cut short"
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            return "unreadable header"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return "cut short" if 8 + header_len + max(ends, default=0) > size else None
+
+
+def _torch_file_problem(path: str) -> str | None:
+    """Why a torch.save file (a zip archive) cannot be read (None if it can): a cut-short archive has
+    no central directory; a member's CRC is checked only when it is read, which torch.load does."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return "cut short or not a torch file"
+    return None
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """What is damaged in a checkpoint directory ("optimizer.bin: cut short"), None if nothing is.
+    Reads headers and archive directories only, not the weights."""
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(path)
+        elif name.endswith((".bin", ".pkl")):  # accelerate's optimizer, scheduler and RNG states (torch.save)
+            problem = _torch_file_problem(path)
+        elif name == RUN_CONFIG_NAME:
+            try:
+                with open(path) as f:
+                    json.load(f)
+                problem = None
+            except ValueError:
+                problem = "not valid JSON"
+        else:
+            continue
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
+
+
+def newest_intact_checkpoint(output_dir: str, below: int | None = None) -> str | None:
+    """The newest checkpoint-N in `output_dir` (with N < `below`, if given) whose files are whole."""
+    for step in reversed(checkpoint_steps(output_dir)):
+        path = os.path.join(output_dir, f"checkpoint-{step}")
+        if (below is None or step < below) and checkpoint_problem(path) is None:
+            return path
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

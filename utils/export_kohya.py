@@ -2,8 +2,9 @@
 
     python -m utils.export_kohya OUTPUT_DIR [OUTPUT_DIR/checkpoint-200 ...]
 
-writes `pytorch_lora_weights_kohya.safetensors` next to each `pytorch_lora_weights.safetensors`
-(what `train_draftplus.py --export_kohya` does at the end of training).
+writes `pytorch_lora_weights_kohya.safetensors`, the file ComfyUI and AUTOMATIC1111 load, next to each
+`pytorch_lora_weights.safetensors` (what `train_draftplus.py` does at the end of training unless
+`--no_kohya_export`): for checkpoints, and for runs trained without it.
 """
 
 from __future__ import annotations

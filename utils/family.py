@@ -375,6 +375,15 @@ class ModelFamily:
         state_dict = cls.pipeline_class().lora_state_dict(str(lora_dir))
         return state_dict[0] if isinstance(state_dict, tuple) else state_dict
 
+    @classmethod
+    def export_ui_lora(cls, lora_file: str | os.PathLike) -> Path:
+        """Write, next to the diffusers-format `lora_file`, the LoRA file ComfyUI and AUTOMATIC1111 load
+        (they ignore safetensors metadata and match their own key names); returns its path. For the UNet
+        families: kohya's format with a per-module alpha tensor (utils/lora.py `export_kohya`)."""
+        from utils.lora import export_kohya
+
+        return export_kohya(lora_file)
+
 
 # ---------------------------------------------------------------------------------------------- UNet families
 

@@ -1,48 +1,99 @@
 """The model card (README.md) of a trained LoRA, and what `--push_to_hub` uploads.
 
 Everything in the card is known at the end of training: the base model (a hub id, a local directory,
-or draftplus's built-in toy), the DRaFT+ settings, the validation reward of the base model and of the
-LoRA on the same fixed prompts and noise, and how to load the LoRA with its family's pipeline class,
-with LoRA-scale and AIG hints. No template placeholders, and never a token (the card is built from
-the arguments minus `hub_token`, which it never sees).
+or draftplus's built-in toy), the objective (the full reward spec with its options, and any change a
+resume was allowed to make), the validation reward of the base model and of the LoRA on the same fixed
+prompts and noise, which file each tool loads, and commands that run as printed: loading the LoRA with
+its family's pipeline class, turning it down, and measuring it with the evaluator. No template
+placeholders, never a token (the card is built from the arguments minus `hub_token`, which it never
+sees), and no directory of the machine that trained it: local paths are written relative to the
+directory the run started in, or shortened to their last part where they lie outside it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from utils.objective import describe_changes, show_value
+from utils.plots import CURVES_NAME
+from utils.validation import BEFORE_AFTER_NAME, VALIDATION_DIR
 
-# What --push_to_hub uploads: the card, the LoRA (both formats) and the pictures; never checkpoints,
+CARD_NAME = "README.md"
+# What --push_to_hub uploads: the card, the LoRA (every format) and the pictures; never checkpoints,
 # tracker logs or the metrics files.
-HUB_ALLOW_PATTERNS = ["README.md", LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, "validation/*.png",
-                      "validation_before_after.png", "training_curves.png"]
+HUB_ALLOW_PATTERNS = [CARD_NAME, LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, f"{VALIDATION_DIR}/*.png",
+                      BEFORE_AFTER_NAME, CURVES_NAME]
 BASE_TAGS = ["lora", "diffusers", "diffusers-training", "text-to-image", "draftplus"]
+
+
+def is_draftplus_card(path: str | os.PathLike) -> bool:
+    """Whether a README.md is a card this module wrote (its YAML carries the draftplus tag)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    front = text.split("\n---", 1)[0] if text.startswith("---") else ""
+    return "- draftplus" in front
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths the card may write
+# ----------------------------------------------------------------------------------------------
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s,:=(\"'])~?/[^\s,:=\"']*")
+
+
+class CardPaths:
+    """Local paths as the card writes them: relative to `start` (the directory the run started in) when
+    they lie under it, else shortened to their last part, remembered in `shortened` so that the card can
+    say so. Names that are no absolute paths (hub ids, `animals`, relative paths) stay as they are."""
+
+    def __init__(self, start: str | os.PathLike | None = None) -> None:
+        self.start = os.path.abspath(start or os.getcwd())
+        self.shortened: list[str] = []
+
+    def path(self, path: str) -> str:
+        expanded = os.path.expanduser(path)
+        if not os.path.isabs(expanded):
+            return path
+        if os.path.commonpath([self.start, os.path.abspath(expanded)]) == self.start:
+            return os.path.relpath(expanded, self.start)
+        short = Path(expanded).name or path
+        if short not in self.shortened:
+            self.shortened.append(short)
+        return short
+
+    def text(self, text: str) -> str:
+        """`text` (a reward spec, an option) with every absolute path in it made shareable."""
+        return _ABSOLUTE_PATH.sub(lambda m: self.path(m.group(0)), text)
 
 
 @dataclass
 class BaseModel:
     """Where the base model comes from, as the card must say it."""
 
-    name: str  # what the user passed
+    name: str  # what the user passed, as the card may write it (no absolute path)
     kind: str  # "hub", "local" or "toy"
     load_path: str  # what from_pretrained takes in the card's snippet
+    source: str = ""  # where it is on this machine (read for its license, never written)
 
     @property
     def hub_id(self) -> str | None:
         return self.name if self.kind == "hub" else None
 
 
-def describe_base_model(name: str) -> BaseModel:
+def describe_base_model(name: str, paths: CardPaths | None = None) -> BaseModel:
     if name == "toy":
-        return BaseModel(name, "toy", "assets/toy")
+        return BaseModel(name, "toy", "assets/toy", name)
     if os.path.isdir(name):
-        return BaseModel(name, "local", name)
-    return BaseModel(name, "hub", name)
+        shown = (paths or CardPaths()).path(os.path.abspath(name))
+        return BaseModel(shown, "local", shown, name)
+    return BaseModel(name, "hub", name, name)
 
 
 def base_model_license(base: BaseModel, revision: str | None = None) -> str | None:
@@ -53,7 +104,7 @@ def base_model_license(base: BaseModel, revision: str | None = None) -> str | No
 
     readme = None
     if base.kind == "local":
-        readme = Path(base.name) / "README.md"
+        readme = Path(base.source) / "README.md"
     elif base.kind == "hub":
         cached = try_to_load_from_cache(base.name, "README.md", revision=revision)
         readme = Path(cached) if isinstance(cached, str) else None
@@ -97,13 +148,59 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def reward_spec_text(spec: str, options: Mapping[str, object], paths: CardPaths) -> str:
+    """The reward as the card states it: the spec, and its options as --reward_options takes them."""
+    text = f"`{paths.text(spec)}`"
+    if options:
+        text += " with options " + " ".join(f"`{paths.text(f'{k}={show_value(v)}')}`" for k, v in options.items())
+    return text
+
+
+def _shell_quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def evaluate_command(args, base: BaseModel, lora_dir: str, paths: CardPaths) -> str:
+    """The evaluator's command line for this LoRA, with the training run's model, prompts, reward and
+    sampler, so that it measures what the LoRA was trained for."""
+    words = ["python -m utils.evaluate", f"--pretrained_model_name_or_path {_shell_quote(base.name)}",
+             f"--prompts {_shell_quote(paths.text(str(args.prompts)))}", "--max_prompts 8", "--seeds_per_prompt 4",
+             f"--reward {_shell_quote(paths.text(args.reward))}"]
+    if args.reward_options:
+        words.append("--reward_options " + " ".join(_shell_quote(paths.text(f"{k}={show_value(v)}"))
+                                                   for k, v in args.reward_options.items()))
+    words += [f"--scheduler {args.scheduler}", f"--num_inference_steps {args.num_inference_steps}",
+              f"--guidance_scale {_fmt(args.guidance_scale)}", f"--height {args.height}", f"--width {args.width}"]
+    if args.eta:
+        words.append(f"--eta {_fmt(args.eta)}")
+    if args.negative_prompt:
+        words.append(f"--negative_prompt {_shell_quote(args.negative_prompt)}")
+    words += [f"--lora {_shell_quote(lora_dir)}", "--lora_scale 0.25 0.5 0.75", "--aig linear power_2",
+              f"--output_dir {_shell_quote(lora_dir.rstrip('/') + '-eval')}"]
+    lines, line = [], ""
+    for word in words:  # wrapped as a shell line continued with backslashes
+        if line and len(line) + len(word) > 100:
+            lines.append(line + " \\")
+            line = "  " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
+
+
 def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validation: ValidationSummary | None = None,
-                    kohya: bool = False, curves: str | None = None, mixed_precision: str | None = None) -> str:
+                    ui_lora: str | None = None, curves: str | None = None, mixed_precision: str | None = None,
+                    objective_changes: Sequence[Mapping] = (), start: str | os.PathLike | None = None) -> str:
     """The card: YAML metadata (huggingface_hub's ModelCardData) and a body with no placeholders.
-    `mixed_precision`: what the run used (accelerate's resolved setting; default `args.mixed_precision`)."""
+    `ui_lora`: the name of the file written for ComfyUI and AUTOMATIC1111 (None: none was written);
+    `mixed_precision`: what the run used (accelerate's resolved setting; default `args.mixed_precision`);
+    `objective_changes`: what resumes changed ([{from_step, changes}], utils/objective.py); `start`: the
+    directory the run started in (default: the current one), which local paths are written relative to."""
     from huggingface_hub import ModelCardData
 
-    base = describe_base_model(args.pretrained_model_name_or_path)
+    paths = CardPaths(start)
+    base = describe_base_model(args.pretrained_model_name_or_path, paths)
     validation = validation or ValidationSummary()
     from utils.family import UnsupportedModelError, family_for_class_name
 
@@ -117,7 +214,11 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
         widget=[{"text": prompt, "output": {"url": url}} for prompt, url in validation.widget] or None,
     )
-    lora_source = repo_id or os.path.abspath(args.output_dir)
+    local_lora = paths.path(os.path.abspath(args.output_dir))
+    lora_source = repo_id or local_lora
+    reward = reward_spec_text(args.reward, args.reward_options, paths)
+    prompts = paths.text(str(args.prompts))
+    evaluate = evaluate_command(args, base, repo_id.split("/")[-1] if repo_id else local_lora, paths)
 
     if base.kind == "hub":
         base_text = f"[{base.name}](https://huggingface.co/{base.name})"
@@ -128,13 +229,17 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     else:
         base_text = f"a local model directory, `{base.name}` (not on the Hugging Face Hub)"
     lines = [
-        f"# DRaFT+ LoRA: `{args.reward}` on {base.name if base.kind != 'toy' else 'the draftplus toy model'}",
+        f"# DRaFT+ LoRA: {reward} on {base.name if base.kind != 'toy' else 'the draftplus toy model'}",
         "",
         f"A LoRA for {base_text}, fine-tuned with [DRaFT+](https://arxiv.org/abs/2311.04911) (direct reward "
-        f"fine-tuning with a KL-style regulariser that keeps images diverse) against the reward `{args.reward}`, "
+        f"fine-tuning with a KL-style regulariser that keeps images diverse) against the reward {reward}, "
         "with draftplus's trainer, `train_draftplus.py`.",
         "",
     ]
+    if objective_changes:
+        lines += ["The objective changed during training (a resume with `--allow_objective_change`): "
+                  + "; ".join(f"from step {c['from_step']}: {paths.text(describe_changes(c['changes']))}"
+                              for c in objective_changes) + ". The settings below are the last ones.", ""]
     if validation.reward_after is not None:
         lines += ["## Validation", "",
                   f"The same {validation.num_images} images (validation prompts x fixed seeds, the same initial "
@@ -151,14 +256,38 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     if curves:
         lines += [f"![training reward, KL penalty and validation reward against step]({curves})", ""]
 
+    lines += ["## Files", "", "| file | loads in |", "| --- | --- |",
+              f"| `{LORA_WEIGHTS_NAME}` | diffusers: `pipe.load_lora_weights(...)` (its metadata carries the LoRA "
+              "config, alpha included) |"]
+    if ui_lora:
+        lines.append(f"| `{ui_lora}` | ComfyUI (`models/loras/`, the LoRA loader node) and AUTOMATIC1111 "
+                     "(`models/Lora/`): per-module alpha tensors, module names these tools match |")
+    lines.append("")
+    if ui_lora:
+        lines += [f"ComfyUI and AUTOMATIC1111 need `{ui_lora}`: they ignore the safetensors metadata, and "
+                  f"ComfyUI matches none of the attention keys of `{LORA_WEIGHTS_NAME}`.", ""]
+    else:
+        lines += [f"This run wrote no file for ComfyUI or AUTOMATIC1111 (`--no_kohya_export`); in a draftplus "
+                  f"checkout, `python -m utils.export_kohya {_shell_quote(local_lora)}` writes "
+                  f"`{KOHYA_WEIGHTS_NAME}`.", ""]
+
     prompt = json.dumps(validation.widget[0][0] if validation.widget else "a photo of a cat")
+    where = []
+    if base.kind == "toy" or not repo_id:
+        where.append("Run these from the directory the training ran in"
+                     + (" (the draftplus repository, which holds the toy)" if base.kind == "toy" else "")
+                     + ": local paths are relative to it.")
+    if paths.shortened:
+        where.append(f"{', '.join(f'`{p}`' for p in paths.shortened)} "
+                     f"{'stands for a path' if len(paths.shortened) == 1 else 'stand for paths'} outside it on the "
+                     "machine that trained this LoRA (the card writes no absolute path): use your own.")
     lines += [
         "## Use it", "",
+        *([" ".join(where), ""] if where else []),
         "```python",
         f"from diffusers import {pipeline_class_name}",
         "",
-        f"pipe = {pipeline_class_name}.from_pretrained({json.dumps(base.load_path)})"
-        + ("  # in a draftplus checkout" if base.kind == "toy" else ""),
+        f"pipe = {pipeline_class_name}.from_pretrained({json.dumps(base.load_path)})",
         f"pipe.load_lora_weights({json.dumps(lora_source)})",
         f"prompt = {prompt}",
         "image = pipe(prompt).images[0]",
@@ -166,6 +295,7 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         "**Less reward, more diversity.** The LoRA's strength is a dial: scale it down with diffusers' adapter "
         "weights,", "",
         "```python",
+        "pipe.unload_lora_weights()",
         f'pipe.load_lora_weights({json.dumps(lora_source)}, adapter_name="draftplus")',
         'pipe.set_adapters(["draftplus"], adapter_weights=[0.5])  # 0 = base model, 1 = as trained',
         "```", "",
@@ -176,18 +306,23 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         "",
         'image = aig_pipeline(pipe, "power_2")(prompt).images[0]  # also: linear, step_0.6, ...',
         "```", "",
-        "`python -m utils.evaluate --lora DIR --lora_scale 0.25 0.5 0.75 --aig linear power_2` measures reward "
-        "and diversity along both dials.", "",
+        "Reward and diversity along both dials, measured with the training run's model, prompts, reward and "
+        "sampler (in the draftplus repository"
+        + (f"; first `hf download {repo_id} --local-dir {repo_id.split('/')[-1]}`" if repo_id else "")
+        + "; offline, LPIPS cannot download torchvision's AlexNet weights: add "
+        "`--diversity_metric lpips_random_backbone`, a stand-in not comparable with LPIPS):", "",
+        "```bash",
+        evaluate,
+        "```", "",
     ]
-    if kohya:
-        lines += [f"`{KOHYA_WEIGHTS_NAME}` is the same LoRA in kohya's format, for AUTOMATIC1111 and ComfyUI.", ""]
 
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lora_alpha = args.lora_alpha if args.lora_alpha is not None else args.rank
     settings = [
-        ("reward", f"`{args.reward}`"),
+        ("reward", reward),
         ("kl_coeff (DRaFT+ penalty weight; 0 = DRaFT)", _fmt(args.kl_coeff)),
-        ("prompts", f"`{args.prompts}`"),
+        ("prompts", f"`{prompts}`"
+                    + (f" (first {args.max_prompts})" if args.max_prompts else "")),
         ("steps", _fmt(args.max_train_steps)),
         ("batch", f"{args.train_batch_size} per process x {args.gradient_accumulation_steps} accumulation"),
         ("learning rate", f"{_fmt(args.learning_rate)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"),
@@ -204,6 +339,8 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     ]
     if args.negative_prompt:
         settings.append(("negative prompt", f"`{args.negative_prompt}`"))
+    settings += [(f"objective from step {c['from_step']}", paths.text(describe_changes(c["changes"])))
+                 for c in objective_changes]
     lines += [f"| {name} | {value} |" for name, value in settings]
     lines.append("")
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
@@ -211,7 +348,7 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
 
 def save_model_card(output_dir: str | os.PathLike, *args, **kwargs) -> Path:
     """Write README.md into `output_dir` (arguments: see `model_card_text`)."""
-    path = Path(output_dir) / "README.md"
+    path = Path(output_dir) / CARD_NAME
     path.write_text(model_card_text(*args, **kwargs), encoding="utf-8")
     return path
 

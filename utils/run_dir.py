@@ -24,10 +24,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.lora import LORA_WEIGHTS_NAME
+from utils.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from utils.model_card import CARD_NAME, is_draftplus_card
+from utils.plots import CURVES_NAME
+from utils.validation import (
+    BEFORE_AFTER_NAME,
+    EARLIER_LOG_PATTERN,
+    VALIDATION_DIR,
+    VALIDATION_LOG,
+    VALIDATION_REWARD_NAME,
+)
 
 LOCK_NAME = ".draftplus.lock"
 METRICS_NAME = "metrics.jsonl"
+# Everything a run derives in its --output_dir besides checkpoint-N/ and the tracker logs: what
+# --overwrite_output_dir removes, so that nothing of the earlier run is read or shown as the new one's.
+RUN_FILES = (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, METRICS_NAME, VALIDATION_LOG, BEFORE_AFTER_NAME,
+             VALIDATION_REWARD_NAME, CURVES_NAME)
+RUN_FILE_PATTERNS = (EARLIER_LOG_PATTERN.format(step="*"),)
+RUN_DIRS = (VALIDATION_DIR,)
 
 
 class RunDirError(UserError):
@@ -177,23 +192,31 @@ class OutputDirLock:
 # A previous run's files
 # ----------------------------------------------------------------------------------------------
 def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
-    """What an earlier run left that a fresh run would mix with: checkpoints (also partial ones), metrics,
-    the final LoRA."""
+    """What an earlier run left that a fresh run would mix with: checkpoints (also partial ones), then
+    the files and directories it derived (metrics, LoRA files, validation, curves, its model card)."""
     if not os.path.isdir(output_dir):
         return []
+    out = Path(output_dir)
     found = sorted(d for d in os.listdir(output_dir) if d.startswith("checkpoint-"))
-    return found + [f for f in (METRICS_NAME, LORA_WEIGHTS_NAME) if os.path.isfile(os.path.join(output_dir, f))]
+    found += [f for f in RUN_FILES if (out / f).is_file()]
+    found += sorted(p.name for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern))
+    found += [d for d in RUN_DIRS if (out / d).is_dir()]
+    if (out / CARD_NAME).is_file() and is_draftplus_card(out / CARD_NAME):
+        found.append(CARD_NAME)
+    return found
 
 
 def clear_previous_run(output_dir: str | os.PathLike, logging_dir: str) -> None:
-    """`--overwrite_output_dir`: remove the previous run's checkpoints, metrics and tracker logs, so
-    `latest`, checkpoint rotation and the metrics history see only the new run. Other files are
-    overwritten when the new run writes them."""
+    """`--overwrite_output_dir`: remove everything the previous run wrote (`previous_run_files`) and its
+    tracker logs, so that `latest`, checkpoint rotation, the metrics and validation histories, the curves,
+    the card and the LoRA files all come from the new run. Files a run does not write are left alone."""
     for name in previous_run_files(output_dir):
-        if name.startswith("checkpoint-"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output_dir, METRICS_NAME))
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
     logs, root = os.path.realpath(os.path.join(output_dir, logging_dir)), os.path.realpath(output_dir)
     if os.path.isdir(logs) and logs.startswith(root + os.sep):  # never a --logging_dir outside the run's directory
         shutil.rmtree(logs, ignore_errors=True)

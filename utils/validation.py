@@ -9,6 +9,12 @@ Each validation writes `validation/step-N.png` (per prompt, the base's images on
 LoRA's on the right, each with its reward written under it), appends a line to `validation.jsonl`
 (rewards, and with `--validation_diversity` the mean pairwise diversity of each prompt's images) and
 logs both to the trackers (tensorboard, wandb).
+
+`validation.jsonl` is one series: its one base row (step 0) records the settings the images depend on
+(prompts, seeds, sampler, reward, size, ...). A resumed run continues it (it drops the rows and grids
+past the resumed step and does not add a second base row); a resume with other settings is refused
+before any model loads, unless `--allow_objective_change`, which starts the series anew and keeps the
+old one as `validation-until-step-N.jsonl`.
 """
 
 from __future__ import annotations
@@ -29,11 +35,19 @@ from utils.diversity import (
     lpips_or_stand_in,
     lpips_unreachable,
 )
+from utils.objective import OBJECTIVE_FLAGS, describe_changes, jsonable
 
 # --validation_diversity: "auto" (LPIPS, else its stand-in) and the metrics that need no extra model.
 DIVERSITY_CHOICES = ("auto", *(m for m in DIVERSITY_METRICS if m != "dino"))
 VALIDATION_DIR = "validation"
 VALIDATION_LOG = "validation.jsonl"
+BEFORE_AFTER_NAME = "validation_before_after.png"
+VALIDATION_REWARD_NAME = "validation_reward.json"
+EARLIER_LOG_PATTERN = "validation-until-step-{step}.jsonl"  # a series set aside when the settings changed
+# What the validation images and their rewards depend on besides the objective's rollout settings.
+SETTINGS_FLAGS = {"prompts": "--validation_prompts", "images_per_prompt": "--num_validation_images", "seed": "--seed"}
+RENDER_SETTINGS = ("reward", "reward_options", "scheduler", "num_inference_steps", "eta", "guidance_scale",
+                   "negative_prompt", "height", "width")
 logger = logging.getLogger("draftplus.validation")
 
 
@@ -55,6 +69,55 @@ def check_validation_args(args) -> str | None:
     return None
 
 
+def validation_settings(args) -> dict[str, Any]:
+    """What the validation images and their rewards depend on (recorded in the base row)."""
+    settings = {"prompts": list(args.validation_prompts), "images_per_prompt": args.num_validation_images,
+                "seed": args.seed}
+    settings.update({name: jsonable(getattr(args, name, None)) for name in RENDER_SETTINGS})
+    return settings
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list]:
+    """{flag: [saved, current]} for the recorded settings that differ."""
+    flags = {**SETTINGS_FLAGS, **{name: OBJECTIVE_FLAGS[name] for name in RENDER_SETTINGS}}
+    return {flags[name]: [saved[name], current[name]] for name in flags
+            if name in saved and jsonable(saved[name]) != jsonable(current[name])}
+
+
+def _read_entries(path: Path) -> list[dict]:
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return entries
+
+
+def recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings recorded in validation.jsonl's base row; None without one (or from before they were)."""
+    path = Path(output_dir) / VALIDATION_LOG
+    if not path.is_file():
+        return None
+    base = next((e for e in _read_entries(path) if e.get("phase") == "base"), None)
+    return base.get("settings") if base else None
+
+
+def check_validation_history(args, first_step: int) -> str | None:
+    """The one-line refusal when a resumed run's validation would mix with a series rendered with other
+    settings (None if it would not, or if --allow_objective_change starts the series anew)."""
+    if args.overwrite_output_dir or args.allow_objective_change:
+        return None
+    saved = recorded_settings(args.output_dir)
+    changes = settings_differences(saved, validation_settings(args)) if saved else {}
+    if not changes:
+        return None
+    return (f"{VALIDATION_LOG} in --output_dir was rendered with other settings ({describe_changes(changes)}), "
+            "and one validation series must not mix them; resume with the same settings, or pass "
+            "--allow_objective_change to start the validation series anew at step "
+            f"{first_step} (the old one is kept as {EARLIER_LOG_PATTERN.format(step=first_step)})")
+
+
 @dataclass
 class Rendered:
     """Images `[N, 3, H, W]` in [0, 1] (CPU, fp32), prompt-major (prompt k: rows k*n ... k*n + n - 1), and
@@ -68,14 +131,16 @@ class Rendered:
 class Validation:
     """Renders and logs validation images; `render_base()` once, then `__call__(step)` as often as wanted."""
 
-    def __init__(self, args, accelerator, models, reward_fn) -> None:
+    def __init__(self, args, accelerator, models, reward_fn, start_step: int = 0) -> None:
         self.args, self.accelerator, self.models, self.reward_fn = args, accelerator, models, reward_fn
         self.prompts: list[str] = list(args.validation_prompts)
         self.per_prompt: int = args.num_validation_images
         self.dir = Path(args.output_dir) / VALIDATION_DIR
         self.log_file = Path(args.output_dir) / VALIDATION_LOG
+        self.settings = validation_settings(args)
         self.base: Rendered | None = None
         self.latest: tuple[int, Rendered] | None = None
+        self.base_recorded = self._continue_series(start_step)
         self.diversity = None
         self.diversity_metric = None
         metric = getattr(args, "validation_diversity", None)
@@ -110,14 +175,39 @@ class Validation:
         return Rendered(torch.cat(images), torch.cat(rewards))
 
     def render_base(self) -> Rendered:
-        """The base model's images (adapters disabled), rendered once and kept."""
+        """The base model's images (adapters disabled), rendered once and kept; recorded once per series."""
         from utils.lora import adapters_disabled
 
         if self.base is None:
             with adapters_disabled(self.models.raw_denoiser):
                 self.base = self.render()
-            self._record(0, "base", self.base)
+            if self.base_recorded:
+                self.base.diversity = self._diversity(self.base)
+            else:
+                self._record(0, "base", self.base)
+                self.base_recorded = True
         return self.base
+
+    def _continue_series(self, start_step: int) -> bool:
+        """Make validation.jsonl this run's series from `start_step` on: the rows and grids past it go
+        (a resumed run renders them again). A series rendered with other settings (a resume the argument
+        check let change them) is set aside. Returns whether the series already has its base row."""
+        for grid in self.dir.glob("step-*.png"):
+            step = grid.stem.removeprefix("step-")
+            if step.isdigit() and int(step) > start_step:
+                grid.unlink()
+        if not self.log_file.is_file():
+            return False
+        entries = _read_entries(self.log_file)
+        base = next((e for e in entries if e.get("phase") == "base"), None)
+        if base is None or settings_differences(base.get("settings") or {}, self.settings):
+            os.replace(self.log_file, self.log_file.with_name(EARLIER_LOG_PATTERN.format(step=start_step)))
+            return False
+        kept = [e for e in entries if e["step"] <= start_step]
+        tmp = self.log_file.with_name(self.log_file.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        os.replace(tmp, self.log_file)
+        return True
 
     def __call__(self, step: int) -> Rendered:
         """Render the LoRA at `step` (once per step), write and log the side-by-side grid."""
@@ -148,6 +238,8 @@ class Validation:
                                  "rewards": [round(float(r), 6) for r in rendered.rewards]}
         if diversity is not None:
             entry.update(diversity=diversity, diversity_metric=self.diversity_metric)
+        if phase == "base":
+            entry["settings"] = self.settings
         os.makedirs(self.log_file.parent, exist_ok=True)
         with open(self.log_file, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -160,13 +252,10 @@ class Validation:
             log_image(self.accelerator, "validation", grid, step, caption=f"base (left) vs step {step} (right)")
 
     def save_before_after(self, path: str | os.PathLike) -> None:
-        """Base images (top rows) over the latest LoRA images (bottom rows), one row per prompt each."""
-        from diffusers.utils import make_image_grid
-
-        images = [to_pil(im) for im in torch.cat([self.render_base().images, self.latest[1].images])]
-        grid = make_image_grid(images, rows=2 * len(self.prompts), cols=self.per_prompt)
-        zoom = max(1, 256 // max(self.args.height, self.args.width))  # toy-sized images: enlarge so they can be seen
-        grid.resize((grid.width * zoom, grid.height * zoom), resample=0).save(path)
+        """Per prompt two labelled rows, the base model's images ("before") over the latest LoRA's ("after
+        N steps"), from the same noise; toy-sized images are enlarged so they can be seen."""
+        before_after_grid(self.prompts, self.render_base(), self.latest[1], self.per_prompt,
+                          self.latest[0]).save(path)
 
     def save_widget_images(self) -> list[tuple[str, str]]:
         """One image per prompt (the latest LoRA's images of that prompt, side by side) for the model
@@ -243,6 +332,25 @@ def comparison_grid(prompts: list[str], base: Rendered, current: Rendered, per_p
                 draw.text((left + 2, top + h + 1), f"{float(rendered.rewards[k * per_prompt + j]):.4f}",
                           fill="black", font=font)
     return grid
+
+
+def before_after_rows(prompts: list[str], base: Rendered, after: Rendered, per_prompt: int,
+                      step: int) -> list[tuple[str, list[torch.Tensor]]]:
+    """The labelled rows of the before/after grid: per prompt, "before: PROMPT" then "after N steps: PROMPT"."""
+    rows = []
+    for k, prompt in enumerate(prompts):
+        rows.append((f"before: {prompt}", list(base.images[k * per_prompt:(k + 1) * per_prompt])))
+        rows.append((f"after {step} step{'' if step == 1 else 's'}: {prompt}",
+                     list(after.images[k * per_prompt:(k + 1) * per_prompt])))
+    return rows
+
+
+def before_after_grid(prompts: list[str], base: Rendered, after: Rendered, per_prompt: int, step: int):
+    """`validation_before_after.png`: the base model's images over the LoRA's, per prompt, labelled."""
+    from utils.image_grid import labelled_grid
+
+    return labelled_grid(before_after_rows(prompts, base, after, per_prompt, step),
+                         title="base model (before) and the LoRA (after), same seeds", min_side=256)
 
 
 def log_image(accelerator, name: str, image, step: int, caption: str = "") -> None:

@@ -512,8 +512,16 @@ class FlowTransformerFamily(ModelFamily):
     default_scheduler = "model"
     target_presets = TRANSFORMER_TARGET_PRESETS
     options = ("max_sequence_length",)
-    not_yet_supported = ("validation_prompts", "compile", "export_kohya", "evaluation")
+    not_yet_supported = ("validation_prompts", "compile", "evaluation")
     default_max_sequence_length: ClassVar[int]
+
+    @classmethod
+    def export_ui_lora(cls, lora_file: str | os.PathLike) -> Path:
+        """ComfyUI's FLUX and SD3 loaders read diffusers' transformer keys; they need a per-module alpha tensor
+        (utils/lora.py `export_comfyui`). diffusers users load the plain file."""
+        from utils.lora import export_comfyui
+
+        return export_comfyui(lora_file, component=cls.denoiser_name)
 
     def __init__(self, pipe, max_sequence_length: int | None = None) -> None:
         super().__init__(pipe)

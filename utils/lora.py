@@ -193,17 +193,29 @@ def load_lora_into_denoiser(denoiser: torch.nn.Module, lora_dir: str | os.PathLi
 KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"
 
 
-def _lora_alpha_for(module: str, metadata: dict, rank: int) -> float:
+def _lora_alpha_for(module: str, metadata: dict, rank: int, component: str = "unet") -> float:
     """The module's lora_alpha from diffusers' LoRA metadata (alpha_pattern first, as PEFT resolves it);
     without metadata, diffusers loads alpha = rank, and so must the export."""
     import re
 
-    alpha_pattern = metadata.get("unet.alpha_pattern") or {}
+    alpha_pattern = metadata.get(f"{component}.alpha_pattern") or {}
     for pattern, alpha in alpha_pattern.items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return float(alpha)
-    alpha = metadata.get("unet.lora_alpha")
+    alpha = metadata.get(f"{component}.lora_alpha")
     return float(alpha) if alpha is not None else float(rank)
+
+
+def _read_lora_file(lora_file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """A diffusers LoRA file's tensors and its LoRA metadata (diffusers' `<component>.<field>` keys)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    return state_dict, metadata
 
 
 def kohya_state_dict(lora_file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -213,14 +225,9 @@ def kohya_state_dict(lora_file: str | os.PathLike) -> dict[str, torch.Tensor]:
     The keys come from diffusers' `convert_state_dict_to_kohya`; that function writes alpha = rank, so
     each `.alpha` is then set to the adapter's real lora_alpha (read from the file's LoRA metadata),
     or the LoRA would act at rank/alpha times its trained strength."""
-    import json
-
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from safetensors import safe_open
 
-    with safe_open(str(lora_file), framework="pt") as f:
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    state_dict, metadata = _read_lora_file(lora_file)
     if not state_dict or not all(k.startswith("unet.") for k in state_dict):
         raise ValueError(f"{lora_file} is not a draftplus UNet LoRA (expected only 'unet.' keys)")
     peft_state_dict = convert_unet_state_dict_to_peft(state_dict)
@@ -236,23 +243,23 @@ def kohya_state_dict(lora_file: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in kohya.items()}
 
 
-def export_kohya(lora: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
-    """Write the kohya/webui version of a draftplus LoRA (an output dir or its .safetensors file) as
-    `pytorch_lora_weights_kohya.safetensors` next to it (or to `output_file`), atomically."""
-    from safetensors.torch import save_file
-
+def _lora_file_of(lora: str | os.PathLike) -> Path:
     lora = Path(lora)
     lora_file = lora / LORA_WEIGHTS_NAME if lora.is_dir() else lora
     if not lora_file.is_file():
         raise FileNotFoundError(f"no {LORA_WEIGHTS_NAME} in {lora}")
-    target = Path(output_file) if output_file is not None else lora_file.with_name(KOHYA_WEIGHTS_NAME)
-    state_dict = kohya_state_dict(lora_file)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-kohya-", suffix=".safetensors",
+    return lora_file
+
+
+def _save_atomically(state_dict: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file under a temporary name beside `target`, then rename it over `target`."""
+    from safetensors.torch import save_file
+
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-export-", suffix=".safetensors",
                                      delete=False) as tmp:
         pass
     try:
-        save_file(state_dict, tmp.name, metadata={"format": "pt", "ss_network_module": "networks.lora",
-                                                  "ss_source": "draftplus"})
+        save_file(state_dict, tmp.name, metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp.name, 0o666 & ~umask)
@@ -261,3 +268,43 @@ def export_kohya(lora: str | os.PathLike, output_file: str | os.PathLike | None 
         if os.path.exists(tmp.name):
             os.unlink(tmp.name)
     return target
+
+
+def export_kohya(lora: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
+    """Write the kohya/webui version of a draftplus UNet LoRA (an output dir or its .safetensors file) as
+    `pytorch_lora_weights_kohya.safetensors` next to it (or to `output_file`), atomically."""
+    lora_file = _lora_file_of(lora)
+    target = Path(output_file) if output_file is not None else lora_file.with_name(KOHYA_WEIGHTS_NAME)
+    return _save_atomically(kohya_state_dict(lora_file), target,
+                            {"format": "pt", "ss_network_module": "networks.lora", "ss_source": "draftplus"})
+
+
+# ---------------------------------------------------------------------------------------- ComfyUI export
+# (flow transformers)
+
+COMFYUI_WEIGHTS_NAME = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def comfyui_state_dict(lora_file: str | os.PathLike, component: str = "transformer") -> dict[str, torch.Tensor]:
+    """A diffusers transformer LoRA file with one `<component>.<module>.alpha` tensor per module added: what
+    ComfyUI's FLUX and SD3 loaders map completely at the exact alpha/rank scale (they read no safetensors
+    metadata, and without the tensor take alpha = rank)."""
+    state_dict, metadata = _read_lora_file(lora_file)
+    downs = [k for k in state_dict if k.endswith(".lora_A.weight")]
+    if not downs or not all(k.startswith(component + ".") for k in state_dict):
+        raise ValueError(f"{lora_file} is not a draftplus {component} LoRA (expected only '{component}.' keys)")
+    out = dict(state_dict)
+    for key in downs:
+        module = key.removesuffix(".lora_A.weight")
+        alpha = _lora_alpha_for(module.removeprefix(component + "."), metadata, state_dict[key].shape[0], component)
+        out[module + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def export_comfyui(lora: str | os.PathLike, output_file: str | os.PathLike | None = None,
+                   component: str = "transformer") -> Path:
+    """Write the ComfyUI version of a draftplus transformer LoRA (an output dir or its .safetensors file) as
+    `pytorch_lora_weights_comfyui.safetensors` next to it (or to `output_file`), atomically."""
+    lora_file = _lora_file_of(lora)
+    target = Path(output_file) if output_file is not None else lora_file.with_name(COMFYUI_WEIGHTS_NAME)
+    return _save_atomically(comfyui_state_dict(lora_file, component), target, {"format": "pt"})

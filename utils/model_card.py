@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from utils.objective import describe_changes, show_value
 from utils.plots import CURVES_NAME
 from utils.validation import BEFORE_AFTER_NAME, VALIDATION_DIR
@@ -27,7 +27,7 @@ from utils.validation import BEFORE_AFTER_NAME, VALIDATION_DIR
 CARD_NAME = "README.md"
 # What --push_to_hub uploads: the card, the LoRA (every format) and the pictures; never checkpoints,
 # tracker logs or the metrics files.
-HUB_ALLOW_PATTERNS = [CARD_NAME, LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, f"{VALIDATION_DIR}/*.png",
+HUB_ALLOW_PATTERNS = [CARD_NAME, LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME, f"{VALIDATION_DIR}/*.png",
                       BEFORE_AFTER_NAME, CURVES_NAME]
 BASE_TAGS = ["lora", "diffusers", "diffusers-training", "text-to-image", "draftplus"]
 

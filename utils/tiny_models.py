@@ -1,17 +1,20 @@
 """Tiny diffusers pipelines built offline from configs, with tokenizers whose vocabularies are generated.
 
-Nothing here downloads anything: tests, benchmarks and the toy's pretraining get real diffusers pipelines
+Nothing here downloads anything: tests, benchmarks and the toys' pretraining get real diffusers pipelines
 (saved with `save_pretrained`, loaded with `from_pretrained`) in seconds. Layout, one section per job:
-- tokenizers: offline tokenizers of the kinds real checkpoints ship;
+- tokenizers: offline tokenizers of the kinds real checkpoints ship (CLIP's byte-level BPE, T5's Unigram);
 - shared components: the configs every family's builder uses, written once;
-- one builder per pipeline family, randomly initialised with the shapes of diffusers' own pipeline tests.
+- one builder per pipeline family, randomly initialised with the shapes of diffusers' own pipeline tests
+  (the flow-matching ones, FLUX.1 and SD3/SD3.5, shaped where it matters like the real models).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import string
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,11 +23,24 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 # ----------------------------------------------------------------------------------------- tokenizers
 
@@ -94,6 +110,29 @@ def build_clip_tokenizer(
     return tokenizer
 
 
+def build_t5_tokenizer(words: Iterable[str] = TINY_WORDS, model_max_length: int = 512) -> T5Tokenizer:
+    """A real T5 (Unigram) tokenizer whose vocabulary is generated: pad/eos/unk at ids 0/1/2 as T5's, one
+    whole-word piece per word in `words`, and every printable ASCII character (alone and after the
+    word-start marker), so any ASCII text tokenizes and known words are single tokens.
+
+    Scores are log-probabilities: a known word's piece (-1) beats spelling it out (<= -6). `extra_ids=0`:
+    T5's 100 sentinel tokens are for span corruption, which no text encoder here needs."""
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    seen = {piece for piece, _ in vocab}
+
+    def add(piece: str, score: float) -> None:
+        if piece not in seen:
+            seen.add(piece)
+            vocab.append((piece, score))
+
+    for word in dict.fromkeys(words):
+        add("▁" + word, -1.0)
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        add("▁" + char, -3.0)
+        add(char, -4.0)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
 # ----------------------------------------------------------------------------------------- shared components
 
 # The tiny CLIP text encoder of diffusers' pipeline tests; `hidden_size` is usually set to the denoiser's width.
@@ -113,19 +152,41 @@ def clip_text_config(tokenizer: CLIPTokenizer, **sizes) -> CLIPTextConfig:
     )
 
 
+# The VAE latent normalisation of the real models (diffusers' vae/config.json of each).
+FLUX_VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+SD3_VAE_FACTORS = {"scaling_factor": 1.5305, "shift_factor": 0.0609}
+# The scheduler configs FLUX.1-dev, FLUX.1-schnell and SD3/SD3.5 ship.
+FLUX_DEV_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                      "base_image_seq_len": 256, "max_image_seq_len": 4096}
+FLUX_SCHNELL_SCHEDULER = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+SD3_SCHEDULER = {"shift": 3.0}
+# FLUX's and SD3's VAEs have no quant convs; their latents have 16 channels.
+FLOW_VAE = {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
 def tiny_vae(sample_size: int, **config) -> AutoencoderKL:
-    """A 2-block VAE (factor 2) for latents of `sample_size`, as in diffusers' pipeline tests."""
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=sample_size * 2,
-        norm_num_groups=32,
+    """A 2-block VAE (factor 2) for latents of `sample_size`, as in diffusers' pipeline tests; `config`
+    overrides (latent channels, scaling and shift factors, quant convs)."""
+    return AutoencoderKL(**{
+        "block_out_channels": (32, 64),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "latent_channels": 4,
+        "sample_size": sample_size * 2,
+        "norm_num_groups": 32,
         **config,
-    )
+    })
+
+
+def tiny_t5_encoder(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
+    """A tiny T5 v1.1 encoder (FLUX's and SD3's T5-XXL kind: gated-GELU feed-forward, untied embeddings)."""
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    return T5EncoderModel(config)
 
 
 def _saved(pipe: DiffusionPipeline, save_dir: str | os.PathLike | None) -> DiffusionPipeline:
@@ -234,4 +295,82 @@ def build_random_sdxl_pipeline(
         text_encoder_2=CLIPTextModelWithProjection(config).eval(), tokenizer=tokenizer, tokenizer_2=tokenizer,
         unet=unet.eval(), scheduler=scheduler, add_watermarker=False,
     )
+    return _saved(pipe, save_dir)
+
+
+# ----------------------------------------------------------------------------------------- FLUX.1
+
+def build_random_flux_pipeline(save_dir: str | os.PathLike | None = None, *, guidance_embeds: bool = True,
+                               seed: int = 0, latent_channels: int = 16) -> FluxPipeline:
+    """A tiny random `FluxPipeline`: FLUX.1-dev-like with `guidance_embeds=True` (distilled guidance input,
+    dynamic shift), FLUX.1-schnell-like with False (no guidance input, fixed shift 1). Double- and
+    single-stream blocks, 2x2-packed latents (in_channels = 4 x latent channels), CLIP (pooled) + T5.
+
+    The VAE has factor 2 and latents are 2x2-packed, so height and width must be multiples of 4; pass them
+    explicitly (FluxPipeline's default size is 128 x vae_scale_factor)."""
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+    text_dim = clip_dim = 32
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=text_dim, pooled_projection_dim=clip_dim,
+                                         guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6))  # the axes' sum is the head dim
+    scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
+    clip_sizes = {**TINY_CLIP_TEXT_SIZES, "hidden_size": clip_dim, "hidden_act": "gelu"}
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(16, **{**FLOW_VAE, "latent_channels": latent_channels}, **FLUX_VAE_FACTORS).eval(),
+        text_encoder=CLIPTextModel(clip_text_config(clip_tokenizer, **clip_sizes)).eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=tiny_t5_encoder(t5_tokenizer, text_dim).eval(),
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return _saved(pipe, save_dir)
+
+
+# ----------------------------------------------------------------------------------------- Stable Diffusion 3/3.5
+
+
+def build_random_sd3_pipeline(save_dir: str | os.PathLike | None = None, *, seed: int = 0, sample_size: int = 16,
+                              latent_channels: int = 16, num_attention_heads: int = 4,
+                              attention_head_dim: int = 8) -> StableDiffusion3Pipeline:
+    """A tiny random `StableDiffusion3Pipeline` shaped like SD3.5-Medium: CLIP-L + CLIP-G (both with
+    projection; pooled = both projections) + T5, patch size 2, QK RMS-norm, a dual-attention (`attn2`)
+    first block and a context-pre-only last block, the scheduler's static shift 3. `sample_size` is the
+    default latent size (images are 2 x sample_size pixels by default); height and width must be multiples
+    of 4 (VAE factor x patch size), at most 2 x 2 x pos_embed_max_size (128).
+
+    Every real SD3/SD3.5 has hidden size = 64 x depth, and ComfyUI's SD3 loader derives the depth from it:
+    `num_attention_heads=2, attention_head_dim=64` (2 blocks) builds such a one (5 MB)."""
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+    clip_l, clip_g = 32, 48
+    t5_dim = 96  # >= clip_l + clip_g: the pipeline pads the CLIP features up to T5's width (and would truncate)
+    hidden = num_attention_heads * attention_head_dim
+    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=latent_channels,
+                                        out_channels=latent_channels, num_layers=2,
+                                        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+                                        joint_attention_dim=t5_dim, caption_projection_dim=hidden,
+                                        pooled_projection_dim=clip_l + clip_g, pos_embed_max_size=32,
+                                        dual_attention_layers=(0,), qk_norm="rms_norm")
+
+    def clip_with_projection(width: int) -> CLIPTextModelWithProjection:
+        sizes = {**TINY_CLIP_TEXT_SIZES, "hidden_size": width, "hidden_act": "gelu"}
+        return CLIPTextModelWithProjection(clip_text_config(clip_tokenizer, **sizes, projection_dim=width)).eval()
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=tiny_vae(sample_size, **{**FLOW_VAE, "latent_channels": latent_channels}, **SD3_VAE_FACTORS).eval(),
+        text_encoder=clip_with_projection(clip_l),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=clip_with_projection(clip_g),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=tiny_t5_encoder(t5_tokenizer, t5_dim).eval(),
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
     return _saved(pipe, save_dir)

@@ -99,8 +99,8 @@ MUTATIONS = (
              ("tests/test_rollout.py::test_draft_lv_refuses_the_schedulers_final_sample",)),
     Mutation("toy_built_for_its_family", "reading the toy's family builds (trains) the toy",
              "utils/family.py",
-             "        path = str(ASSETS_DIR)",
-             "        path = resolve_model_path(name_or_path)",
+             "    path = str(TOYS[name_or_path].assets_dir) if name_or_path in TOYS else name_or_path",
+             "    path = resolve_model_path(name_or_path)",
              ("tests/test_family.py::test_the_toys_family_is_read_without_building_it",)),
 )
 

@@ -136,8 +136,8 @@ MUTATIONS = (
              ("tests/test_flow_rollout.py::test_draft_lv_renoises_x0_to_the_last_sigma",)),
     Mutation("toy_built_for_its_family", "reading the toy's family builds (trains) the toy",
              "utils/family.py",
-             "        path = str(ASSETS_DIR)",
-             "        path = resolve_model_path(name_or_path)",
+             "    path = str(TOYS[name_or_path].assets_dir) if name_or_path in TOYS else name_or_path",
+             "    path = resolve_model_path(name_or_path)",
              ("tests/test_family.py::test_the_toys_family_is_read_without_building_it",)),
 )
 

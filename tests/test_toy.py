@@ -3,60 +3,17 @@ copy (utils/toy.py); it must follow its captions."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from toy_checks import assert_same_configs, caption_following, classify_colors
 from transformers import CLIPTextModel
 
 from utils import toy, toy_data, toy_pretrain
 from utils.tiny_models import build_random_pipeline
-from utils.toy_data import TOY_COLORS, TOY_SHAPES, toy_caption
 
 slow = pytest.mark.skipif(os.environ.get("DRAFTPLUS_SLOW") != "1", reason="rebuilds the toy (~4 min); DRAFTPLUS_SLOW=1")
-COLORS = list(TOY_COLORS)
-
-
-def classify_colors(images: torch.Tensor, max_dist: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
-    """(foreground, background) TOY_COLORS index per image `[N, 3, H, W]` in [0, 1].
-
-    Each pixel votes for its nearest palette colour (pixels farther than `max_dist` from all of them,
-    i.e. edges and artifacts, abstain); the background is the most voted colour (it covers >= 2/3 of a
-    toy image), the foreground the runner-up.
-    """
-    palette = torch.tensor(list(TOY_COLORS.values()))
-    pixels = images.float().permute(0, 2, 3, 1).reshape(images.shape[0], -1, 3)
-    dist, nearest = torch.cdist(pixels, palette[None].expand(len(pixels), -1, -1)).min(dim=-1)
-    nearest = torch.where(dist <= max_dist, nearest, len(palette))
-    votes = torch.nn.functional.one_hot(nearest, len(palette) + 1)[..., :-1].sum(1)
-    top2 = votes.topk(2, dim=1).indices
-    return top2[:, 1], top2[:, 0]
-
-
-def caption_following(toy_dir, guidance_scale: float, seeds=(0, 1, 2)) -> dict[str, float]:
-    """Accuracy of the colour classifier against the captions, over 18 full + 18 short captions x seeds."""
-    pipe = StableDiffusionPipeline.from_pretrained(toy_dir)
-    pipe.set_progress_bar_config(disable=True)
-    full, fg_full, bg_full = [], [], []
-    for i, color in enumerate(COLORS):
-        for j, shape in enumerate(TOY_SHAPES):
-            background = COLORS[(i + 1 + j) % len(COLORS)]  # every colour pair is balanced over the set
-            full.append(toy_caption(color, shape, background))
-            fg_full.append(i)
-            bg_full.append(COLORS.index(background))
-    short = [toy_caption(c, s) for c in COLORS for s in TOY_SHAPES]
-    fg_short = [i for i in range(len(COLORS)) for _ in TOY_SHAPES]
-    hits = {"fg_full": [], "bg_full": [], "fg_short": []}
-    for seed in seeds:
-        images = pipe(full + short, num_inference_steps=20, guidance_scale=guidance_scale, height=32, width=32,
-                      generator=torch.Generator().manual_seed(seed), output_type="pt").images
-        fg, bg = classify_colors(images)
-        n = len(full)
-        hits["fg_full"].append(fg[:n] == torch.tensor(fg_full))
-        hits["bg_full"].append(bg[:n] == torch.tensor(bg_full))
-        hits["fg_short"].append(fg[n:] == torch.tensor(fg_short))
-    return {k: torch.cat(v).float().mean().item() for k, v in hits.items()}
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -98,17 +55,7 @@ def test_committed_toy_has_the_architecture_the_code_builds(tmp_path):
     """The cache key trusts TOY_VERSION to be bumped when the build changes; this catches a forgotten bump for
     what can be checked in seconds: the tokenizer, the module and scheduler configs, the pipeline's layout."""
     toy_pretrain.untrained_toy_pipeline().save_pretrained(tmp_path)
-    # What a build may change: library versions, the trained VAE's latent scale, and the padding/truncation
-    # settings a tokenizer's last call leaves in tokenizer.json (state, not vocabulary).
-    ignore = {"_diffusers_version", "transformers_version", "_name_or_path", "scaling_factor", "padding", "truncation"}
-    committed = sorted(p.relative_to(toy.ASSETS_DIR) for p in toy.ASSETS_DIR.rglob("*.json"))
-    assert committed == sorted([*(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json")),
-                                Path(toy.BUILD_INFO_FILE)])
-    for name in committed:
-        if name.name != toy.BUILD_INFO_FILE:
-            built, kept = (json.loads((d / name).read_text()) for d in (tmp_path, toy.ASSETS_DIR))
-            assert {k: v for k, v in built.items() if k not in ignore} == {
-                k: v for k, v in kept.items() if k not in ignore}, f"{name} differs: bump TOY_VERSION and rebuild"
+    assert_same_configs(tmp_path, toy.ASSETS_DIR, extra_files=(toy.BUILD_INFO_FILE,), version_name="TOY_VERSION")
 
 
 def test_committed_toy_loads_like_a_real_checkpoint():
@@ -167,7 +114,7 @@ def test_build_caches_by_cache_key(tmp_path, monkeypatch):
         return build_random_pipeline(seed=cfg.seed)
 
     monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(toy, "train_toy_pipeline", fake_train)
+    monkeypatch.setattr(toy_pretrain, "train_toy_pipeline", fake_train)
     # Pretend the training code changed (so the committed copy is stale): its version was bumped.
     monkeypatch.setattr(toy_pretrain, "TOY_VERSION", 1000)
     quiet = {"log": lambda message: None}
@@ -227,8 +174,10 @@ def test_ci_rebuild_trigger_follows_the_toys_cache_key(monkeypatch):
 def test_check_command_says_current_in_one_line_and_exits_nonzero_when_stale(monkeypatch, capsys):
     toy.main(["--check"])  # returns: exit status 0
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"assets/toy is current: toy version {toy_pretrain.TOY_VERSION}, "
-                   f"cache key {toy.toy_cache_key()[:16]}, torch {torch.__version__}"]
+    assert out[0] == (f"assets/toy is current: toy version {toy_pretrain.TOY_VERSION}, "
+                      f"cache key {toy.toy_cache_key()[:16]}, torch {torch.__version__}")
+    assert len(out) == len(toy.TOYS) and all(line.startswith(f"assets/{name} is current: ")
+                                             for line, name in zip(out, toy.TOYS))  # one line per toy
     monkeypatch.setattr(toy_pretrain, "TOY_VERSION", toy_pretrain.TOY_VERSION + 1)
     with pytest.raises(SystemExit) as stale:
         toy.main(["--check"])

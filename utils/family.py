@@ -37,12 +37,12 @@ class UnsupportedModelError(UserError, ValueError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`toy` -> the built-in pretrained toy's directory (built on first use when the committed copy is
-    stale: minutes); anything else unchanged. For loading weights only."""
-    if name_or_path == "toy":
-        from utils.toy import build_toy_pipeline
+    """`toy`, `toy-flow` -> that built-in pretrained toy's directory (built on first use when the committed copy
+    is stale: minutes); anything else unchanged. For loading weights only."""
+    from utils.toy import TOYS, build_toy_pipeline
 
-        return str(build_toy_pipeline())
+    if name_or_path in TOYS:
+        return str(build_toy_pipeline(name=name_or_path))
     return name_or_path
 
 
@@ -50,15 +50,12 @@ def read_model_index(name_or_path: str, revision: str | None = None, local_only:
     """`model_index.json` of a local directory or a hub id (from the hub cache when `local_only`).
     None when it cannot be read without a download (and `local_only`).
 
-    The toy's is read from its committed copy (assets/toy), there whether or not its weights are current:
-    asking which family and sampler the toy has (the argument checks do) must not build or train it; that
+    A toy's is read from its committed copy (assets/toy, assets/toy-flow), there whether or not its weights are
+    current: asking which family and sampler a toy has (the argument checks do) must not build or train it; that
     happens when its weights load."""
-    if name_or_path == "toy":
-        from utils.toy import ASSETS_DIR
+    from utils.toy import TOYS
 
-        path = str(ASSETS_DIR)
-    else:
-        path = name_or_path
+    path = str(TOYS[name_or_path].assets_dir) if name_or_path in TOYS else name_or_path
     local = Path(path) / "model_index.json"
     if local.is_file():
         return json.loads(local.read_text())

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from utils.tiny_models import build_clip_tokenizer, clip_text_config
@@ -70,6 +76,22 @@ def make_toy_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
     )
 
 
+def untrained_toy_vae(block_out_channels: tuple[int, ...]) -> AutoencoderKL:
+    """The toys' VAE: 32x32 images <-> (32 / 2^(blocks - 1))^2 x 4 latents."""
+    return AutoencoderKL(
+        sample_size=TOY_RESOLUTION,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        latent_channels=4,
+        norm_num_groups=32,
+        mid_block_add_attention=False,  # the toy images need none, and it costs a third of the VAE's time
+    )
+
+
 def untrained_toy_pipeline(cfg: ToyTrainConfig | None = None) -> StableDiffusionPipeline:
     """The toy's architecture, tokenizer and scheduler, freshly initialised (from torch's global RNG)."""
     cfg = cfg or ToyTrainConfig()
@@ -92,18 +114,7 @@ def untrained_toy_pipeline(cfg: ToyTrainConfig | None = None) -> StableDiffusion
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )
-    vae = AutoencoderKL(
-        sample_size=TOY_RESOLUTION,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=cfg.vae_block_out_channels,
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_block_out_channels),
-        latent_channels=4,
-        norm_num_groups=32,
-        mid_block_add_attention=False,  # the toy images need none, and it costs a third of the VAE's time
-    )
+    vae = untrained_toy_vae(cfg.vae_block_out_channels)
     # Frozen at its random init: random CLIP features still separate the captions (the UNet learns to read them).
     text_encoder = CLIPTextModel(clip_text_config(
         tokenizer, hidden_size=cfg.text_hidden_size, intermediate_size=4 * cfg.text_hidden_size,
@@ -116,14 +127,15 @@ def untrained_toy_pipeline(cfg: ToyTrainConfig | None = None) -> StableDiffusion
     )
 
 
-def _cosine_lr(step: int, total: int, warmup: int = 50) -> float:
+def cosine_lr(step: int, total: int, warmup: int = 50) -> float:
+    """The toys' learning-rate factor: linear warm-up, then cosine decay to 0.1."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: ToyTrainConfig, g: torch.Generator,
-               log: Callable[[str], None]) -> float:
+def train_toy_vae(vae: AutoencoderKL, images: torch.Tensor, g: torch.Generator, log: Callable[[str], None], *,
+                  steps: int, batch_size: int, lr: float, kl_weight: float, align_weight: float) -> float:
     """Reconstruction + small KL + latent alignment; returns the scaling factor (1 / latent std, as SD's 0.18215)."""
     x_all = images * 2 - 1
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -132,11 +144,11 @@ def _train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: ToyTrainConfig, g:
     # latents drowned in unit noise and reconstruction stalls until the KL gives way.
     with torch.no_grad():
         vae.quant_conv.bias[latent_channels:] -= 5.0  # quant_conv's outputs are (mean, logvar)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
     vae.train()
-    for step in range(cfg.vae_steps):
-        x = x_all[torch.randint(len(x_all), (cfg.vae_batch_size,), generator=g)]
+    for step in range(steps):
+        x = x_all[torch.randint(len(x_all), (batch_size,), generator=g)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         recon = vae.decode(z).sample
@@ -145,17 +157,38 @@ def _train_vae(vae: AutoencoderKL, images: torch.Tensor, cfg: ToyTrainConfig, g:
         # Tie latent channels 0-2 to the downsampled image: a smooth, image-like latent space is far easier
         # for a small UNet to learn in minutes than the arbitrary one a plain autoencoder finds.
         align = (posterior.mean[:, :3] - torch.nn.functional.avg_pool2d(x, scale)).pow(2).mean()
-        loss = mse + cfg.vae_kl_weight * kl + cfg.vae_align_weight * align
+        loss = mse + kl_weight * kl + align_weight * align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == cfg.vae_steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"vae  step {step:4d}  mse {mse.item():.4f}  kl {kl.item():.3f}  align {align.item():.4f}")
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(x).latent_dist.mean for x in x_all[:1024].split(256)])
     return float(1.0 / latents.std())
+
+
+class ToyCaptions:
+    """The captions of a labelled toy data set, as rows of a table of distinct captions: the toys' text encoders
+    are frozen, so each distinct caption ("" + short + full) is encoded once."""
+
+    def __init__(self, labels: torch.Tensor):
+        colors = list(TOY_COLORS)
+        full = [toy_caption(colors[c], TOY_SHAPES[s], colors[b]) for c, s, b in labels.tolist()]
+        short = [toy_caption(colors[c], TOY_SHAPES[s]) for c, s, _ in labels.tolist()]
+        self.table = [""] + sorted(set(full) | set(short))  # row 0: the empty caption
+        index = {caption: i for i, caption in enumerate(self.table)}
+        self.full = torch.tensor([index[c] for c in full])
+        self.short = torch.tensor([index[c] for c in short])
+
+    def draw(self, idx: torch.Tensor, g: torch.Generator, uncond_prob: float, short_prob: float) -> torch.Tensor:
+        """Table rows for the images `idx`: empty with `uncond_prob` (so classifier-free guidance has an
+        unconditional model), the short caption with `short_prob`, else the full one."""
+        u = torch.rand(len(idx), generator=g)
+        caption = torch.where(u < uncond_prob + short_prob, self.short[idx], self.full[idx])
+        return torch.where(u < uncond_prob, 0, caption)
 
 
 def _encode_captions(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -177,14 +210,8 @@ def _train_unet(
     log: Callable[[str], None],
 ) -> None:
     """Denoising on SD's noise schedule with caption dropout (for classifier-free guidance)."""
-    colors = list(TOY_COLORS)
-    # The text encoder is frozen, so each distinct caption is encoded once: "" + short + full captions.
-    full = [toy_caption(colors[c], TOY_SHAPES[s], colors[b]) for c, s, b in labels.tolist()]
-    short = [toy_caption(colors[c], TOY_SHAPES[s]) for c, s, _ in labels.tolist()]
-    table = [""] + sorted(set(full) | set(short))
-    index = {caption: i for i, caption in enumerate(table)}
-    embeddings = _encode_captions(text_encoder, tokenizer, table)
-    full_idx, short_idx = torch.tensor([index[c] for c in full]), torch.tensor([index[c] for c in short])
+    captions = ToyCaptions(labels)
+    embeddings = _encode_captions(text_encoder, tokenizer, captions.table)
 
     alphas_cumprod = scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -196,14 +223,12 @@ def _train_unet(
         # (easy) low-noise steps; v-loss = x0-loss * (1 + snr).
         loss_weight = (cfg.min_snr_gamma / (1 + snr)).clamp(max=1.0)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.unet_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.unet_steps))
     unet.train()
     b = cfg.unet_batch_size
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents), (b,), generator=g)
-        u = torch.rand(b, generator=g)
-        caption = torch.where(u < cfg.uncond_prob + cfg.short_caption_prob, short_idx[idx], full_idx[idx])
-        caption = torch.where(u < cfg.uncond_prob, 0, caption)
+        caption = captions.draw(idx, g, uncond_prob=cfg.uncond_prob, short_prob=cfg.short_caption_prob)
         x0 = latents[idx]
         # Offset noise: without it SD's schedule can hardly move an image's mean colour (flat backgrounds).
         noise = torch.randn(x0.shape, generator=g) + cfg.offset_noise * torch.randn(b, x0.shape[1], 1, 1, generator=g)
@@ -232,7 +257,8 @@ def train_toy_pipeline(cfg: ToyTrainConfig | None = None, log: Callable[[str], N
     pipe.text_encoder.eval().requires_grad_(False)
     images, labels = sample_toy_dataset(cfg.per_combination, g)
     log(f"data: {len(images)} images {TOY_RESOLUTION}x{TOY_RESOLUTION}")
-    scaling = _train_vae(pipe.vae, images, cfg, g, log)
+    scaling = train_toy_vae(pipe.vae, images, g, log, steps=cfg.vae_steps, batch_size=cfg.vae_batch_size,
+                            lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight, align_weight=cfg.vae_align_weight)
     pipe.vae.register_to_config(scaling_factor=scaling)
     with torch.no_grad():
         latents = torch.cat([pipe.vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)]) * scaling
@@ -241,13 +267,13 @@ def train_toy_pipeline(cfg: ToyTrainConfig | None = None, log: Callable[[str], N
     return pipe
 
 
-def save_toy_pipeline(pipe: StableDiffusionPipeline, directory: Path) -> None:
-    """save_pretrained, then UNet and VAE weights stored as fp16 (half the size; diffusers loads them as fp32).
-    The text encoder stays fp32: transformers would load fp16 weights as an fp16 model."""
+def save_toy_pipeline(pipe: DiffusionPipeline, directory: Path) -> None:
+    """save_pretrained, then the denoiser's (UNet or transformer) and VAE's weights stored as fp16 (half the size;
+    diffusers loads them as fp32). Text encoders stay fp32: transformers would load fp16 weights as fp16 models."""
     from safetensors.torch import load_file, save_file
 
     pipe.save_pretrained(directory, safe_serialization=True)
-    for sub in ("unet", "vae"):
+    for sub in ("unet", "transformer", "vae"):
         for file in (directory / sub).glob("*.safetensors"):
             state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(file).items()}
             save_file(state, file, metadata={"format": "pt"})

@@ -188,7 +188,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the rollout's no-grad denoiser calls (the T-K prefix and the adapters-off\n"
                         "reference; CUDA graphs on GPUs); the graded steps stay eager. Opt-in: the first steps\n"
-                        "compile (minutes for SD-size UNets). SD/SDXL. Speed: benchmarks/RESULTS.md.")
+                        "compile (minutes for SD-size UNets). Speed: benchmarks/RESULTS.md.")
     g.add_argument("--seed", type=int, default=0, help="Seed for LoRA init, prompts and noise.")
 
     g = p.add_argument_group("validation")
@@ -223,8 +223,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "all (every one installed), or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
     g.add_argument("--no_kohya_export", dest="export_kohya", action="store_false",
-                   help="Do not write pytorch_lora_weights_kohya.safetensors, the file ComfyUI and AUTOMATIC1111\n"
-                        "load (written by default; `python -m utils.export_kohya DIR` writes it later).")
+                   help="Do not write the file ComfyUI loads: pytorch_lora_weights_kohya.safetensors for SD/SDXL\n"
+                        "(AUTOMATIC1111 loads it too), pytorch_lora_weights_comfyui.safetensors for SD3/FLUX\n"
+                        "(written by default; `python -m utils.export_kohya DIR` writes it later).")
     g.add_argument("--export_kohya", dest="export_kohya", action="store_true", help=argparse.SUPPRESS)  # the default
     g.add_argument("--push_to_hub", action="store_true",
                    help="Upload the model card, the LoRA (and kohya file), the validation grids and the training\n"

@@ -22,6 +22,13 @@
 #   sd15_b1        ~4 min  as sd15 at batch 1
 #   sd15_mem       ~2 min  SD1.5 size: memory kept for backward against T (eager and --compile) and K; profiles
 #   sdxl           ~7 min  as sd15 at SDXL size, batch 1 (a second device call: bash benchmarks/gpu_checks.sh "$OUT" sdxl)
+#   sd35m_mem      ~3 min  SD3.5-Medium size (real configs, T5-XXL included, random weights), 1024px, bf16, batch 1,
+#                          K=1, T=28, gradient checkpointing, PickScore code path: peak memory against 24 GB, training
+#                          sample / StableDiffusion3Pipeline.__call__ (benchmarks/flow_memory.py)
+#   flux_nf4_mem   ~4 min  as sd35m_mem at FLUX.1-dev size with the transformer in 4-bit NF4: peak against 24 GB
+#   flux_mem       ~4 min  as sd35m_mem at FLUX.1-dev size, bf16: peak against 80 GB
+#                          (these three need their own device call: bash benchmarks/gpu_checks.sh "$OUT" sd35m_mem
+#                          flux_nf4_mem flux_mem)
 #
 # Files in OUT_DIR: gpu_checks.log (everything printed), summary.md (the reports so far), results.tgz (results/: the
 # files for benchmarks/results/; logs/). To land them: tar xzf results.tgz && cp results/* benchmarks/results/ &&
@@ -55,6 +62,7 @@ if (( DRY_RUN )); then
   # Later options win: tiny shapes, CPU, aot_eager, few steps; the trainer on CPU without 8-bit AdamW.
   SPEED_DRY=(--device cpu --smoke --compile_backend aot_eager --steps 3 2 --repeats 1 --memory_steps 2 3
     --memory_truncations 1)
+  FLOW_DRY=(--device cpu --smoke --steps 3 --repeats 1)
   TRAIN_DRY=(--max_train_steps 3 --num_validation_images 2)
   ACCELERATE_CONFIG=accelerate_configs/cpu.yaml
   GPU_TRAIN=(--mixed_precision bf16 --gradient_checkpointing)
@@ -62,6 +70,7 @@ if (( DRY_RUN )); then
   echo "DRY RUN on CPU: tiny shapes, the numbers mean nothing"
 else
   SPEED_DRY=()
+  FLOW_DRY=()
   TRAIN_DRY=()
   ACCELERATE_CONFIG=accelerate_configs/single_gpu.yaml
   GPU_TRAIN=(--mixed_precision bf16 --gradient_checkpointing --use_8bit_adam)
@@ -108,6 +117,14 @@ speed() {  # speed TIMEOUT LOGNAME ARGS...: benchmarks/speed_memory.py into resu
     | tee "$LOGS/$log.log"
 }
 
+flow() {  # flow TIMEOUT LOGNAME ARGS...: benchmarks/flow_memory.py into results/
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" python3 -m benchmarks.flow_memory --device cuda --output_dir "$RES" "$@" "${FLOW_DRY[@]}" 2>&1 \
+    | quiet \
+    | tee "$LOGS/$log.log"
+}
+
 train_toy() {  # train_toy TIMEOUT RUN ARGS...: the quickstart's run on GPU; results/gpu_train_toy_RUN_*
   local limit=$1 run=$2
   shift 2
@@ -144,6 +161,9 @@ stage_train() {
   (( end - SECONDS > 30 )) && train_toy "$(( end - SECONDS ))" kl0.003 --kl_coeff 0.003 "${GPU_TRAIN[@]}"
 }
 stage_train_compile() { train_toy "$1" kl0.01_compile --kl_coeff 0.01 "${GPU_TRAIN[@]}" --compile; }
+stage_sd35m_mem() { flow "$1" sd35m_mem --model sd35m; }
+stage_flux_nf4_mem() { flow "$1" flux_nf4_mem --model flux1dev --quantize_base nf4; }
+stage_flux_mem() { flow "$1" flux_mem --model flux1dev; }
 
 run_stage sd15 200 360
 run_stage train 90 150
@@ -152,6 +172,9 @@ run_stage train_compile 80 120
 run_stage sd15_b1 200 330
 run_stage sd15_mem 100 200
 run_stage sdxl 300 560
+run_stage sd35m_mem 150 300
+run_stage flux_nf4_mem 200 360
+run_stage flux_mem 200 360
 pack
 echo "=== all done at ${SECONDS}s; results in $OUT"
 ls -la "$OUT"

@@ -16,9 +16,17 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("tradeoff.md", "tradeoff_flow.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md",
-            "endurance_toy_cpu.md", "mutations.md")
-GPU_ONLY = {"speed_memory_sd15_cuda.md": "--sd15", "speed_memory_sdxl_cuda.md": "--sdxl"}
+# The flow-matching models' memory goals (benchmarks/flow_memory.py), by results file.
+FLOW_MEMORY = {"flow_memory_sd35m_cuda": "SD3.5-Medium size", "flow_memory_flux1dev_nf4_cuda": "FLUX.1-dev size, nf4",
+               "flow_memory_flux1dev_cuda": "FLUX.1-dev size"}
+SECTIONS = ("tradeoff.md", "tradeoff_flow.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md",
+            "speed_memory_sdxl_cuda.md", *(f"{stem}.md" for stem in FLOW_MEMORY), "endurance_toy_cpu.md", "mutations.md")
+GPU_ONLY = {"speed_memory_sd15_cuda.md": "python -m benchmarks.speed_memory --sd15 --device cuda",
+            "speed_memory_sdxl_cuda.md": "python -m benchmarks.speed_memory --sdxl --device cuda",
+            "flow_memory_sd35m_cuda.md": "python -m benchmarks.flow_memory --model sd35m --device cuda",
+            "flow_memory_flux1dev_nf4_cuda.md": "python -m benchmarks.flow_memory --model flux1dev --quantize_base nf4 "
+                                                "--device cuda",
+            "flow_memory_flux1dev_cuda.md": "python -m benchmarks.flow_memory --model flux1dev --device cuda"}
 # The toys whose trade-off results are compared, in the order of their columns: (results stem, name in the tables).
 TRADEOFF_TOYS = (("tradeoff", "UNet toy (`toy`)"), ("tradeoff_flow", "flow toy (`toy-flow`)"))
 
@@ -217,6 +225,25 @@ def _speed_lines(results: Path) -> list[str]:
     return lines
 
 
+def _flow_memory_lines(results: Path) -> list[str]:
+    lines = []
+    for stem, label in FLOW_MEMORY.items():
+        path = results / f"{stem}.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        parts = []
+        if "peak_reserved_bytes" in d:
+            parts.append(f"peak {d['peak_allocated_bytes'] / 2**30:.2f} GiB allocated, "
+                         f"{d['peak_reserved_bytes'] / 2**30:.2f} GiB reserved (goal <= {d['goal_gb']} GB: "
+                         f"{'met' if d['fits_goal'] else 'missed'})")
+        if "train_over_pipeline" in d:
+            parts.append(f"training sample {d['train_over_pipeline']:.2f}x the pipeline")
+        lines.append(f"- One training sample ({label}, {d['machine'].split(' ; ')[0]}, {d['image_size']}px, batch 1, "
+                     f"K=1, T={d['T']}, gradient checkpointing): " + "; ".join(parts) + ".")
+    return lines
+
+
 def _endurance_lines(results: Path) -> list[str]:
     path = results / "endurance_toy_cpu.json"
     if not path.exists():
@@ -229,7 +256,8 @@ def _endurance_lines(results: Path) -> list[str]:
 def readme_summary(results: Path | None = None) -> str:
     """The README's block of headline figures, each computed from a committed results file."""
     results = results or HERE / "results"
-    lines = [*_tradeoff_lines(results), *_speed_lines(results), *_endurance_lines(results)]
+    lines = [*_tradeoff_lines(results), *_speed_lines(results), *_flow_memory_lines(results),
+             *_endurance_lines(results)]
     return "\n".join([BEGIN, *lines, END])
 
 
@@ -277,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     if gpu_run:
         parts += ["---", "", gpu_run, ""]
     if missing:
-        how = [f"`{m}`" + (f" (needs a GPU: `python -m benchmarks.speed_memory {GPU_ONLY[m]} --device cuda`, or "
-                           "`bash benchmarks/gpu_checks.sh`)" if m in GPU_ONLY else "") for m in missing]
+        how = [f"`{m}`" + (f" (needs a GPU: `{GPU_ONLY[m]}`, or `bash benchmarks/gpu_checks.sh`)" if m in GPU_ONLY
+                           else "") for m in missing]
         parts += ["---", "", "Not measured yet: " + ", ".join(how) + ".", ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")

@@ -17,6 +17,9 @@ Writes <output_dir>/speed_memory_<model>_<device>.{json,md}, after every measure
   checkpointing, against the card size of the model class (12 GB for SD1.5, 24 GB for SDXL);
 - memory: bytes autograd keeps for backward against T (flat) and K, eager and compiled;
 - profile: where the time of one training sample goes, by draftplus/* region.
+
+It is one long script on purpose: every side must be built, warmed up and timed by the same code in one
+process, interleaved, so that the ratios compare like with like; split into modules, the sides would drift.
 """
 
 from __future__ import annotations

@@ -104,10 +104,6 @@ BAD_INPUTS = {
     "DDIM for FLUX": (["--pretrained_model_name_or_path", "{flux}", "--scheduler", "ddim"],
                       "DDIMScheduler cannot serve a training rollout (supported: FlowMatchEulerDiscreteScheduler); "
                       "choose --scheduler model"),
-    "FLUX validation not yet": (["--pretrained_model_name_or_path", "{flux}", "--validation_prompts", "a cat"],
-                                "--validation_prompts is not available for FluxPipeline models yet"),
-    "SD3 --compile not yet": (["--pretrained_model_name_or_path", "{sd3}", "--compile"],
-                              "--compile is not available for StableDiffusion3Pipeline models yet"),
     "missing weight variant": (["--variant", "fp16"], "has no fp16 weights"),
     "reward model not cached offline": (["--reward", "pickscore"],
                                         "reward 'pickscore' needs model 'yuvalkirstain/PickScore_v1' from the hub"),

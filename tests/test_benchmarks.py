@@ -176,3 +176,39 @@ def test_report_puts_the_toys_claims_side_by_side_and_says_where_they_differ(tmp
     assert "- UNet toy vs flow toy: they differ on " + "; ".join(differences) + "." in summary
     tradeoff.write(kept | {"settings": {**kept["settings"], "toy": "toy-flow"}}, results, "same as the UNet toy")
     assert report.toy_differences(results) == [] and "The toys agree on every claim." in report.toys_side_by_side(results)
+
+
+def test_flow_memory_builds_the_real_models_from_their_configs():
+    """The parameter counts of the real SD3.5-Medium and FLUX.1-dev components (built on the meta device)."""
+    import torch
+
+    from benchmarks.flow_memory import build_pipeline
+
+    counts = {}
+    for model in ("sd35m", "flux1dev"):
+        pipe = build_pipeline(model, torch.device("meta"), torch.bfloat16)
+        counts[model] = {name: sum(p.numel() for p in c.parameters()) for name, c in pipe.components.items()
+                         if isinstance(c, torch.nn.Module)}
+    assert counts["flux1dev"] == {"transformer": 11_901_408_320, "text_encoder": 123_060_480,  # CLIP-L
+                                  "text_encoder_2": 4_762_310_656, "vae": 83_819_683}  # T5-XXL encoder
+    assert counts["sd35m"] == {"transformer": 2_243_171_520, "text_encoder": 123_650_304,  # CLIP-L + projection
+                               "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656,  # CLIP-G, T5-XXL
+                               "vae": 83_819_683}
+
+
+def test_flow_memory_smoke_runs_the_sd35_and_the_4bit_flux_code_paths(tmp_path):
+    """--smoke: what benchmarks/gpu_checks.sh's sd35m_mem and flux_nf4_mem stages run at full size, on CPU at tiny
+    widths (bitsandbytes' 4-bit layers run on CPU): a training sample and the pipeline, timed, and the report."""
+    from benchmarks.flow_memory import main
+
+    for model, extra, stem in (("sd35m", [], "flow_memory_sd35m_smoke_cpu"),
+                               ("flux1dev", ["--quantize_base", "nf4"], "flow_memory_flux1dev_nf4_smoke_cpu")):
+        results = main(["--model", model, *extra, "--smoke", "--device", "cpu", "--steps", "2", "--repeats", "1",
+                        "--output_dir", str(tmp_path)])
+        assert json.loads((tmp_path / f"{stem}.json").read_text()) == json.loads(json.dumps(results))
+        assert (results["image_size"], results["T"], results["batch_size"], results["K"]) == (64, 2, 1, 1)
+        assert results["median_s"]["train"] > 0 and results["median_s"]["pipeline"] > 0
+        assert "peak_reserved_bytes" not in results  # no CUDA: unmeasured, and the report says so
+        report = (tmp_path / f"{stem}.md").read_text()
+        assert "Smoke run" in report and "Peak GPU memory: not measured" in report
+    assert results["goal_gb"] == 24 and results["quantized_layers"] > 0  # the 4-bit path ran

@@ -126,3 +126,56 @@ def test_quantize_base_loads_the_denoiser_in_nf4_computing_in_the_weight_dtype(f
     nf4 = config.quant_mapping["transformer"]
     assert nf4.load_in_4bit and nf4.bnb_4bit_quant_type == "nf4" and nf4.bnb_4bit_compute_dtype == torch.bfloat16
     assert seen["dtype"] == {"default": torch.bfloat16, "vae": torch.bfloat16}
+
+
+def test_qlora_pieces_on_cpu_a_4bit_base_under_fp32_lora_with_gradients(tiny_flux_dev_path):
+    """What `--quantize_base nf4` builds, where a CPU can: diffusers' quantizer needs CUDA, but bitsandbytes' 4-bit
+    layers run on CPU. The tiny FLUX transformer (bf16, as under --mixed_precision bf16) gets the NF4 layers
+    diffusers' quantizer makes (`benchmarks.flow_memory.quantize_nf4`); `add_lora` wraps them with PEFT's 4-bit
+    LoRA layers, keeps the LoRA weights in fp32 (PEFT would make them bf16, the compute dtype) and trainable, and
+    with the adapters off the model is exactly the quantized base: the DRaFT+ reference under QLoRA."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from benchmarks.flow_memory import cpu_4bit_layers_in_training_mode, quantize_nf4
+    from utils.lora import adapters_disabled
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_dev_path, subfolder="transformer",
+                                                         dtype=torch.bfloat16).eval()
+    linear = sum(isinstance(m, torch.nn.Linear) for m in transformer.modules())
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, 12, 64, generator=generator), "timestep": torch.tensor([0.5]),
+              "guidance": torch.tensor([3.5]), "pooled_projections": torch.randn(1, 32, generator=generator),
+              "encoder_hidden_states": torch.randn(1, 7, 32, generator=generator), "txt_ids": torch.zeros(7, 3),
+              "img_ids": torch.zeros(12, 3), "return_dict": False}
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and k != "timestep" else v for k, v in inputs.items()}
+    with torch.no_grad():
+        full_precision = transformer(**inputs)[0]
+
+    assert quantize_nf4(transformer, torch.bfloat16) == linear  # every Linear layer, as the quantizer does
+    assert not any(type(m) is torch.nn.Linear for m in transformer.modules())
+    assert transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.uint8  # packed 4-bit
+    cpu_4bit_layers_in_training_mode(transformer)  # see its docstring: a bitsandbytes CPU-kernel matter
+    with torch.no_grad():
+        quantized_base = transformer(**inputs)[0]
+    assert (quantized_base - full_precision).abs().max() > 1e-3  # 4-bit rounding: another base model
+
+    params = add_lora(transformer, rank=4, lora_alpha=8, target_modules=Flux.target_modules(["attention"]))
+    wrapped = [m for m in transformer.modules() if isinstance(m, LoraLinear4bit)]
+    assert wrapped and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in wrapped)
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert {id(p) for p in transformer.parameters() if p.requires_grad} == {id(p) for p in params}
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+    with torch.no_grad(), adapters_disabled(transformer):
+        torch.testing.assert_close(transformer(**inputs)[0], quantized_base, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = transformer(**inputs)[0]
+    assert (out - quantized_base).abs().max() > 1e-3  # the LoRA acts on top of the 4-bit base
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in params]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads)

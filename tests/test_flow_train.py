@@ -1,6 +1,8 @@
 """train_draftplus.py on the flow-matching families, as a user runs it: `accelerate launch` trains tiny SD3 and
-FLUX.1-dev pipelines, the LoRA loads into their diffusers pipelines at its alpha and changes the images, a
-resumed FLUX run ends where an uninterrupted one does; and the defaults each family fills in."""
+FLUX.1-dev pipelines (SD3 with live validation, its grids, the ComfyUI file and the model card), the LoRA loads
+into their diffusers pipelines at its alpha and changes the images, a resumed FLUX run ends where an
+uninterrupted one does, a 2-process gloo run with `--compile` trains FLUX; and the defaults each family fills
+in."""
 
 import json
 import os
@@ -42,13 +44,29 @@ def render(pipe, **kwargs):
 
 
 def test_sd3_trains_under_accelerate_launch_and_its_lora_loads_into_the_sd3_pipeline(tiny_sd3_path, tmp_path):
+    """With live validation: the base and every step's grid, the before/after grid, the card's figures; and the
+    ComfyUI file, written by default."""
+    from utils.lora import COMFYUI_WEIGHTS_NAME
+
     out = tmp_path / "sd3"
     result = accelerate_launch(*base_args(tiny_sd3_path, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                                          "--guidance_scale", "4", "--negative_prompt", "a blue square"))
+                                          "--guidance_scale", "4", "--negative_prompt", "a blue square",
+                                          "--validation_prompts", "a red circle", "--num_validation_images", "2",
+                                          "--validation_steps", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == [1, 2]
     assert metrics(out)[1]["kl_penalty"] > 0  # the LoRA moved away from the base after one update
-    assert "StableDiffusion3Pipeline" in (out / "README.md").read_text()
+    assert sorted(p.name for p in (out / "validation").glob("step-*.png")) == ["step-1.png", "step-2.png"]
+    from PIL import Image
+
+    assert Image.open(out / "validation" / "prompt-0.png").size == (2 * 32 * 5, 48 * 5)  # 2 images, enlarged 5x
+    validation = json.loads((out / "validation_reward.json").read_text())
+    assert validation["step"] == 2 and validation["before"] != validation["after"]
+    assert (out / "validation_before_after.png").is_file()
+    assert (out / COMFYUI_WEIGHTS_NAME).is_file() and f"LoRA for ComfyUI: {out / COMFYUI_WEIGHTS_NAME}" in result.stdout
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline" in card and f"| `{COMFYUI_WEIGHTS_NAME}` | ComfyUI" in card
+    assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in card
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
@@ -124,8 +142,32 @@ def test_each_family_fills_in_its_defaults(fixture, expected, request, tmp_path)
     assert args.checked.scheduler == ("DDIMScheduler" if fixture == "tiny_sd_path" else "FlowMatchEulerDiscreteScheduler")
 
 
-def test_the_evaluator_refuses_flow_models_for_now(tiny_flux_dev_path):
-    from utils.evaluate import EvaluationError, load_pipeline
+def test_two_process_gloo_run_with_compile_trains_flux(tiny_flux_dev_path, tmp_path):
+    """Real DDP over gloo, each rank with its own prompts and noise, the no-grad transformer calls compiled
+    (`aot_eager`, as the compile tests): both ranks end with the same LoRA, which loads into FluxPipeline."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "DRAFTPLUS_COMPILE_BACKEND": "aot_eager"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29531", SCRIPT, *base_args(tiny_flux_dev_path, out, "--max_train_steps", "2",
+                                                         "--checkpointing_steps", "2", "--compile")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MULTI_CPU" in result.stderr and "Num processes: 2" in result.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    for m in metrics(out):
+        first, second = m["reward_by_process"]
+        assert abs(first - second) > 1e-6, m  # each rank drew its own prompts and noise
+    assert metrics(out)[1]["kl_penalty"] > 0
+    digests = {line.split("LoRA weights digest ")[1].split()[0] for line in result.stderr.splitlines()
+               if "LoRA weights digest" in line}
+    assert len(digests) == 1  # logged by both ranks, equal
+    assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
 
-    with pytest.raises(EvaluationError, match="evaluating FluxPipeline models is not available yet"):
-        load_pipeline(str(tiny_flux_dev_path))
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dev_path)
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe, guidance_scale=3.5)
+    pipe.load_lora_weights(out)
+    assert (render(pipe, guidance_scale=3.5) - before).abs().max() > 1e-4

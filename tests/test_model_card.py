@@ -174,3 +174,60 @@ def test_the_card_writes_no_path_of_the_machine_that_trained_it(tiny_sd_path, tm
     assert 'from_pretrained("my-model")' in text and 'load_lora_weights("a")' in text
     assert "`my-model`, `a`" in text and "stand for paths outside it" in text  # and the card says so
     assert "python -m utils.export_kohya a" in text  # no kohya file: how to write it
+
+
+def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_loads(tiny_flux_dev_path, tmp_path,
+                                                                                     monkeypatch):
+    """FLUX.1-dev's card is not on disk here: the license is named as black-forest-labs/FLUX.1-dev declares it."""
+    import huggingface_hub
+
+    from utils.lora import COMFYUI_WEIGHTS_NAME
+    from utils.model_card import FLUX_1_DEV_LICENSE
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = make_args(tiny_flux_dev_path, tmp_path / "out", "--resolution", "1024", "--max_sequence_length", "128")
+    args.pretrained_model_name_or_path = "black-forest-labs/FLUX.1-dev"
+    card = parse(model_card_text(args, "FluxPipeline", "me/flux-lora", ui_lora=COMFYUI_WEIGHTS_NAME))
+    assert card.data.base_model == "black-forest-labs/FLUX.1-dev" and "flux" in card.data.tags
+    assert (card.data.license, card.data.license_name, card.data.license_link) == (
+        "other", "flux-1-dev-non-commercial-license",
+        "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md") == (
+        FLUX_1_DEV_LICENSE.id, FLUX_1_DEV_LICENSE.name, FLUX_1_DEV_LICENSE.link)
+    body = card.text
+    assert "License: the base model's, [`flux-1-dev-non-commercial-license`](https://huggingface.co/" in body
+    assert f"| `{COMFYUI_WEIGHTS_NAME}` | ComfyUI" in body and "AUTOMATIC1111" not in body
+    assert "`FluxPipeline.load_lora_weights` loads it too" in body
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)' in body
+    assert "| T5 prompt tokens | 128 |" in body
+    (command,) = card_commands(body, "bash")
+    from utils.evaluate import parse_args as evaluate_args
+
+    parsed = evaluate_args(shlex.split(command.replace("\\\n", " "))[3:])
+    assert (parsed.scheduler, parsed.num_inference_steps, parsed.guidance_scale, parsed.eta) == ("model", 28, 3.5, 0)
+
+
+def test_an_sd3_card_sends_diffusers_users_to_the_plain_file(tiny_sd3_path, tmp_path):
+    from utils.lora import COMFYUI_WEIGHTS_NAME
+
+    args = make_args(tiny_sd3_path, tmp_path / "out")
+    body = parse(model_card_text(args, "StableDiffusion3Pipeline", None, ui_lora=COMFYUI_WEIGHTS_NAME)).text
+    assert ("diffusers' `StableDiffusion3Pipeline.load_lora_weights` refuses it: in diffusers, load "
+            "`pytorch_lora_weights.safetensors`") in body
+    unexported = parse(model_card_text(args, "StableDiffusion3Pipeline", None)).text
+    assert "wrote no file for ComfyUI (`--no_kohya_export`)" in unexported
+    assert f"python -m utils.export_kohya out` writes `{COMFYUI_WEIGHTS_NAME}`" in unexported
+
+
+def test_a_local_base_models_other_license_keeps_its_name(tiny_flux_dev_path, tmp_path):
+    """A local FLUX.1-dev copy: its card's `license: other` with the license's name; a link relative to its own
+    repository cannot be followed from the LoRA's, and is left out."""
+    import shutil
+
+    local = tmp_path / "FLUX.1-dev"
+    shutil.copytree(tiny_flux_dev_path, local)
+    (local / "README.md").write_text("---\nlicense: other\nlicense_name: flux-1-dev-non-commercial-license\n"
+                                     "license_link: LICENSE.md\n---\n# FLUX.1 [dev]\n")
+    card = parse(model_card_text(make_args(local, tmp_path / "out"), "FluxPipeline", None))
+    assert (card.data.license, card.data.license_name) == ("other", "flux-1-dev-non-commercial-license")
+    assert card.data.license_link is None and card.data.base_model is None
+    assert "License: the base model's, `flux-1-dev-non-commercial-license`;" in card.text

@@ -130,7 +130,7 @@ def test_the_before_after_grid_labels_each_row_with_before_or_after_and_its_prom
 
     validation, models, accelerator, args = validation_setup
     with torch.no_grad():
-        for name, p in models.raw_unet.named_parameters():
+        for name, p in models.raw_denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
     after = validation(7)

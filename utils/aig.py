@@ -15,23 +15,28 @@ steps, which fix the details the reward likes, follow the LoRA. Schedules (`weig
     power_P    w = (i / T) ** P      e.g. power_2
     step_F     w = 1 if i / T >= F   e.g. step_0.6
 
-It works on any ordinary diffusers SD / SDXL pipeline that has the LoRA loaded (`pipe.load_lora_weights`):
+It works on any ordinary diffusers SD / SDXL / SD3 / FLUX pipeline that has the LoRA loaded
+(`pipe.load_lora_weights`):
 
     from utils.aig import aig_pipeline
     images = aig_pipeline(pipe, "linear")("a photo of a cat", num_inference_steps=30).images
 
 or, for several calls, `with annealed_guidance(pipe, "power_2"): pipe(...)`. While it is active, every
-call of the pipeline's UNet runs twice under no_grad, once with the LoRA adapters disabled and once
-with them as they are (set_adapters weights included), and returns the mix. Everything else is the
-pipeline's own: its scheduler (any), its classifier-free guidance (linear in the UNet output, so mixing
-before it is mixing after it), its conditioning. The UNet's raw output is mixed: for v- or
-sample-prediction models that is the same as mixing eps, because the conversion to eps is affine in
-the output with coefficients that do not depend on the model.
+call of the pipeline's denoiser (UNet or transformer) runs twice under no_grad, once with the LoRA adapters
+disabled and once with them as they are (set_adapters weights included), and returns the mix. Everything
+else is the pipeline's own: its scheduler (any), its classifier-free guidance (linear in the denoiser
+output, so mixing before it is mixing after it; FLUX's true CFG alike), its conditioning. The raw output is
+mixed: for v- or sample-prediction models that is the same as mixing eps, because the conversion to eps is
+affine in the output with coefficients that do not depend on the model; for the flow-matching transformers
+(velocity v, eps = x + (1 - sigma) v) a convex mix of the two velocities is the same mix of the noises they
+imply, so the wrapper is the same.
 
-The step of a UNet call is read from its timestep: its rank among the scheduler's distinct timesteps,
-and T their number. For first-order samplers (DDIM, DDPM, Euler, DPM-Solver++, UniPC, ...) that is the
-pipeline's step index and T = num_inference_steps; PNDM's repeated timestep and Heun's two evaluations
-per step share their step's weight. Stateless, so it holds across pipeline calls and batch sizes.
+The step of a denoiser call is read from its timestep (as the pipeline's scheduler counts it:
+`ModelFamily.pipeline_timestep`, which undoes FLUX's division by 1000): its rank among the scheduler's
+distinct timesteps, and T their number. For first-order samplers (DDIM, DDPM, Euler, DPM-Solver++,
+UniPC, the flow-matching Euler, ...) that is the pipeline's step index and T = num_inference_steps;
+PNDM's repeated timestep and Heun's two evaluations per step share their step's weight. Stateless, so it
+holds across pipeline calls and batch sizes.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ def schedule_weights(schedule: str | Schedule, num_steps: int) -> list[float]:
 
 
 def step_position(timesteps: torch.Tensor, t: torch.Tensor | float | int) -> tuple[int, int]:
-    """(i, T) of a UNet call at timestep `t` in a scheduler's `timesteps`: the rank of `t` among the
+    """(i, T) of a denoiser call at timestep `t` in a scheduler's `timesteps`: the rank of `t` among the
     distinct timesteps (in order) and their number. Timesteps may be floats (Euler): compared by value."""
     distinct = torch.unique_consecutive(timesteps.detach().flatten().cpu().double())
     value = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
@@ -99,16 +104,31 @@ def step_position(timesteps: torch.Tensor, t: torch.Tensor | float | int) -> tup
     return int(hits[0, 0]), len(distinct)
 
 
-def _lora_layers(unet: torch.nn.Module) -> list[torch.nn.Module]:
+def _lora_layers(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _denoiser(pipe: Any) -> torch.nn.Module:
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def _family(pipe: Any):
+    """The pipeline's `utils.family` class (its `pipeline_timestep`); the base class for pipelines no family serves."""
+    from utils.family import ModelFamily, UnsupportedModelError, family_for_class_name
+
+    try:
+        return family_for_class_name(type(pipe).__name__)
+    except UnsupportedModelError:
+        return ModelFamily
 
 
 class AnnealedGuidance:
-    """Patches `pipe.unet.forward` so that each call returns (1 - w) * base + w * lora (see the module doc).
+    """Patches the pipeline's denoiser's `forward` so that each call returns (1 - w) * base + w * lora (see the
+    module doc).
 
-    `weights_used` records (i, T, w) for every UNet call while active: what the schedule did.
+    `weights_used` records (i, T, w) for every denoiser call while active: what the schedule did.
     Use it as a context manager; `aig_pipeline` wraps one pipeline call in it.
     """
 
@@ -119,48 +139,52 @@ class AnnealedGuidance:
         self._saved: dict[str, Any] | None = None
 
     def __enter__(self) -> AnnealedGuidance:
-        unet = self.pipe.unet
-        layers = _lora_layers(unet)
+        denoiser = _denoiser(self.pipe)
+        layers = _lora_layers(denoiser)
         if not layers:
-            raise AIGError("AIG needs a LoRA in the pipeline's UNet: call pipe.load_lora_weights(...) first")
+            raise AIGError("AIG needs a LoRA in the pipeline's denoiser: call pipe.load_lora_weights(...) first")
         if any(layer.disable_adapters for layer in layers):
-            raise AIGError("AIG needs the LoRA enabled: the UNet's adapters are disabled (pipe.enable_lora())")
+            raise AIGError("AIG needs the LoRA enabled: the denoiser's adapters are disabled (pipe.enable_lora())")
         if self._saved is not None:
             raise RuntimeError("this AnnealedGuidance is already active")
         # An instance attribute `forward` may already be there (accelerate's offload hooks put one):
         # keep it, wrap it, and put it back on exit.
         # Toggling peft adapters also sets requires_grad on them: put the flags back as they were.
-        self._saved = {"had_own": "forward" in unet.__dict__, "own": unet.__dict__.get("forward"),
+        self._saved = {"had_own": "forward" in denoiser.__dict__, "own": denoiser.__dict__.get("forward"),
                        "requires_grad": [(p, p.requires_grad) for layer in layers for p in layer.parameters()]}
-        inner = unet.forward
-        unet.forward = self._wrap(unet, inner)
+        inner = denoiser.forward
+        denoiser.forward = self._wrap(denoiser, inner)
         return self
 
     def __exit__(self, *exc) -> None:
-        unet, saved = self.pipe.unet, self._saved
+        denoiser, saved = _denoiser(self.pipe), self._saved
         self._saved = None
         for p, flag in saved["requires_grad"]:
             p.requires_grad_(flag)
         if saved["had_own"]:
-            unet.forward = saved["own"]
+            denoiser.forward = saved["own"]
         else:
-            del unet.forward
+            del denoiser.forward
 
-    def _wrap(self, unet: torch.nn.Module, inner: Callable) -> Callable:
+    def _wrap(self, denoiser: torch.nn.Module, inner: Callable) -> Callable:
         from utils.lora import adapters_disabled
 
-        def forward(sample, timestep, *args, **kwargs):
-            i, n = step_position(self.pipe.scheduler.timesteps, timestep)
+        family = _family(self.pipe)
+
+        def forward(*args, **kwargs):
+            # UNets are called with (sample, timestep, ...), the transformers with keywords
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            i, n = step_position(self.pipe.scheduler.timesteps, family.pipeline_timestep(self.pipe, timestep))
             w = float(self.schedule(i, n))
             self.weights_used.append((i, n, w))
             with torch.no_grad():
                 if w == 1.0:  # exactly the LoRA pipeline: one pass, nothing mixed
-                    return inner(sample, timestep, *args, **kwargs)
-                with adapters_disabled(unet):
-                    base = inner(sample, timestep, *args, **kwargs)
+                    return inner(*args, **kwargs)
+                with adapters_disabled(denoiser):
+                    base = inner(*args, **kwargs)
                 if w == 0.0:  # exactly the base pipeline
                     return base
-                lora = inner(sample, timestep, *args, **kwargs)
+                lora = inner(*args, **kwargs)
             mixed = ((1 - w) * _first(base).float() + w * _first(lora).float()).to(_first(lora).dtype)
             return _replace_first(lora, mixed)
 

@@ -23,7 +23,8 @@ Also under --compile: peft's `disable_input_dtype_casting` (LoRA layers skip cas
 fp32 adapter dtype; under autocast the matmul casts to bf16/fp16 anyway, so the result is bitwise the same,
 with ~500 fewer ops per UNet call), and channels_last weights for the denoiser and the VAE on CUDA.
 
-Served for the UNet families (SD 1.x/2.x, SDXL); the flow transformers' families refuse `--compile` for now.
+Every family: the UNets (SD 1.x/2.x, SDXL) and the flow transformers (SD3/SD3.5, FLUX.1), whose calls take
+keywords (`hidden_states=...`) and whose latents are passed as they come (see `CompiledDenoiser.__call__`).
 """
 
 from __future__ import annotations
@@ -89,19 +90,28 @@ class CompiledDenoiser:
         """Undo the module settings entered on `stack` (the compiled graphs stay cached)."""
         self.stack.close()
 
-    def __call__(self, sample: torch.Tensor, *args, **kwargs):
-        device_type = sample.device.type
-        if torch.is_autocast_enabled(device_type) and sample.dtype == torch.float32:
-            # Under autocast every use of `sample` (conv_in, and the dtype of the time embedding, which feeds a
-            # Linear) is cast to the autocast dtype anyway: casting first gives the same numbers, and one graph
-            # where an fp32 first latent and the bf16 latents later samplers return (Euler) would make two.
-            sample = sample.to(torch.get_autocast_dtype(device_type))
+    def __call__(self, *args, **kwargs):
+        if args:  # a UNet, called as the UNet families call it: `sample` first
+            args = (self._autocast_input(args[0]), *args[1:])
+        # The transformers are called with keywords; their latents pass as they come: FLUX casts its timestep to
+        # the dtype of `hidden_states`, so casting them would change the numbers (an fp32 first latent and the
+        # bf16 latents of later steps then make two graphs per adapter state).
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self.compiled(sample, *args, **kwargs)
+        out = self.compiled(*args, **kwargs)
         if self.cuda_graphs:  # the graph's output buffer belongs to its next replay
             out = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, out)
         return out
+
+    @staticmethod
+    def _autocast_input(sample: torch.Tensor) -> torch.Tensor:
+        device_type = sample.device.type
+        if torch.is_autocast_enabled(device_type) and sample.dtype == torch.float32:
+            # Under autocast every use of a UNet's `sample` (conv_in, and the dtype of the time embedding, which
+            # feeds a Linear) is cast to the autocast dtype anyway: casting first gives the same numbers, and one
+            # graph where an fp32 first latent and the bf16 latents later samplers return (Euler) would make two.
+            return sample.to(torch.get_autocast_dtype(device_type))
+        return sample
 
     def __repr__(self) -> str:
         return f"CompiledDenoiser({type(self.denoiser).__name__}, {self.options})"

@@ -16,7 +16,8 @@ prompt (LPIPS by default, or DINOv2 cosine distance; utils/diversity.py), averag
 files written are listed in utils/eval_outputs.py. Resumable: rows already in `results.json` are
 skipped when the settings (utils/eval_settings.py) and the bytes of their LoRA files are the same, so an
 interrupted or extended evaluation only computes what is missing, and a LoRA retrained in place is
-evaluated again; `--overwrite` starts afresh.
+evaluated again; `--overwrite` starts afresh. Every family the trainer serves (SD 1.x/2.x, SDXL, SD3/SD3.5,
+FLUX.1) is evaluated with its own pipeline; sampler settings left out are the family's (`evaluation_defaults`).
 """
 
 from __future__ import annotations
@@ -51,26 +52,78 @@ __all__ = ["EvalSettings", "Evaluation", "EvaluationError", "evaluate", "generat
            "main"]
 
 
-def load_pipeline(model: str, scheduler: str = "ddim", device: torch.device | str = "cpu",
+def load_pipeline(model: str, scheduler: str | None = None, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """The model family's diffusers pipeline (SD 1.x/2.x, SDXL) with the trainer's sampler choice;
-    `toy` is the built-in toy model."""
+    """The model family's diffusers pipeline (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) with the trainer's sampler
+    choice (None: the family's evaluation default); `toy` is the built-in toy model."""
+    return load_model_family(model, scheduler, device, dtype).pipe
+
+
+def load_model_family(model: str, scheduler: str | None = None, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32):
+    """`load_pipeline`'s pipeline, behind its `utils.family.ModelFamily` (the family's defaults and call arguments)."""
     import diffusers
 
     from utils.family import UnsupportedModelError, family_of
 
     try:
-        family = family_of(model)
-        if "evaluation" in family.not_yet_supported:
-            raise EvaluationError(f"evaluating {family.pipeline_class_name} models is not available yet")
-        pipe = family.load(model, dtype=dtype).pipe
+        family_class = family_of(model)
+        scheduler = scheduler or family_class.evaluation_defaults(None)["scheduler"]
+        check_sampler(family_class, scheduler, 0.0)
+        family = family_class.load(model, dtype=dtype)
     except UnsupportedModelError as e:
         raise EvaluationError(str(e)) from e
     except (OSError, ValueError) as e:
         raise EvaluationError(f"cannot load the base model {model!r}: {str(e).splitlines()[0]}") from e
+    pipe = family.pipe
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    return pipe.to(device)
+    pipe.to(device)
+    return family
+
+
+def check_sampler(family, scheduler: str, eta: float, spell: Callable[[str], str] = python_option) -> None:
+    """EvaluationError when the family's pipeline cannot sample with `scheduler` (a short name) or takes no `eta`
+    (the flow-matching pipelines sample with their own sampler, which has none)."""
+    import inspect
+
+    name = SCHEDULERS[scheduler]
+    if name is not None and name not in family.rollout_schedulers:
+        raise EvaluationError(f"{spell('scheduler')} {scheduler}: {family.pipeline_class_name} models sample with "
+                              f"{' or '.join(family.rollout_schedulers)}; use {spell('scheduler')} model")
+    if eta and "eta" not in inspect.signature(family.pipeline_class().__call__).parameters:
+        raise EvaluationError(f"{spell('eta')} {eta}: {family.pipeline_class_name} takes no eta (its sampler is "
+                              f"deterministic); leave it out")
+
+
+def family_of_model(model: str):
+    """The model's family class, read from its model_index.json; None where it cannot be read (the model then
+    fails to load, with its own message)."""
+    from utils.family import UnsupportedModelError, family_of
+
+    try:
+        return family_of(model)
+    except (UnsupportedModelError, OSError, ValueError):
+        return None
+
+
+def with_family_defaults(family, model: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` with the sampler settings left out (or None) taken from the family's evaluation defaults
+    (SD/SDXL: ddim, 20 steps, guidance 7.5; SD3/FLUX: their own sampler with the trainer's steps and guidance)."""
+    from utils.family import read_denoiser_config
+
+    out = dict(settings)
+    if family is None:
+        return {k: v for k, v in out.items() if v is not None or k not in ("scheduler", "num_inference_steps",
+                                                                            "guidance_scale")}
+    try:
+        denoiser_config = read_denoiser_config(model)
+    except (OSError, ValueError):
+        denoiser_config = None
+    for key, value in family.evaluation_defaults(denoiser_config).items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
 
 
 def image_seed(seed: int, prompt_index: int, seed_index: int) -> int:
@@ -90,8 +143,10 @@ def generate(
     width: int | None,
     negative_prompt: str | None = None,
     eta: float = 0.0,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    """Images `[len(pairs), 3, H, W]` in [0, 1] (fp32, CPU) for (prompt index, seed index) pairs, one batch."""
+    """Images `[len(pairs), 3, H, W]` in [0, 1] (fp32, CPU) for (prompt index, seed index) pairs, one batch.
+    `pipeline_kwargs`: the family's own `__call__` arguments (`ModelFamily.pipeline_kwargs`: SD3/FLUX's T5 length)."""
     gen_device = "cpu" if pipe.device.type == "mps" else pipe.device
     generators = [torch.Generator(gen_device).manual_seed(image_seed(seed, i, j)) for i, j in pairs]
     out = pipe(
@@ -101,9 +156,10 @@ def generate(
         guidance_scale=guidance_scale,
         height=height,
         width=width,
-        eta=eta,
+        **({"eta": eta} if eta else {}),  # 0 is every sampler's default; the flow-matching pipelines take none
         generator=generators,
         output_type="pt",
+        **(pipeline_kwargs or {}),
     )
     return out.images.float().clamp(0, 1).cpu()
 
@@ -115,6 +171,7 @@ def _evaluate_model(
     reward: Callable,
     diversity: Diversity,
     size: tuple[int, int],
+    pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[dict, list[dict], list[dict], torch.Tensor | None]:
     """One row's numbers: its summary, per-prompt and per-image records, and its grid images (if any)."""
     s, prompts = settings, settings.prompts
@@ -125,7 +182,7 @@ def _evaluate_model(
     for start in range(0, len(pairs), s.batch_size):
         batch = pairs[start:start + s.batch_size]
         images = generate(pipe, prompts, batch, s.seed, s.num_inference_steps, s.guidance_scale, *size,
-                          negative_prompt=s.negative_prompt, eta=s.eta)
+                          negative_prompt=s.negative_prompt, eta=s.eta, pipeline_kwargs=pipeline_kwargs)
         with torch.no_grad():
             scores = reward(images.to(diversity.device), [prompts[i] for i, _ in batch])
         rewards[start:start + len(batch)] = scores.detach().float().cpu()
@@ -174,7 +231,7 @@ def _load_adapters(pipe, variant: Variant) -> None:
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
             # diffusers only warns when no key matches: we would silently report the base model.
             raise EvaluationError(f"LoRA {adapter.label!r} ({adapter.file}) has no weights for this base model's "
-                                  "UNet or text encoder")
+                                  "denoiser or text encoder")
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[a.weight for a in variant.adapters])
 
@@ -248,8 +305,11 @@ def evaluate(
     settings and the rows asked for); `spell` names options in messages as the caller writes them.
     """
     spec = reward if isinstance(reward, str) else getattr(reward, "spec", getattr(reward, "__name__", "custom"))
-    config = EvalSettings(model, tuple(prompts), reward=spec, **settings)
+    family_class = family_of_model(model)
+    config = EvalSettings(model, tuple(prompts), reward=spec, **with_family_defaults(family_class, model, settings))
     variants = plan_variants(loras, lora_scales, aig, mixes, include_base, spell)  # checks every LoRA and control
+    if family_class is not None:
+        check_sampler(family_class, config.scheduler, config.eta, spell)
     fingerprint = config.fingerprint()
     if record is None:
         record = {**config.record(), "loras": [str(p) for p in loras], "lora_scales": list(lora_scales),
@@ -271,9 +331,10 @@ def evaluate(
         from rewards import build_reward
 
         reward = build_reward(reward, device=device, **config.reward_options)
-    pipe = load_pipeline(model, config.scheduler, device, config.torch_dtype)
+    family = load_model_family(model, config.scheduler, device, config.torch_dtype)
+    pipe = family.pipe
     # record the size actually generated, not "default"
-    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = config.resolution or family.default_size()
     size = (config.height or resolution, config.width or resolution)
     common = {"reward": spec, "diversity_metric": config.diversity_metric,
               "diversity_model": config.diversity_model or "", "num_prompts": len(config.prompts),
@@ -289,7 +350,7 @@ def evaluate(
                 _load_adapters(pipe, variant)
             with annealed_guidance(pipe, variant.aig) if variant.aig else contextlib.nullcontext():
                 row, prompt_rows, image_rows, grid = _evaluate_model(pipe, variant.label, config, reward, diversity,
-                                                                     size)
+                                                                     size, family.pipeline_kwargs())
         finally:
             if variant.adapters:
                 pipe.unload_lora_weights()  # back to the base weights for the next row
@@ -348,13 +409,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts.")
     p.add_argument("--seeds_per_prompt", type=int, default=4, help="Images per prompt (>= 2, for diversity).")
     p.add_argument("--seed", type=int, default=0, help="Base seed; image (i, j) gets a seed derived from (seed, i, j).")
-    p.add_argument("--num_inference_steps", type=int, default=20, help="Sampler steps.")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--num_inference_steps", type=int, default=None,
+                   help="Sampler steps (default: 20 for SD/SDXL; 28 for SD3 and FLUX.1-dev, 4 for FLUX.1-schnell).")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="Classifier-free guidance scale (default 7.5 for SD/SDXL, 7.0 for SD3); FLUX.1-dev: its "
+                        "distilled guidance (default 3.5); FLUX.1-schnell takes none.")
     p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
     p.add_argument("--height", type=int, default=None, help="Image height (default: --resolution).")
     p.add_argument("--width", type=int, default=None, help="Image width (default: --resolution).")
-    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS),
-                   help="Sampler (default ddim, as the trainer; 'model' = the model's own).")
+    p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="Sampler ('model' = the model's own; default: ddim for SD/SDXL, as the trainer; SD3 and FLUX "
+                        "sample with their own flow-matching sampler, 'model').")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
     p.add_argument("--negative_prompt", default=None, help="Negative prompt for every image.")
     p.add_argument("--reward", default="redness", help="Reward spec for rewards.build_reward (e.g. redness, pickscore).")

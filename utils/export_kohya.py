@@ -1,10 +1,12 @@
-"""Convert a draftplus LoRA to kohya's format (AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI):
+"""Write the file ComfyUI (and, for SD/SDXL, AUTOMATIC1111) loads next to a draftplus LoRA:
 
     python -m utils.export_kohya OUTPUT_DIR [OUTPUT_DIR/checkpoint-200 ...]
 
-writes `pytorch_lora_weights_kohya.safetensors`, the file ComfyUI and AUTOMATIC1111 load, next to each
-`pytorch_lora_weights.safetensors` (what `train_draftplus.py` does at the end of training unless
-`--no_kohya_export`): for checkpoints, and for runs trained without it.
+writes, next to each `pytorch_lora_weights.safetensors`, the file `train_draftplus.py` writes at the end of
+training unless `--no_kohya_export`: for checkpoints, and for runs trained without it. The LoRA's keys decide
+the format: an SD/SDXL (UNet) LoRA becomes `pytorch_lora_weights_kohya.safetensors` (kohya's format, for
+AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI); an SD3/FLUX (transformer) LoRA becomes
+`pytorch_lora_weights_comfyui.safetensors` (diffusers' keys with a per-module alpha tensor, for ComfyUI).
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("lora", nargs="+", metavar="DIR",
                    help="Trainer output or checkpoint-N directories (or their .safetensors files).")
     p.add_argument("--output", default=None,
-                   help="Where to write the kohya file (one LoRA only; default: next to the LoRA).")
+                   help="Where to write the file (one LoRA only; default: next to the LoRA).")
     args = p.parse_args(argv)
     if args.output is not None and len(args.lora) > 1:
         p.error("--output takes one LoRA")
     from safetensors import SafetensorError
 
-    from utils.lora import export_kohya
+    from utils.lora import export_for_ui
 
     for lora in args.lora:
         try:
-            print(export_kohya(lora, args.output))
+            print(export_for_ui(lora, args.output))
         except (OSError, ValueError, SafetensorError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME
 from utils.schedulers import ROLLOUT_SCHEDULERS
 
 
@@ -178,9 +179,11 @@ class ModelFamily:
     target_presets: ClassVar[dict[str, tuple[str, ...]]]  # --lora_target_modules presets
     # Trainer options only some families take (named as their argparse dests); the others refuse them.
     options: ClassVar[tuple[str, ...]] = ()
-    # Trainer options (argparse dests) and tools ("evaluation": utils.evaluate) whose code path does not yet
-    # serve this family; refused before anything loads.
-    not_yet_supported: ClassVar[tuple[str, ...]] = ()
+    # The LoRA file `export_ui_lora` writes, and the tools that load it (what the model card and the end of
+    # training say).
+    ui_lora_name: ClassVar[str] = KOHYA_WEIGHTS_NAME
+    ui_lora_tools: ClassVar[str] = "ComfyUI and AUTOMATIC1111"
+    ui_lora_loads_in_diffusers: ClassVar[bool] = True  # the pipeline's load_lora_weights reads that file too
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -198,6 +201,11 @@ class ModelFamily:
         return {"num_inference_steps": 50, "guidance_scale": 7.5}
 
     @classmethod
+    def evaluation_defaults(cls, denoiser_config: dict | None) -> dict[str, Any]:
+        """The evaluator's sampler settings (EvalSettings fields) a user leaves out."""
+        return {"scheduler": "ddim", "num_inference_steps": 20, "guidance_scale": 7.5}
+
+    @classmethod
     def uses_guidance_scale(cls, denoiser_config: dict | None) -> bool:
         """Whether `--guidance_scale` reaches the denoiser at all."""
         return True
@@ -211,9 +219,6 @@ class ModelFamily:
             if getattr(args, name, None) is not None and name not in cls.options:
                 takers = " and ".join(f.pipeline_class_name for f in FAMILIES if name in f.options)
                 return f"--{name} is for {takers} models; {model} do not take it"
-        for name in cls.not_yet_supported:
-            if getattr(args, name, None):
-                return f"--{name} is not available for {model} yet"
         for name in ("resolution", "height", "width"):
             if getattr(args, name) % cls.size_multiple:
                 return f"--{name} must be a multiple of {cls.size_multiple} for {model}, got {getattr(args, name)}"
@@ -321,6 +326,28 @@ class ModelFamily:
     def default_size(self) -> int:
         return self.pipe.default_sample_size * self.vae_scale_factor
 
+    # ------------------------------------------------------------------ sampling with the pipeline
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """The pipeline's `__call__` arguments that the family's own trainer options set (none for the UNets)."""
+        return {}
+
+    @torch.no_grad()
+    def sample_latents(self, prompt: str, generators: Sequence[torch.Generator], *, negative_prompt: str = "",
+                       num_inference_steps: int, guidance_scale: float, eta: float = 0.0, height: int,
+                       width: int) -> torch.Tensor:
+        """The family's pipeline's final latents [N, C, h, w] for `prompt`, image k from `generators[k]`'s noise
+        (validation decodes them as the rollout decodes its own)."""
+        return self.pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(generators),
+                         generator=list(generators), num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, eta=eta, height=height, width=width,
+                         output_type="latent").images
+
+    @classmethod
+    def pipeline_timestep(cls, pipe, timestep: torch.Tensor | float) -> torch.Tensor | float:
+        """The scheduler timestep of a denoiser call the pipeline `pipe` makes with `timestep` (AIG reads the
+        step from it): the same number, but for FLUX."""
+        return timestep
+
     # ------------------------------------------------------------------ the rollout's questions
     def encode_prompts(self, prompts: Sequence[str], negative_prompt: str = "", guided: bool = True,
                        height: int | None = None, width: int | None = None):
@@ -399,7 +426,6 @@ class UNetFamily(ModelFamily):
     rollout_schedulers = ROLLOUT_SCHEDULERS
     default_scheduler = "ddim"
     target_presets = UNET_TARGET_PRESETS
-    not_yet_supported = ()
 
     def default_size(self) -> int:
         return self.denoiser.config.sample_size * self.vae_scale_factor
@@ -509,7 +535,8 @@ class FlowTransformerFamily(ModelFamily):
     default_scheduler = "model"
     target_presets = TRANSFORMER_TARGET_PRESETS
     options = ("max_sequence_length",)
-    not_yet_supported = ("validation_prompts", "compile", "evaluation")
+    ui_lora_name = COMFYUI_WEIGHTS_NAME
+    ui_lora_tools = "ComfyUI"
     default_max_sequence_length: ClassVar[int]
 
     @classmethod
@@ -519,6 +546,40 @@ class FlowTransformerFamily(ModelFamily):
         from utils.lora import export_comfyui
 
         return export_comfyui(lora_file, component=cls.denoiser_name)
+
+    @classmethod
+    def evaluation_defaults(cls, denoiser_config):
+        """The pipeline's own sampler, and the steps and guidance the trainer defaults to."""
+        defaults = cls.rollout_defaults(denoiser_config)
+        return {"scheduler": "model", "num_inference_steps": defaults["num_inference_steps"],
+                "guidance_scale": defaults["guidance_scale"]}
+
+    def pipeline_kwargs(self):
+        return {"max_sequence_length": self.max_sequence_length}
+
+    @torch.no_grad()
+    def sample_latents(self, prompt, generators, *, negative_prompt="", num_inference_steps, guidance_scale, eta=0.0,
+                       height, width):
+        """Image k starts from the noise the rollout would draw for it ([1, C, h, w] from `generators[k]`, fp32),
+        handed to the pipeline as its `latents` (FLUX: packed, as `FluxPipeline` takes and returns them). The
+        flow-matching sampler takes no `eta`."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(self.latent_shape(len(generators), height, width), generator=list(generators),
+                             device=self._device(), dtype=torch.float32)
+        latents = self.pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(generators),
+                            latents=self.to_pipeline_latents(noise), num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, height=height, width=width, output_type="latent",
+                            **self.pipeline_kwargs()).images
+        return self.from_pipeline_latents(latents, height, width)
+
+    def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] latents as the pipeline's `__call__` takes them."""
+        return latents
+
+    def from_pipeline_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` result for height x width images as [B, C, h, w]."""
+        return latents
 
     def __init__(self, pipe, max_sequence_length: int | None = None) -> None:
         super().__init__(pipe)
@@ -552,6 +613,7 @@ class StableDiffusion3(FlowTransformerFamily):
     pipeline_class_name = "StableDiffusion3Pipeline"
     serves = ("StableDiffusion3Pipeline",)
     default_max_sequence_length = 256  # StableDiffusion3Pipeline.__call__'s
+    ui_lora_loads_in_diffusers = False  # its loader wants 'lora' in every key: the alpha tensors are refused
 
     @classmethod
     def rollout_defaults(cls, denoiser_config):
@@ -709,6 +771,24 @@ class Flux(FlowTransformerFamily):
         from diffusers import FluxPipeline
 
         return FluxPipeline._pack_latents(latents, *latents.shape)
+
+    def to_pipeline_latents(self, latents):
+        return self.pack(latents)
+
+    def from_pipeline_latents(self, latents, height, width):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
+
+    def pipeline_kwargs(self):
+        return {**super().pipeline_kwargs(), "true_cfg_scale": self.true_cfg_scale}
+
+    @classmethod
+    def pipeline_timestep(cls, pipe, timestep):
+        """FluxPipeline calls its transformer with the timestep / 1000, cast to the latents' dtype (in bf16 two
+        neighbouring steps can round to one number); it keeps the step's own timestep in `current_timestep`."""
+        current = getattr(pipe, "current_timestep", None)
+        return current if current is not None else timestep * 1000
 
 
 FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)

@@ -308,3 +308,16 @@ def export_comfyui(lora: str | os.PathLike, output_file: str | os.PathLike | Non
     lora_file = _lora_file_of(lora)
     target = Path(output_file) if output_file is not None else lora_file.with_name(COMFYUI_WEIGHTS_NAME)
     return _save_atomically(comfyui_state_dict(lora_file, component), target, {"format": "pt"})
+
+
+def export_for_ui(lora: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
+    """Write the file ComfyUI loads (and, for SD/SDXL, AUTOMATIC1111) for a draftplus LoRA of any family, in the
+    format its keys call for: a transformer LoRA (SD3, FLUX) as `export_comfyui`, a UNet LoRA as `export_kohya`."""
+    from safetensors import safe_open
+
+    lora_file = _lora_file_of(lora)
+    with safe_open(str(lora_file), framework="pt") as f:
+        keys = list(f.keys())
+    if keys and all(k.startswith("transformer.") for k in keys):
+        return export_comfyui(lora_file, output_file)
+    return export_kohya(lora_file, output_file)

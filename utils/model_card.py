@@ -96,9 +96,26 @@ def describe_base_model(name: str, paths: CardPaths | None = None) -> BaseModel:
     return BaseModel(name, "hub", name, name)
 
 
-def base_model_license(base: BaseModel, revision: str | None = None) -> str | None:
+@dataclass(frozen=True)
+class License:
+    """A model's license as a hub card's YAML states it: an id, and for `other` the license's name and link."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+
+FLUX_1_DEV_LICENSE = License("other", "flux-1-dev-non-commercial-license",
+                             "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md")
+# The licenses of base models a card must name even when their own card is not on disk, as their hub
+# repositories declare them (a LoRA of FLUX.1-dev falls under its non-commercial license).
+KNOWN_LICENSES = {"black-forest-labs/flux.1-dev": FLUX_1_DEV_LICENSE}
+
+
+def base_model_license(base: BaseModel, revision: str | None = None) -> License | None:
     """The base model's license, from its card's YAML where that card is on disk (a local model's
-    README.md, or the hub cache); None where unknown: the card then names no license."""
+    README.md, or the hub cache), else for a hub id in `KNOWN_LICENSES` as its repository declares it;
+    None where unknown: the card then names no license."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.repocard import metadata_load
 
@@ -108,13 +125,20 @@ def base_model_license(base: BaseModel, revision: str | None = None) -> str | No
     elif base.kind == "hub":
         cached = try_to_load_from_cache(base.name, "README.md", revision=revision)
         readme = Path(cached) if isinstance(cached, str) else None
+    known = KNOWN_LICENSES.get(base.name.lower()) if base.kind == "hub" else None
     if readme is None or not readme.is_file():
-        return None
+        return known
     try:
-        license_ = (metadata_load(readme) or {}).get("license")
+        metadata = metadata_load(readme) or {}
     except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return license_ if isinstance(license_, str) and license_ else None
+        return known
+    license_id = metadata.get("license")
+    if not isinstance(license_id, str) or not license_id:
+        return known
+    name, link = metadata.get("license_name"), metadata.get("license_link")
+    if isinstance(link, str) and "://" not in link:  # relative to the base model's repository
+        link = f"https://huggingface.co/{base.name}/blob/main/{link}" if base.kind == "hub" else None
+    return License(license_id, name if isinstance(name, str) else None, link if isinstance(link, str) else None)
 
 
 def reward_tags(spec: str) -> list[str]:
@@ -205,12 +229,14 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     from utils.family import UnsupportedModelError, family_for_class_name
 
     try:
-        family_tag = family_for_class_name(pipeline_class_name).hub_tag
+        family = family_for_class_name(pipeline_class_name)
     except UnsupportedModelError:
-        family_tag = "diffusion"
-    tags = BASE_TAGS + [family_tag] + reward_tags(args.reward)
+        family = None
+    tags = BASE_TAGS + [family.hub_tag if family else "diffusion"] + reward_tags(args.reward)
+    license_ = base_model_license(base, getattr(args, "revision", None))
     data = ModelCardData(
-        base_model=base.hub_id, license=base_model_license(base, getattr(args, "revision", None)),
+        base_model=base.hub_id, license=license_.id if license_ else None,
+        license_name=license_.name if license_ else None, license_link=license_.link if license_ else None,
         library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
         widget=[{"text": prompt, "output": {"url": url}} for prompt, url in validation.widget] or None,
     )
@@ -236,6 +262,10 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         "with draftplus's trainer, `train_draftplus.py`.",
         "",
     ]
+    if license_:
+        shown = f"`{license_.name or license_.id}`"
+        lines += [f"License: the base model's, {f'[{shown}]({license_.link})' if license_.link else shown}; "
+                  "this LoRA is a derivative of the base model and falls under it.", ""]
     if objective_changes:
         lines += ["The objective changed during training (a resume with `--allow_objective_change`): "
                   + "; ".join(f"from step {c['from_step']}: {paths.text(describe_changes(c['changes']))}"
@@ -259,19 +289,31 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     lines += ["## Files", "", "| file | loads in |", "| --- | --- |",
               f"| `{LORA_WEIGHTS_NAME}` | diffusers: `pipe.load_lora_weights(...)` (its metadata carries the LoRA "
               "config, alpha included) |"]
-    if ui_lora:
+    ui_name, ui_tools = (family.ui_lora_name, family.ui_lora_tools) if family else (KOHYA_WEIGHTS_NAME, "ComfyUI")
+    if ui_lora == COMFYUI_WEIGHTS_NAME:
+        lines.append(f"| `{ui_lora}` | ComfyUI (`models/loras/`, the LoRA loader node): diffusers' keys with a "
+                     "per-module alpha tensor |")
+    elif ui_lora:
         lines.append(f"| `{ui_lora}` | ComfyUI (`models/loras/`, the LoRA loader node) and AUTOMATIC1111 "
                      "(`models/Lora/`): per-module alpha tensors, module names these tools match |")
     lines.append("")
-    if ui_lora:
+    if ui_lora == COMFYUI_WEIGHTS_NAME:
+        in_diffusers = (f"`{pipeline_class_name}.load_lora_weights` loads it too"
+                        if family is None or family.ui_lora_loads_in_diffusers
+                        else f"diffusers' `{pipeline_class_name}.load_lora_weights` refuses it: in diffusers, load "
+                             f"`{LORA_WEIGHTS_NAME}`")
+        lines += [f"ComfyUI needs `{ui_lora}`: it ignores the safetensors metadata, and without the alpha tensors "
+                  f"it would load the LoRA at alpha = rank, not at the trained strength; {in_diffusers}.", ""]
+    elif ui_lora:
         lines += [f"ComfyUI and AUTOMATIC1111 need `{ui_lora}`: they ignore the safetensors metadata, and "
                   f"ComfyUI matches none of the attention keys of `{LORA_WEIGHTS_NAME}`.", ""]
     else:
-        lines += [f"This run wrote no file for ComfyUI or AUTOMATIC1111 (`--no_kohya_export`); in a draftplus "
+        lines += [f"This run wrote no file for {ui_tools} (`--no_kohya_export`); in a draftplus "
                   f"checkout, `python -m utils.export_kohya {_shell_quote(local_lora)}` writes "
-                  f"`{KOHYA_WEIGHTS_NAME}`.", ""]
+                  f"`{ui_name}`.", ""]
 
     prompt = json.dumps(validation.widget[0][0] if validation.widget else "a photo of a cat")
+    big = family is not None and family.denoiser_name == "transformer"  # billions of weights: load them in bf16
     where = []
     if base.kind == "toy" or not repo_id:
         where.append("Run these from the directory the training ran in"
@@ -285,9 +327,11 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         "## Use it", "",
         *([" ".join(where), ""] if where else []),
         "```python",
+        *(["import torch"] if big else []),
         f"from diffusers import {pipeline_class_name}",
         "",
-        f"pipe = {pipeline_class_name}.from_pretrained({json.dumps(base.load_path)})",
+        f"pipe = {pipeline_class_name}.from_pretrained({json.dumps(base.load_path)}"
+        + (", dtype=torch.bfloat16)" if big else ")"),
         f"pipe.load_lora_weights({json.dumps(lora_source)})",
         f"prompt = {prompt}",
         "image = pipe(prompt).images[0]",
@@ -339,6 +383,13 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     ]
     if args.negative_prompt:
         settings.append(("negative prompt", f"`{args.negative_prompt}`"))
+    if getattr(args, "max_sequence_length", None) is not None:
+        settings.append(("T5 prompt tokens", _fmt(args.max_sequence_length)))
+    if (getattr(args, "true_cfg_scale", None) or 1) > 1:
+        settings.append(("true CFG scale", _fmt(args.true_cfg_scale)))
+    if getattr(args, "quantize_base", None):
+        settings.append(("base weights", f"{args.quantize_base} (QLoRA): the DRaFT+ reference (adapters off) "
+                                         "was the quantized base model"))
     settings += [(f"objective from step {c['from_step']}", paths.text(describe_changes(c["changes"])))
                  for c in objective_changes]
     lines += [f"| {name} | {value} |" for name, value in settings]

@@ -1,5 +1,5 @@
 """The end of a training run, after the final LoRA is saved (main process): the last validation, the
-before/after grid, the file for ComfyUI and AUTOMATIC1111, the training curves, the model card and the
+before/after grid, the file for ComfyUI (and AUTOMATIC1111), the training curves, the model card and the
 upload."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def finish_run(args, accelerator, models, validation, repo_id: str | None, step:
     ui_lora = None
     if args.export_kohya:
         ui_lora = models.family.export_ui_lora(lora_file)
-        lines.append(f"LoRA for ComfyUI and AUTOMATIC1111: {ui_lora}")
+        lines.append(f"LoRA for {models.family.ui_lora_tools}: {ui_lora}")
     lines.append(f"metrics: {out / METRICS_NAME}")
 
     summary = None

@@ -1,7 +1,7 @@
 """Validation during training: fixed prompts and seeds, the base model's images next to the LoRA's.
 
 The validation prompts are rendered with fixed per-image seeds through the model family's diffusers
-pipeline and scored with the training reward. The base model (the same denoiser with its adapters
+pipeline (`ModelFamily.sample_latents`) and scored with the training reward. The base model (the same denoiser with its adapters
 disabled) is rendered once, at the start, and kept in memory; every `--validation_steps` steps the
 current LoRA renders the same prompts from the same noise, so any difference is the training's doing.
 
@@ -157,18 +157,18 @@ class Validation:
         when the VAE was upcast), so validation and training images agree in precision."""
         from utils.rollout import decode
 
-        args, pipe = self.args, self.models.family.pipe  # its denoiser is the raw LoRA denoiser
-        pipe.scheduler = self.models.scheduler.__class__.from_config(self.models.scheduler.config)  # own instance
+        args, family = self.args, self.models.family  # its pipeline's denoiser is the raw LoRA denoiser
+        family.pipe.scheduler = self.models.scheduler.__class__.from_config(self.models.scheduler.config)  # own one
         images, rewards = [], []
         for prompt in self.prompts:
             generators = [torch.Generator(self.accelerator.device).manual_seed(args.seed + i)
                           for i in range(self.per_prompt)]
             with torch.no_grad():
                 with self.accelerator.autocast():
-                    latents = pipe(prompt, negative_prompt=args.negative_prompt or None,
-                                   num_images_per_prompt=self.per_prompt, generator=generators,
-                                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                   eta=args.eta, height=args.height, width=args.width, output_type="latent").images
+                    latents = family.sample_latents(prompt, generators, negative_prompt=args.negative_prompt,
+                                                    num_inference_steps=args.num_inference_steps,
+                                                    guidance_scale=args.guidance_scale, eta=args.eta,
+                                                    height=args.height, width=args.width)
                     batch = decode(self.models.vae, latents)
                 rewards.append(self.reward_fn(batch, [prompt] * len(batch)).detach().float().cpu())
             images.append(batch.float().cpu())

@@ -14,6 +14,9 @@
 
 Every claim is decided by paired statistics (`benchmarks/stats.py`): a difference counts only beyond
 2 paired standard errors, and a model whose reward did not move beyond noise is never evidence.
+
+Why one module of ~500 lines: collecting, analysing and reporting all read the raw file's layout, which is
+written down once here; the statistics themselves live in `benchmarks/stats.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -516,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
         raw = read_raw(out / toy.raw_file)
     else:
         raw = collect(args)  # the training logs (per-step rewards, penalties) are in it too
-        raw["command"] = " ".join(["python -m benchmarks.tradeoff", *(argv if argv is not None else sys.argv[1:])])
+        raw["command"] = shlex.join(["python", "-m", "benchmarks.tradeoff", *(argv if argv is not None else sys.argv[1:])])
         out.mkdir(parents=True, exist_ok=True)
         with gzip.open(out / toy.raw_file, "wt") as f:
             json.dump(raw, f)

@@ -102,7 +102,7 @@ def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path)
 
 def test_flow_quickstart_on_the_pretrained_flow_toy_raises_the_validation_reward(tmp_path):
     """The README's flow-matching demo in short: DRaFT+ on the committed SD3 toy makes fixed-seed images redder
-    (its penalty compares velocity predictions: its kl_coeff is the flow toy's, 30x the UNet toy's smaller)."""
+    (its penalty compares velocity predictions, on a scale of its own: its kl_coeff is 33x smaller than the UNet toy's)."""
     out = tmp_path / "quickstart-flow"
     result = accelerate_launch("--pretrained_model_name_or_path", "toy-flow", "--reward", "redness", "--prompts",
                                str(ROOT / "assets" / "toy-flow" / "prompts.txt"), "--resolution", "32",

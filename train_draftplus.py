@@ -72,7 +72,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                    help="Hub id or local directory of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL,\n"
                         "Stable Diffusion 3/3.5 or FLUX.1 (dev or schnell); the family is read from\n"
-                        "model_index.json. 'toy' uses the built-in pretrained toy model (CPU demo, no hub needed).")
+                        "model_index.json. The built-in pretrained toys (CPU demos, no hub needed): 'toy' (a UNet,\n"
+                        "Stable Diffusion family) and 'toy-flow' (an SD3 transformer, rectified flow).")
     g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                    help="A replacement VAE (hub id or local dir), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL\n"
                         "in fp16. Without it, SDXL's own VAE is kept in fp32 under fp16, as its pipeline does.")

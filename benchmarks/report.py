@@ -1,7 +1,8 @@
 """Assemble benchmarks/RESULTS.md, and the README's summary of it, from the files the benchmark scripts wrote
 into benchmarks/results/.
 
-    python -m benchmarks.tradeoff && python -m benchmarks.speed_memory && python -m benchmarks.report
+    python -m benchmarks.tradeoff && python -m benchmarks.tradeoff --toy toy-flow && python -m benchmarks.speed_memory \
+        && python -m benchmarks.report
 
 No figure in RESULTS.md or in the README is typed by hand: each RESULTS.md section is a benchmark's own output,
 and the README's block between the `benchmark-summary` markers is written here from the same results files
@@ -18,14 +19,16 @@ HERE = Path(__file__).resolve().parent
 # The flow-matching models' memory goals (benchmarks/flow_memory.py), by results file.
 FLOW_MEMORY = {"flow_memory_sd35m_cuda": "SD3.5-Medium size", "flow_memory_flux1dev_nf4_cuda": "FLUX.1-dev size, nf4",
                "flow_memory_flux1dev_cuda": "FLUX.1-dev size"}
-SECTIONS = ("tradeoff.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md",
-            *(f"{stem}.md" for stem in FLOW_MEMORY), "endurance_toy_cpu.md", "mutations.md")
+SECTIONS = ("tradeoff.md", "tradeoff_flow.md", "speed_memory_toy_cpu.md", "speed_memory_sd15_cuda.md",
+            "speed_memory_sdxl_cuda.md", *(f"{stem}.md" for stem in FLOW_MEMORY), "endurance_toy_cpu.md", "mutations.md")
 GPU_ONLY = {"speed_memory_sd15_cuda.md": "python -m benchmarks.speed_memory --sd15 --device cuda",
             "speed_memory_sdxl_cuda.md": "python -m benchmarks.speed_memory --sdxl --device cuda",
             "flow_memory_sd35m_cuda.md": "python -m benchmarks.flow_memory --model sd35m --device cuda",
             "flow_memory_flux1dev_nf4_cuda.md": "python -m benchmarks.flow_memory --model flux1dev --quantize_base nf4 "
                                                 "--device cuda",
             "flow_memory_flux1dev_cuda.md": "python -m benchmarks.flow_memory --model flux1dev --device cuda"}
+# The toys whose trade-off results are compared, in the order of their columns: (results stem, name in the tables).
+TRADEOFF_TOYS = (("tradeoff", "UNet toy (`toy`)"), ("tradeoff_flow", "flow toy (`toy-flow`)"))
 
 
 def demote_headings(text: str) -> str:
@@ -85,6 +88,58 @@ def gpu_training_section(results: Path | None = None) -> str | None:
     return "\n".join(lines)
 
 
+def _tradeoff_results(results: Path) -> dict[str, dict]:
+    """{column name: tradeoff json} of the toys whose trade-off results exist."""
+    return {name: json.loads((results / f"{stem}.json").read_text()) for stem, name in TRADEOFF_TOYS
+            if (results / f"{stem}.json").exists()}
+
+
+def toy_differences(results: Path | None = None) -> list[str] | None:
+    """The claims on which the toys' verdicts differ, as `"claim" (toy: verdict; toy: verdict)`; None unless every
+    toy of TRADEOFF_TOYS has results."""
+    from benchmarks.tradeoff import CLAIMS, claim_verdicts
+
+    toys = _tradeoff_results(results or HERE / "results")
+    if len(toys) < len(TRADEOFF_TOYS):
+        return None
+    verdicts = {name: claim_verdicts(t) for name, t in toys.items()}
+    return [f"\"{CLAIMS[claim].split(' (')[0]}\" ("
+            + "; ".join(f"{name.split(' (')[0]}: {v[claim]['verdict']}" for name, v in verdicts.items()) + ")"
+            for claim in CLAIMS if len({v[claim]["verdict"] for v in verdicts.values()}) > 1]
+
+
+def toys_side_by_side(results: Path | None = None) -> str | None:
+    """Each DRaFT+ claim's verdict on every toy, one column per toy, and where they differ; None unless every
+    toy of TRADEOFF_TOYS has results."""
+    from benchmarks.tradeoff import CLAIMS, claim_verdicts
+
+    results = results or HERE / "results"
+    toys = _tradeoff_results(results)
+    differences = toy_differences(results)
+    if differences is None:
+        return None
+    verdicts = {name: claim_verdicts(t) for name, t in toys.items()}
+    lines = ["## The DRaFT+ claims on both toys", "",
+             "Each claim as decided by its toy's section above (paired statistics, a difference counts beyond 2 SE; "
+             "the kl_coeff values differ between the toys, whose penalties have different scales). The toys agree "
+             "on a claim when its verdict is the same.", "",
+             "| claim | " + " | ".join(toys) + " | |", "|---" * (len(toys) + 2) + "|"]
+    for claim, text in CLAIMS.items():
+        cells = [f"{v[claim]['verdict']} ({v[claim]['evidence']})" for v in verdicts.values()]
+        agree = len({v[claim]["verdict"] for v in verdicts.values()}) == 1
+        lines.append(f"| {text} | " + " | ".join(cells) + f" | {'agree' if agree else '**differ**'} |")
+    draft = {name: next((r for r in t["summary"] if r["kl_coeff"] == 0), None) for name, t in toys.items()}
+    lines.append("| DRaFT (kl_coeff 0), for scale: reward gain vs base, diversity / base | " + " | ".join(
+        f"{_diff(d['reward_gain'])}, x{d['diversity_ratio']:.2f}" if d else "-" for d in draft.values()) + " | |")
+    lines += ["", ("Where the toys differ: " + "; ".join(differences) + ".") if differences
+              else "The toys agree on every claim."]
+    return "\n".join(lines)
+
+
+def _diff(d: dict) -> str:
+    return f"{d['mean']:+.4f} ± {d['se']:.4f}"
+
+
 README = HERE.parent / "README.md"
 BEGIN = "<!-- benchmark-summary:begin (written by `python -m benchmarks.report` from benchmarks/results/) -->"
 END = "<!-- benchmark-summary:end -->"
@@ -96,7 +151,16 @@ def _median(xs: list[float]) -> float:
 
 
 def _tradeoff_lines(results: Path) -> list[str]:
-    path = results / "tradeoff.json"
+    lines = [line for stem, where in (("tradeoff", "toy"), ("tradeoff_flow", "flow toy"))
+             for line in _toy_tradeoff_lines(results / f"{stem}.json", where)]
+    differences = toy_differences(results)
+    if differences is not None:
+        lines.append("- UNet toy vs flow toy: " + (("they differ on " + "; ".join(differences) + ".") if differences
+                                                  else "the same verdict on every claim."))
+    return lines
+
+
+def _toy_tradeoff_lines(path: Path, where: str) -> list[str]:
     if not path.exists():
         return []
     t = json.loads(path.read_text())
@@ -108,7 +172,7 @@ def _tradeoff_lines(results: Path) -> list[str]:
     claim = t["matched_reward"]["claim"]
     holds = {True: "holds", False: "does not hold", None: "cannot be decided"}[claim["holds"]]
     draft = next((r for r in t["summary"] if r["kl_coeff"] == 0), None)
-    lines = [f"- Trade-off on the toy (`{t['diversity_metric']}` diversity, paired seeds, claims beyond 2 SE): "
+    lines = [f"- Trade-off on the {where} (`{t['diversity_metric']}` diversity, paired seeds, claims beyond 2 SE): "
              f"reward rises for {rises} of {len(t['summary'])} kl_coeff settings; lower kl_coeff gives more reward "
              f"for {res_reward} of {len(t['reward_order'])} neighbouring pairs"
              + (f" (reversed: {', '.join(rev_reward)})" if rev_reward else "")
@@ -121,7 +185,7 @@ def _tradeoff_lines(results: Path) -> list[str]:
     leaders = [row.get("leader") for row in t["controls"] if row.get("leader")]
     if leaders:
         names = {"kl": "the kl_coeff sweep", "scale": "LoRA scale", "aig": "AIG"}
-        lines.append("- Post-hoc controls at matched reward (toy): the most diversity at "
+        lines.append(f"- Post-hoc controls at matched reward ({where}): the most diversity at "
                      + ", ".join(f"{r['reward']:.3f}: {names[r['leader']]}" + ("" if r.get("best") else " (within noise)")
                                  for r in t["controls"] if r.get("leader"))
                      + f"; resolved at {sum(b is not None for b in best)} of {len(best)} reward levels.")
@@ -229,12 +293,14 @@ def main(argv: list[str] | None = None) -> None:
         if not path.exists():
             missing.append(name)
             continue
-        text = demote_headings(path.read_text().replace("](tradeoff.png)", "](results/tradeoff.png)"))
+        text = demote_headings(path.read_text().replace("](tradeoff", "](results/tradeoff"))
         note = earlier_format_note(name)
         if note:
             heading, _, rest = text.partition("\n")
             text = f"{heading}\n\n{note}\n{rest}"
         parts += ["---", "", text]
+        if name == f"{TRADEOFF_TOYS[-1][0]}.md" and (both := toys_side_by_side()):
+            parts += ["---", "", both, ""]
     gpu_run = gpu_training_section()
     if gpu_run:
         parts += ["---", "", gpu_run, ""]

@@ -1,17 +1,22 @@
-"""The reward-diversity trade-off on the pretrained toy, with every post-hoc control on one plot.
+"""The reward-diversity trade-off on a pretrained toy, with every post-hoc control on one plot.
 
-    python -m benchmarks.tradeoff                  # train, evaluate, analyse (~30 min on 2 CPU cores)
+    python -m benchmarks.tradeoff                  # the UNet toy: train, evaluate, analyse (~30 min on 2 CPU cores)
     python -m benchmarks.tradeoff --analyse_only   # recompute every table and figure from the raw data
+    python -m benchmarks.tradeoff --toy toy-flow   # the same on the flow-matching toy (SD3 family)
 
 1. Trains one LoRA per kl_coeff (0 = plain DRaFT) for the same budget, keeping a checkpoint every few steps.
 2. Evaluates the base model, every checkpoint, and the DRaFT LoRA under two post-hoc controls (LoRA scale
    and annealed importance guidance, AIG) on the same prompts and the same initial noise (paired seeds,
    held out from training): per-image rewards and per-prompt diversities.
 3. Writes the raw data (`tradeoff_raw.json.gz`: per-run training metrics, per-image rewards, per-prompt
-   diversities) and, from that file alone, `tradeoff.md`, `tradeoff.json` and `tradeoff.png`.
+   diversities) and, from that file alone, `tradeoff.md`, `tradeoff.json` and `tradeoff.png`; each toy has its
+   own files (the flow toy's are `tradeoff_flow*`), so one toy's run never touches the other's results.
 
 Every claim is decided by paired statistics (`benchmarks/stats.py`): a difference counts only beyond
 2 paired standard errors, and a model whose reward did not move beyond noise is never evidence.
+
+Why one module of ~500 lines: collecting, analysing and reporting all read the raw file's layout, which is
+written down once here; the statistics themselves live in `benchmarks/stats.py`.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +49,50 @@ from benchmarks.stats import (  # noqa: E402
 )
 
 RESULTS = ROOT / "benchmarks" / "results"
-RAW_FILE = "tradeoff_raw.json.gz"
+
+
+@dataclass(frozen=True)
+class ToyBenchmark:
+    """One toy's trade-off benchmark: its model, its output files and the settings that differ between toys.
+
+    The kl_coeff grid and learning rate are the toy's own because the penalty's scale is: on the flow toy the
+    penalty compares velocity predictions, and DRaFT (kl_coeff 0) at the UNet toy's learning rate collapses
+    within 5 steps, so a checkpoint every 5 steps would see nothing between the base and the collapse.
+    """
+
+    name: str  # --toy, and the model's --pretrained_model_name_or_path
+    title: str  # what the report calls it
+    stem: str  # output files: STEM.md, STEM.json, STEM.png, STEM_raw.json.gz
+    kl_coeffs: tuple[float, ...]
+    learning_rate: float
+
+    @property
+    def raw_file(self) -> str:
+        return f"{self.stem}_raw.json.gz"
+
+    @property
+    def analyse_command(self) -> str:
+        return "python -m benchmarks.tradeoff" + ("" if self.name == "toy" else f" --toy {self.name}") + " --analyse_only"
+
+
+TOYS = {t.name: t for t in (
+    ToyBenchmark("toy", "the toy model", "tradeoff", (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0), 2e-2),
+    ToyBenchmark("toy-flow", "the flow toy (toy-flow: SD3, rectified flow)", "tradeoff_flow",
+                 (0.0, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), 2e-3),
+)}
+UNET_TOY = TOYS["toy"]
+RAW_FILE = UNET_TOY.raw_file
 SERIES_NAMES = {"kl": "kl_coeff sweep (final LoRAs)", "scale": "LoRA scale of the DRaFT LoRA",
                 "aig": "AIG schedules of the DRaFT LoRA"}
 
 
 # ----------------------------------------------------------------------------------------- collecting
+
+
+def prompts_source(prompts: str) -> str:
+    """A prompts file named relative to the repository (as the defaults are, so that no machine's path is
+    recorded in the committed raw data) from wherever this runs; anything else as given."""
+    return str(ROOT / prompts) if not Path(prompts).is_absolute() and (ROOT / prompts).is_file() else prompts
 
 
 def train(model: str, kl: float, out: Path, args) -> list[dict]:
@@ -82,7 +127,7 @@ def collect(args) -> dict:
         print(f"training kl_coeff={kl:g} -> {out}", flush=True)
         runs[kl] = {"dir": out, "metrics": train(model, kl, out, args)}
 
-    prompts = load_prompts(args.prompts)[: args.eval_prompts]
+    prompts = load_prompts(prompts_source(args.prompts))[: args.eval_prompts]
     steps = list(range(args.eval_every, args.max_train_steps + 1, args.eval_every))
     checkpoints = {str(run["dir"] / f"checkpoint-{s}"): (kl, s) for kl, run in runs.items() for s in steps}
     common = dict(reward=args.reward, seeds_per_prompt=args.eval_seeds, num_inference_steps=args.num_inference_steps,
@@ -211,13 +256,32 @@ def _order_statement(rows: list[dict], want: int, what: str) -> str:
     return text
 
 
+def toy_of(raw: dict) -> ToyBenchmark:
+    """The toy a raw file was measured on (files written before there were two toys: the UNet toy)."""
+    return TOYS[raw["settings"].get("toy", UNET_TOY.name)]
+
+
+def differences_from_unet_toy(settings: dict) -> list[str]:
+    """The settings of a run that differ from the UNet toy's benchmark defaults, as `name value (UNet toy: value)`."""
+    defaults = vars(parse_args([]))
+    skip = {"toy", "pretrained_model_name_or_path", "prompts", "diversity_metric", "note"}
+    return [f"{k} {_show(v)} (UNet toy: {_show(defaults[k])})" for k, v in settings.items()
+            if k in defaults and k not in skip and _show(v) != _show(defaults[k])]
+
+
+def _show(value) -> str:
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list | tuple) \
+        else (f"{value:g}" if isinstance(value, float) else str(value))
+
+
 def report(raw: dict, result: dict, command: str) -> str:
     s = raw["settings"]
     metric = raw["diversity_metric"]
     base = result["base"]
-    lines = ["# DRaFT+ trade-off on the toy model", "",
-             f"Command: `{command}` (the tables below are recomputed from `{RAW_FILE}` by "
-             "`python -m benchmarks.tradeoff --analyse_only`).  ",
+    toy = toy_of(raw)
+    lines = [f"# DRaFT+ trade-off on {toy.title}", "",
+             f"Command: `{command}` (the tables below are recomputed from `{toy.raw_file}` by "
+             f"`{toy.analyse_command}`).  ",
              f"Training: reward `{s['reward']}`, {s['max_train_steps']} steps x batch {s['train_batch_size']}, "
              f"lr {s['learning_rate']}, rank {s['rank']}, T={s['num_inference_steps']}, guidance {s['guidance_scale']}, "
              f"K=1, final x0 decoded, seed {s['seed']}, a checkpoint every {s['eval_every']} steps.  ",
@@ -225,6 +289,10 @@ def report(raw: dict, result: dict, command: str) -> str:
              f"for every model; diversity = mean pairwise `{metric}` between the images of a prompt. Differences are "
              f"paired (per image for rewards, per prompt for diversity) and written as mean ± standard error; a "
              f"difference counts beyond {Z:g} SE."]
+    if toy is not UNET_TOY:
+        lines += ["", f"Settings that differ from the UNet toy's run: {'; '.join(differences_from_unet_toy(s)) or 'none'}."]
+    if s.get("note"):
+        lines += ["", s["note"]]
     if metric == "lpips_random_backbone":
         lines += ["", f"**Diversity metric is a stand-in**: `{metric}`. torchvision's pretrained AlexNet weights "
                   "cannot be downloaded on the machine that produced this file, so LPIPS runs with its shipped "
@@ -280,10 +348,11 @@ def report(raw: dict, result: dict, command: str) -> str:
             lead = SERIES_NAMES[row["leader"]] if row.get("leader") else "-"
             lines.append(f"| {row['reward']:.4f} | " + " | ".join(cells) + f" | {lead} | "
                          f"{'yes' if row.get('best') else 'no'} ({vs}) |")
-        lines += ["", f"On the toy: {leaders_conclusion(result['controls'])} Jena et al. (WACV 2025) report that "
+        where = "the toy" if toy is UNET_TOY else "the flow toy"
+        lines += ["", f"On {where}: {leaders_conclusion(result['controls'])} Jena et al. (WACV 2025) report that "
                   "AIG beats both KL and LoRA "
                   "scaling (SDXL, real rewards); this is what the toy shows, and it need not transfer."]
-    lines += ["", "![reward vs diversity](tradeoff.png)", ""]
+    lines += ["", f"![reward vs diversity]({toy.stem}.png)", ""]
     return "\n".join(lines)
 
 
@@ -304,6 +373,51 @@ def leaders_conclusion(controls: list[dict]) -> str:
     rest = len(controls) - resolved
     return ("Beyond noise, the most diversity is kept by " + " and ".join(parts)
             + (f"; at the other {rest}, no control leads beyond noise." if rest else "."))
+
+
+CLAIMS = {
+    "reward_rises": "Reward rises (final LoRAs against the base)",
+    "more_reward": "Lower kl_coeff gives more reward (neighbouring kl_coeff)",
+    "less_diversity": "Lower kl_coeff gives less diversity (neighbouring kl_coeff)",
+    "matched_reward": "At matched reward, DRaFT+ keeps more diversity than DRaFT",
+    "controls": "The post-hoc control that keeps the most diversity at matched reward",
+}
+CONTROL_NAMES = {"kl": "the kl_coeff sweep", "scale": "LoRA scale", "aig": "AIG"}
+
+
+def _ordering_verdict(rows: list[dict], want: int) -> tuple[str, str]:
+    held = sum(r["verdict"] == want for r in rows)
+    against = sum(r["verdict"] == -want for r in rows)
+    verdict = ("holds" if held == len(rows) else "holds where resolved" if held and not against
+               else "holds with reversals" if held else "reversed" if against else "not resolved")
+    return verdict, (f"{held} of {len(rows)} pairs beyond {Z:g} SE" + (f", {against} reversed" if against else "")
+                     + (f", {len(rows) - held - against} within noise" if len(rows) - held - against else ""))
+
+
+def claim_verdicts(result: dict) -> dict[str, dict[str, str]]:
+    """Each claim of `CLAIMS` as {"verdict": a phrase two toys' results are compared on, "evidence": the counts
+    behind it}, from an `analyse` result (or a tradeoff.json, which holds one)."""
+    n = len(result["summary"])
+    rises = sum(r["reward_gain"]["verdict"] == 1 for r in result["summary"])
+    verdicts = {"reward_rises": {"verdict": "holds" if rises == n else "holds for some" if rises else "does not hold",
+                                 "evidence": f"{rises} of {n} kl_coeff settings beyond {Z:g} SE"}}
+    for key, rows, want in (("more_reward", result["reward_order"], 1), ("less_diversity", result["diversity_order"], -1)):
+        verdict, evidence = _ordering_verdict(rows, want)
+        verdicts[key] = {"verdict": verdict, "evidence": evidence}
+    claim = result["matched_reward"]["claim"]
+    verdicts["matched_reward"] = {
+        "verdict": {True: "holds", False: "does not hold", None: "cannot be decided"}[claim["holds"]],
+        "evidence": f"{claim['compared']} front points compared: {claim['more']} more, {claim['less']} less, "
+                    f"{claim['ties']} within noise"}
+    levels: dict[str, int] = {}
+    for row in result["controls"]:
+        if row.get("best"):
+            levels[row["best"]] = levels.get(row["best"], 0) + 1
+    verdicts["controls"] = {
+        "verdict": " and ".join(CONTROL_NAMES[k] for k in sorted(levels)) or "none beyond noise",
+        "evidence": (", ".join(f"{CONTROL_NAMES[k]} leads at {v}" for k, v in sorted(levels.items())) or "no lead")
+                    + f" of {len(result['controls'])} reward levels beyond {Z:g} SE"}
+    return verdicts
 
 
 def plot(raw: dict, result: dict, path: Path) -> None:
@@ -344,12 +458,13 @@ def plot(raw: dict, result: dict, path: Path) -> None:
 
 def write(raw: dict, out: Path, command: str) -> dict:
     result = analyse(raw)
+    stem = toy_of(raw).stem
     out.mkdir(parents=True, exist_ok=True)
-    plot(raw, result, out / "tradeoff.png")
-    (out / "tradeoff.json").write_text(json.dumps({"settings": raw["settings"], "diversity_metric":
-                                                   raw["diversity_metric"], **result}, indent=1, default=str) + "\n")
+    plot(raw, result, out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps({"settings": raw["settings"], "diversity_metric":
+                                                  raw["diversity_metric"], **result}, indent=1, default=str) + "\n")
     text = report(raw, result, command)
-    (out / "tradeoff.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     return result
 
 
@@ -358,20 +473,27 @@ def read_raw(path: Path) -> dict:
         return json.load(f)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; `--toy` picks the model, the output files and the defaults that differ between toys."""
+    toy_parser = argparse.ArgumentParser(add_help=False)
+    toy_parser.add_argument("--toy", choices=list(TOYS), default=UNET_TOY.name)
+    toy = TOYS[toy_parser.parse_known_args(argv)[0].toy]
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__.split("\n\n")[0],
+                                parents=[toy_parser])
     p.add_argument("--analyse_only", action="store_true",
-                   help=f"Recompute the tables and the figure from {RAW_FILE} in --output_dir (no training).")
-    p.add_argument("--pretrained_model_name_or_path", default="toy")
-    p.add_argument("--kl_coeffs", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
+                   help="Recompute the tables and the figure from the toy's raw file (tradeoff_raw.json.gz, "
+                        "tradeoff_flow_raw.json.gz) in --output_dir (no training).")
+    p.add_argument("--pretrained_model_name_or_path", default=toy.name)
+    p.add_argument("--kl_coeffs", type=float, nargs="+", default=list(toy.kl_coeffs))
     p.add_argument("--lora_scales", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8])
     p.add_argument("--aig", nargs="+", default=["linear", "power_2", "power_4", "step_0.5", "step_0.7", "step_0.9"])
     p.add_argument("--reward", default="redness")
-    p.add_argument("--prompts", default=str(ROOT / "assets" / "toy" / "prompts.txt"))
+    p.add_argument("--prompts", default=f"assets/{toy.name}/prompts.txt",
+                   help="A prompts file (relative to the repository root or absolute) or a built-in prompt set.")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--num_inference_steps", type=int, default=10)
     p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--learning_rate", type=float, default=2e-2)
+    p.add_argument("--learning_rate", type=float, default=toy.learning_rate)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--train_batch_size", type=int, default=4)
     p.add_argument("--max_train_steps", type=int, default=40)
@@ -384,20 +506,26 @@ def main(argv: list[str] | None = None) -> None:
                    help="lpips (needs torchvision's AlexNet weights), or an explicit stand-in: "
                         "lpips_random_backbone / pixel_l2. Default: lpips if its weights are present, "
                         "else lpips_random_backbone (and the report says so).")
-    p.add_argument("--work_dir", default=str(ROOT / "outputs" / "tradeoff"))
+    p.add_argument("--note", default=None, help="A paragraph for the report: why settings differ, what was reduced.")
+    p.add_argument("--work_dir", default=str(ROOT / "outputs" / toy.stem))
     p.add_argument("--output_dir", default=str(RESULTS))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    toy = TOYS[args.toy]
     out = Path(args.output_dir)
     if args.analyse_only:
-        raw = read_raw(out / RAW_FILE)
+        raw = read_raw(out / toy.raw_file)
     else:
         raw = collect(args)  # the training logs (per-step rewards, penalties) are in it too
-        raw["command"] = " ".join(["python -m benchmarks.tradeoff", *(argv if argv is not None else sys.argv[1:])])
+        raw["command"] = shlex.join(["python", "-m", "benchmarks.tradeoff", *(argv if argv is not None else sys.argv[1:])])
         out.mkdir(parents=True, exist_ok=True)
-        with gzip.open(out / RAW_FILE, "wt") as f:
+        with gzip.open(out / toy.raw_file, "wt") as f:
             json.dump(raw, f)
     write(raw, out, raw["command"])
-    print((out / "tradeoff.md").read_text())
+    print((out / f"{toy.stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def test_report_assembles_the_sections_it_finds(tmp_path, monkeypatch):
 
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "tradeoff.md").write_text("# Trade-off\n\nbody ![plot](tradeoff.png)\n")
+    (tmp_path / "results" / "tradeoff_flow.md").write_text("# Flow trade-off\n\nbody ![plot](tradeoff_flow.png)\n")
     for run, rewards, validation in (("kl0.01", [0.1 * i for i in range(1, 11)], (0.1, 0.25)),
                                      ("kl0.01_fp32", [0.2] * 10, (0.3, 0.2))):
         (tmp_path / "results" / f"gpu_train_toy_{run}_metrics.jsonl").write_text(
@@ -103,6 +104,8 @@ def test_report_assembles_the_sections_it_finds(tmp_path, monkeypatch):
     report.main([])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Trade-off" in text and "](results/tradeoff.png)" in text
+    assert text.index("## Trade-off") < text.index("## Flow trade-off") < text.index("## Trainer on a GPU")
+    assert "](results/tradeoff_flow.png)" in text
     assert "| kl0.01 | 10 | 0.3000 -> 0.8000 | 32 | 0.1000 -> 0.2500 | True |" in text
     assert "| kl0.01_fp32 | 10 | 0.2000 -> 0.2000 | 32 | 0.3000 -> 0.2000 | False |" in text
     assert "- kl0.01: `train_draftplus.py --kl_coeff 0.01`" in text
@@ -140,6 +143,39 @@ def test_readme_summary_is_generated_from_the_committed_results():
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == readme_summary()
     assert "tradeoff" in readme_summary().lower() or "Trade-off" in readme_summary()
+
+
+def test_report_puts_the_toys_claims_side_by_side_and_says_where_they_differ(tmp_path, monkeypatch):
+    from test_tradeoff import fake_raw
+
+    from benchmarks import report, tradeoff
+
+    results = tmp_path / "results"
+    kept, collapsed = fake_raw(draftplus_diversity=0.9), fake_raw(draftplus_diversity=0.2, seed=1)
+    collapsed["settings"]["toy"] = "toy-flow"
+    tradeoff.write(kept, results, "python -m benchmarks.tradeoff")
+    assert report.toys_side_by_side(results) is None and report.toy_differences(results) is None  # one toy only
+    tradeoff.write(collapsed, results, "python -m benchmarks.tradeoff --toy toy-flow")
+    monkeypatch.setattr(report, "HERE", tmp_path)
+    report.main([])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.index("# DRaFT+ trade-off on the flow toy") < text.index("## The DRaFT+ claims on both toys")
+    assert "| claim | UNet toy (`toy`) | flow toy (`toy-flow`) | |" in text
+    assert ("| At matched reward, DRaFT+ keeps more diversity than DRaFT | holds (1 front points compared: 1 more, "
+            "0 less, 0 within noise) | does not hold (") in text
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["Reward rises (final LoRAs against the base)"].endswith("| agree |")  # both: 2 of 3
+    assert rows["At matched reward, DRaFT+ keeps more diversity than DRaFT"].endswith("| **differ** |")
+    differences = report.toy_differences(results)
+    assert sum(line.endswith("| **differ** |") for line in rows.values()) == len(differences) >= 1
+    assert ('"At matched reward, DRaFT+ keeps more diversity than DRaFT" (UNet toy: holds; flow toy: does not hold)'
+            in differences)
+    assert "Where the toys differ: " + "; ".join(differences) + "." in text
+    summary = report.readme_summary(results)
+    assert "- Trade-off on the toy (" in summary and "- Trade-off on the flow toy (" in summary
+    assert "- UNet toy vs flow toy: they differ on " + "; ".join(differences) + "." in summary
+    tradeoff.write(kept | {"settings": {**kept["settings"], "toy": "toy-flow"}}, results, "same as the UNet toy")
+    assert report.toy_differences(results) == [] and "The toys agree on every claim." in report.toys_side_by_side(results)
 
 
 def test_flow_memory_builds_the_real_models_from_their_configs():

@@ -51,6 +51,23 @@ def test_the_toys_family_is_read_without_building_it(monkeypatch, tmp_path):
     assert not (tmp_path / "empty-cache").exists()
 
 
+def test_the_flow_toys_arguments_are_checked_from_its_committed_files_offline(monkeypatch, tmp_path):
+    """`--pretrained_model_name_or_path toy-flow` is a local model: its transformer config (which the SD3 family's
+    rollout defaults and LoRA presets read) comes from assets/toy-flow, not from a hub repository named toy-flow."""
+    import train_draftplus
+    import utils.toy
+    from utils.family import StableDiffusion3, read_denoiser_config
+
+    monkeypatch.setattr(utils.toy, "build_toy_pipeline", lambda *a, **k: pytest.fail("the argument checks built it"))
+    flow = utils.toy.TOYS["toy-flow"].assets_dir
+    assert read_denoiser_config("toy-flow") == json.loads((flow / "transformer" / "config.json").read_text())
+    assert family_of("toy-flow") is StableDiffusion3
+    args = train_draftplus.parse_args(["--pretrained_model_name_or_path", "toy-flow", "--reward", "redness",
+                                       "--prompts", "animals", "--output_dir", str(tmp_path / "out"),
+                                       "--report_to", "none"])
+    assert args.pretrained_model_name_or_path == "toy-flow"
+
+
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_path):
     return load_family(str(tiny_sdxl_path))

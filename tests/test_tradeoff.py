@@ -3,8 +3,10 @@ run is no evidence, a collapsed one counts against, and --analyse_only rebuilds 
 
 import gzip
 import json
+import shutil
 
 import numpy as np
+import pytest
 
 from benchmarks import tradeoff
 
@@ -86,3 +88,53 @@ def test_the_leaders_conclusion_names_each_control_once_with_its_reward_levels()
     assert tradeoff.leaders_conclusion([{"reward": 0.2, "best": "aig"}]) == (
         f"{tradeoff.SERIES_NAMES['aig']} keeps the most diversity at every reward level, beyond noise.")
     assert "at any reward level" in tradeoff.leaders_conclusion([{"reward": 0.2, "best": None}])
+
+
+def test_each_toy_writes_its_own_files_and_a_flow_report_names_its_toy_and_its_settings(tmp_path):
+    """The flow toy's raw file and report sit beside the UNet toy's, never over them; its report says which toy it
+    is, how it is re-run, and which settings differ from the UNet toy's run."""
+    unet, flow = fake_raw(draftplus_diversity=0.9), fake_raw(draftplus_diversity=0.2, seed=1)
+    flow["settings"].update(toy="toy-flow", learning_rate=0.002, kl_coeffs=[0.0, 0.1, 1.0], note="Fewer prompts.")
+    for raw, toy in ((unet, tradeoff.UNET_TOY), (flow, tradeoff.TOYS["toy-flow"])):
+        with gzip.open(tmp_path / toy.raw_file, "wt") as f:
+            json.dump(raw, f)
+    tradeoff.main(["--analyse_only", "--output_dir", str(tmp_path)])
+    unet_files = {p.name: p.read_bytes() for p in tmp_path.glob("tradeoff.*")}
+    tradeoff.main(["--toy", "toy-flow", "--analyse_only", "--output_dir", str(tmp_path)])
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("tradeoff.*")} == unet_files  # untouched
+    text = (tmp_path / "tradeoff_flow.md").read_text()
+    assert text.startswith("# DRaFT+ trade-off on the flow toy (toy-flow: SD3, rectified flow)")
+    assert ("recomputed from `tradeoff_flow_raw.json.gz` by `python -m benchmarks.tradeoff --toy toy-flow "
+            "--analyse_only`") in text
+    assert "learning_rate 0.002 (UNet toy: 0.02)" in text and "kl_coeffs 0 0.1 1 (UNet toy: 0 0.003" in text
+    assert "\n\nFewer prompts.\n\n" in text and "![reward vs diversity](tradeoff_flow.png)" in text
+    assert "**does not hold**" in text and "On the flow toy:" in text
+    assert json.loads((tmp_path / "tradeoff_flow.json").read_text())["matched_reward"]["claim"]["holds"] is False
+    assert (tmp_path / "tradeoff_flow.png").stat().st_size > 10_000
+    assert tradeoff.parse_args(["--toy", "toy-flow"]).kl_coeffs == list(tradeoff.TOYS["toy-flow"].kl_coeffs)
+    assert tradeoff.parse_args(["--toy", "toy-flow"]).work_dir.endswith("tradeoff_flow")
+
+
+def test_claim_verdicts_are_the_words_two_toys_are_compared_on():
+    kept, collapsed = (tradeoff.claim_verdicts(tradeoff.analyse(fake_raw(d))) for d in (0.9, 0.2))
+    assert kept["matched_reward"] == {"verdict": "holds",
+                                      "evidence": "1 front points compared: 1 more, 0 less, 0 within noise"}
+    assert collapsed["matched_reward"]["verdict"] == "does not hold"
+    assert kept["reward_rises"] == {"verdict": "holds for some", "evidence": "2 of 3 kl_coeff settings beyond 2 SE"}
+    assert kept["more_reward"]["verdict"] == "holds"
+    rows = [{"verdict": v} for v in (1, -1, 0)]
+    assert tradeoff._ordering_verdict(rows, 1) == ("holds with reversals",
+                                                   "1 of 3 pairs beyond 2 SE, 1 reversed, 1 within noise")
+    assert tradeoff._ordering_verdict(rows[2:], 1)[0] == "not resolved"
+    assert tradeoff._ordering_verdict(rows[1:], -1)[0] == "holds where resolved"
+
+
+@pytest.mark.parametrize("toy", list(tradeoff.TOYS))
+def test_the_committed_tables_are_what_analyse_only_computes_from_the_committed_raw_data(toy, tmp_path):
+    """Nothing in the committed trade-off results is edited by hand or left stale by a change to the analysis."""
+    spec = tradeoff.TOYS[toy]
+    shutil.copy(tradeoff.RESULTS / spec.raw_file, tmp_path / spec.raw_file)
+    tradeoff.main(["--toy", toy, "--analyse_only", "--output_dir", str(tmp_path)])
+    for suffix in (".md", ".json"):
+        committed = (tradeoff.RESULTS / f"{spec.stem}{suffix}").read_text()
+        assert (tmp_path / f"{spec.stem}{suffix}").read_text() == committed, f"{spec.stem}{suffix} is stale"

@@ -390,7 +390,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Base pipeline: hub id, local dir, or 'toy' (the built-in pretrained toy).")
+                   help="Base pipeline: hub id, local dir, or a built-in pretrained toy: 'toy' (UNet) or 'toy-flow' (SD3).")
     p.add_argument("--lora", nargs="*", default=[], metavar="DIR",
                    help="LoRA dirs holding pytorch_lora_weights.safetensors (trainer outputs or checkpoint-N "
                         "dirs); labelled by directory name.")

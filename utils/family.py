@@ -84,10 +84,10 @@ def read_denoiser_config(name_or_path: str, revision: str | None = None, local_o
         relative = f"{family_for_class_name(index.get('_class_name', '?')).denoiser_name}/config.json"
     except UnsupportedModelError:
         return None
-    if name_or_path == "toy":
-        from utils.toy import ASSETS_DIR
+    from utils.toy import TOYS
 
-        name_or_path = str(ASSETS_DIR)
+    if name_or_path in TOYS:  # its committed copy's config, as read_model_index reads its index
+        name_or_path = str(TOYS[name_or_path].assets_dir)
     local = Path(name_or_path) / relative
     if local.is_file():
         return json.loads(local.read_text())

@@ -76,18 +76,16 @@ def test_accelerate_launch_checkpoints_resume_and_lora_reload(tiny_sd_path, tmp_
     assert (after - before).abs().max() > 1e-3
 
 
-def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path):
-    """The README's demo in short: DRaFT+ on the committed toy makes fixed-seed images redder."""
-    out = tmp_path / "quickstart"
-    result = accelerate_launch("--pretrained_model_name_or_path", "toy", "--reward", "redness", "--prompts",
-                               str(ROOT / "assets" / "toy" / "prompts.txt"), "--resolution", "32",
-                               "--num_inference_steps", "10", "--guidance_scale", "5", "--kl_coeff", "0.01",
-                               "--learning_rate", "2e-2", "--train_batch_size", "4", "--max_train_steps", "20",
+def run_quickstart(toy: str, kl_coeff: str, learning_rate: str, out) -> dict:
+    """The README's quickstart on `toy` in short (20 steps): it exits 0, prints the validation reward and writes the
+    labelled before/after grid; returns the validation rewards."""
+    result = accelerate_launch("--pretrained_model_name_or_path", toy, "--reward", "redness", "--prompts",
+                               str(ROOT / "assets" / toy / "prompts.txt"), "--resolution", "32",
+                               "--num_inference_steps", "10", "--guidance_scale", "5", "--kl_coeff", kl_coeff,
+                               "--learning_rate", learning_rate, "--train_batch_size", "4", "--max_train_steps", "20",
                                "--checkpointing_steps", "20", "--validation_prompts", "a blue circle",
                                "a green square", "--output_dir", str(out), "--report_to", "none")
     assert result.returncode == 0, result.stderr[-3000:]
-    validation = json.loads((out / "validation_reward.json").read_text())
-    assert validation["after"] > validation["before"] + 0.03, validation
     assert "validation reward (8 images, fixed seeds)" in result.stdout
     from PIL import Image
 
@@ -97,6 +95,14 @@ def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path)
                                                                                                 "after 20 steps")]
     layout = GridLayout(labels, 4, (32 * 8, 32 * 8), "base model (before) and the LoRA (after), same seeds")
     assert Image.open(out / "validation_before_after.png").size == layout.size  # 4 labelled rows of 4, zoom 8
+    return json.loads((out / "validation_reward.json").read_text())
+
+
+def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path):
+    """The README's demo in short: DRaFT+ on the committed toy makes fixed-seed images redder."""
+    out = tmp_path / "quickstart"
+    validation = run_quickstart("toy", "0.01", "2e-2", out)
+    assert validation["after"] > validation["before"] + 0.03, validation
     assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in (out / "README.md").read_text()
 
 
@@ -104,27 +110,12 @@ def test_flow_quickstart_on_the_pretrained_flow_toy_raises_the_validation_reward
     """The README's flow-matching demo in short: DRaFT+ on the committed SD3 toy makes fixed-seed images redder
     (its penalty compares velocity predictions, on a scale of its own: its kl_coeff is 33x smaller than the UNet toy's)."""
     out = tmp_path / "quickstart-flow"
-    result = accelerate_launch("--pretrained_model_name_or_path", "toy-flow", "--reward", "redness", "--prompts",
-                               str(ROOT / "assets" / "toy-flow" / "prompts.txt"), "--resolution", "32",
-                               "--num_inference_steps", "10", "--guidance_scale", "5", "--kl_coeff", "0.0003",
-                               "--learning_rate", "5e-3", "--train_batch_size", "4", "--max_train_steps", "20",
-                               "--checkpointing_steps", "20", "--validation_prompts", "a blue circle",
-                               "a green square", "--output_dir", str(out), "--report_to", "none")
-    assert result.returncode == 0, result.stderr[-3000:]
-    validation = json.loads((out / "validation_reward.json").read_text())
+    validation = run_quickstart("toy-flow", "0.0003", "5e-3", out)
     # committed toy, seed 0: -0.018 -> 0.253; an untrained LoRA leaves it where it is
     assert validation["after"] > validation["before"] + 0.1, validation
-    assert "validation reward (8 images, fixed seeds)" in result.stdout
     assert (out / "pytorch_lora_weights_comfyui.safetensors").is_file()
     from diffusers import StableDiffusion3Pipeline
-    from PIL import Image
 
-    from utils.image_grid import GridLayout
-
-    labels = [f"{when}: {prompt}" for prompt in ("a blue circle", "a green square") for when in ("before",
-                                                                                                "after 20 steps")]
-    layout = GridLayout(labels, 4, (32 * 8, 32 * 8), "base model (before) and the LoRA (after), same seeds")
-    assert Image.open(out / "validation_before_after.png").size == layout.size
     assert "StableDiffusion3Pipeline" in (out / "README.md").read_text()
     # the LoRA loads into the diffusers pipeline and makes its images redder there too
     pipe = StableDiffusion3Pipeline.from_pretrained(ROOT / "assets" / "toy-flow")

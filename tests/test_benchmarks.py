@@ -212,3 +212,41 @@ def test_flow_memory_smoke_runs_the_sd35_and_the_4bit_flux_code_paths(tmp_path):
         report = (tmp_path / f"{stem}.md").read_text()
         assert "Smoke run" in report and "Peak GPU memory: not measured" in report
     assert results["goal_gb"] == 24 and results["quantized_layers"] > 0  # the 4-bit path ran
+
+
+def test_quickstart_benchmark_runs_the_readmes_commands_and_tables_each_condition():
+    from benchmarks import quickstart
+
+    found = quickstart.quickstart_commands(quickstart.README.read_text())
+    assert set(found) == {"toy", "toy-flow"}
+    for words in found.values():  # as printed, without the environment assignment the benchmark sets per run
+        assert words[:2] == ["accelerate", "launch"] and "train_draftplus.py" in words and "--output_dir" in words
+    bar = "Steps:  50%|#    | 20/40 [00:07<00:07]\rSteps: 100%|#####| 40/40 [01:13<00:00,  2.87it/s, kl=0.4]"
+    assert quickstart.steps_seconds(bar) == 73 and quickstart.steps_seconds("no progress bar") is None
+
+    def row(threads, busy, wall, steps, load):
+        return {"model": "toy", "threads": threads, "busy": busy, "wall_s": wall, "steps_s": steps,
+                "load_average": load, "validation_before": 0.048, "validation_after": 0.166}
+
+    raw = {"machine": "cpu", "command": "python -m benchmarks.quickstart", "repeats": 2, "commands": {"toy": found["toy"]},
+           "runs": [row(1, 0, 21.0, 8, 1.1), row(1, 0, 23.0, 9, 1.3), row(2, 0, 30.0, 12, 1.2), row(2, 0, 26.0, 10, 1.2),
+                    row(1, 2, 40.0, 19, 3.0), row(1, 2, 44.0, 21, 3.4), row(2, 2, 99.0, 80, 3.2),
+                    row(2, 2, 101.0, None, 3.3)]}
+    assert quickstart.table(raw, "toy")[2:] == ["| idle (1.1-1.3) | 22 s (the steps: 8 s) | 28 s (the steps: 11 s) |",
+                                                "| 2 busy processes (3.0-3.4) | 42 s (the steps: 20 s) | 100 s (the steps: 80 s) |"]
+    assert quickstart.summary(raw, "toy") == ("validation reward 0.048 before -> 0.166 after (8 fixed-seed images); "
+                                               "22 s (the steps: 8 s) on the idle machine with `OMP_NUM_THREADS=1`")
+    assert quickstart.summary(raw, "toy") in quickstart.report(raw)
+
+
+def test_the_readme_quotes_the_committed_quickstart_measurements():
+    """The README's quickstart times and rewards are the committed benchmark's, not typed by hand."""
+    from benchmarks import quickstart
+
+    raw = json.loads((ROOT / "benchmarks" / "results" / "quickstart_cpu.json").read_text())
+    readme = quickstart.README.read_text()
+    assert raw["commands"] == quickstart.quickstart_commands(readme)  # measured on the commands printed today
+    for line in quickstart.table(raw, "toy"):
+        assert line in readme
+    for model in raw["commands"]:
+        assert quickstart.summary(raw, model) in readme

@@ -9,8 +9,6 @@ quickstart and its evaluations take about 1-2 minutes on 2 cores (more on a busy
 
 import json
 import os
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -18,35 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.quickstart import code_blocks, commands
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-RUNNABLE = "<!-- runnable -->"
-
-
-def code_blocks(text: str) -> list[tuple[str, str, bool]]:
-    """(language, code, marked runnable) of every fenced block, in order."""
-    blocks, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        match = re.fullmatch(r"```(\w*)", lines[i])
-        if match:
-            end = lines.index("```", i + 1)
-            runnable = i > 0 and lines[i - 1].strip() == RUNNABLE
-            blocks.append((match.group(1), "\n".join(lines[i + 1:end]), runnable))
-            i = end
-        i += 1
-    return blocks
-
-
-def commands(code: str) -> list[list[str]]:
-    """The shell commands of a block as word lists (continuation lines joined, `&&` chains split)."""
-    out = []
-    for line in code.replace("\\\n", " ").splitlines():
-        for part in line.split("&&"):
-            if part.strip():
-                out.append(shlex.split(part))
-    return out
-
-
 def repository_copy(destination: Path) -> Path:
     """The repository's files as a fresh clone holds them (tracked, and new ones git does not ignore)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,

@@ -143,6 +143,23 @@ def test_flux_dev_guidance_reaches_the_transformer_and_schnell_gets_none(tiny_fl
     assert guidance_seen(schnell, 3.5)[0] == [None] * 3
 
 
+def test_sd3_guided_calls_share_one_batched_conditioning(tiny_sd3_path):
+    """SD3's [uncond, cond] prompt embeddings are concatenated once per batch, not again at every denoiser call."""
+    family = load(tiny_sd3_path)
+    cond = family.encode_prompts(PROMPTS, "", guided=True)
+    seen = []
+    hook = family.denoiser.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["encoder_hidden_states"], kw["pooled_projections"])), with_kwargs=True)
+    rollout(models_of(family), cond, noise_for(family), RolloutConfig(num_inference_steps=3, guidance_scale=5.0),
+            with_reference=False)
+    hook.remove()
+    assert len(seen) == 3 and all(a is seen[0][0] and b is seen[0][1] for a, b in seen)
+    torch.testing.assert_close(seen[0][0], torch.cat([cond.uncond["encoder_hidden_states"],
+                                                      cond.cond["encoder_hidden_states"]]), rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][1], torch.cat([cond.uncond["pooled_projections"],
+                                                      cond.cond["pooled_projections"]]), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------- hand-written DRaFT+ steps (no family code)
 
 

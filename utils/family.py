@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -135,6 +136,12 @@ class TransformerPromptEmbeds:
     @property
     def guided(self) -> bool:
         return self.uncond is not None
+
+    @cached_property
+    def batched(self) -> dict[str, torch.Tensor]:
+        """The [uncond, cond] rows of every argument, for one call on a doubled batch (SD3's guidance): built
+        on first use and kept, so a rollout's many denoiser calls do not copy the prompt embeddings each time."""
+        return {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
 
     def repeat_interleave(self, n: int) -> TransformerPromptEmbeds:
         """Each prompt n times; per-token ids (FLUX's `txt_ids`, one [L, 3] for the batch) are shared."""
@@ -647,8 +654,7 @@ class StableDiffusion3(FlowTransformerFamily):
 
     def predict(self, denoiser, x_t, t, cond: TransformerPromptEmbeds, guidance_scale):
         if cond.guided:
-            kwargs = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
-            x_in = torch.cat([x_t, x_t])
+            kwargs, x_in = cond.batched, torch.cat([x_t, x_t])
         else:
             kwargs, x_in = cond.cond, x_t
         out = denoiser(hidden_states=x_in, timestep=t.expand(x_in.shape[0]), return_dict=False, **kwargs)[0]

@@ -68,6 +68,27 @@ def test_the_flow_toys_arguments_are_checked_from_its_committed_files_offline(mo
     assert args.pretrained_model_name_or_path == "toy-flow"
 
 
+def test_a_hub_models_index_and_denoiser_config_come_from_the_hub_cache(tmp_path, monkeypatch):
+    """With `local_only` (the argument checks), both files of a hub id are read from the hub cache, never
+    downloaded; a model the cache lacks gives None."""
+    import huggingface_hub
+
+    from utils.family import read_denoiser_config
+
+    repo = tmp_path / "models--someone--sd"
+    (repo / "snapshots" / "0123abcd" / "unet").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (repo / "snapshots" / "0123abcd" / "model_index.json").write_text(json.dumps(index))
+    (repo / "snapshots" / "0123abcd" / "unet" / "config.json").write_text(json.dumps({"sample_size": 8}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert read_model_index("someone/sd", local_only=True) == index
+    assert read_denoiser_config("someone/sd", local_only=True) == {"sample_size": 8}
+    assert read_model_index("someone/other", local_only=True) is None
+    assert read_denoiser_config("someone/other", local_only=True) is None
+
+
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_path):
     return load_family(str(tiny_sdxl_path))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from lora_fixtures import randomise_lora_B
 
 from utils.family import (
     StableDiffusion,
@@ -132,10 +133,7 @@ def test_sdxl_draftplus_step_trains_the_lora_against_the_adapters_off_reference(
     for module in (family.vae, family.denoiser, *family.text_encoders):
         module.requires_grad_(False)
     params = add_lora(family.denoiser, rank=4, target_modules=family.target_modules(["attention+ff"]))
-    torch.manual_seed(1)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(family.denoiser)
     scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
     models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae, scheduler=scheduler)
     z = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
@@ -153,9 +151,7 @@ def test_sdxl_draftplus_step_trains_the_lora_against_the_adapters_off_reference(
 def test_sdxl_lora_saves_in_diffusers_format_and_loads_into_the_sdxl_pipeline(tiny_sdxl_path, tmp_path):
     family = load_family(str(tiny_sdxl_path))
     add_lora(family.denoiser, rank=4, lora_alpha=2)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
+    randomise_lora_B(family.denoiser, std=0.3, seed=None)
     save_lora(family.denoiser, tmp_path, family)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
@@ -172,9 +168,7 @@ def test_a_lora_trained_with_dropout_renders_without_it_in_diffusers(tiny_sd_pat
     (PEFT builds the loaded adapter's dropout in training mode, and the pipeline never switches it off)."""
     family = load_family(str(tiny_sd_path))
     add_lora(family.denoiser.eval(), rank=4, lora_dropout=0.5)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
+    randomise_lora_B(family.denoiser, std=0.3, seed=None)
     save_lora(family.denoiser, tmp_path, family)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
     with torch.no_grad():

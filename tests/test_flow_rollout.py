@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
+from lora_fixtures import randomise_lora_B
 
 from utils.family import Flux, StableDiffusion3, load_family
 from utils.lora import add_lora
@@ -46,10 +47,7 @@ def add_random_lora(family, seed=1):
     """LoRA on attention+ff, with lora_B away from its zero init (an adapter that changes the prediction)."""
     params = add_lora(family.denoiser, rank=4, lora_alpha=8,
                       target_modules=family.target_modules(["attention+ff"], family.denoiser.config))
-    torch.manual_seed(seed)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(family.denoiser, seed=seed)
     return params
 
 

@@ -33,3 +33,15 @@ def save_random_lora(pipeline_dir, out_dir, *, rank: int = 4, alpha: float = 4, 
                     p.mul_(strength)
     save_lora(denoiser, out_dir, family)
     return Path(out_dir)
+
+
+def randomise_lora_B(denoiser: torch.nn.Module, std: float = 0.05, seed: int | None = 1) -> None:
+    """Draw every lora_B weight of the denoiser's adapter from N(0, std), after `torch.manual_seed(seed)` unless
+    None. PEFT initialises lora_B to zero, which makes the adapter a no-op and lora_A's gradient zero: this makes
+    it a "trained" adapter, one that changes the prediction."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)

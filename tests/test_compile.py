@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_fixtures import randomise_lora_B
 from peft.helpers import disable_input_dtype_casting
 
 from utils.compile import (
@@ -63,10 +64,7 @@ def setup(tiny_sd_path):
     for module in (pipe.vae, *family.text_encoders):
         module.requires_grad_(False)
     params = add_lora(pipe.unet, rank=4, lora_alpha=8)
-    torch.manual_seed(1)
-    for name, p in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(pipe.unet)
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     eager = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=scheduler)
     compiled_unet = compile_no_grad_denoiser(pipe.unet, pipe.vae, backend="aot_eager")
@@ -178,10 +176,7 @@ def test_bf16_autocast_euler_rollout_compiles_two_graphs_and_matches_eager(tiny_
     for module in (pipe.unet, pipe.vae, *family.text_encoders):
         module.requires_grad_(False).to(torch.bfloat16)
     params = add_lora(pipe.unet, rank=4)
-    torch.manual_seed(1)
-    for name, p in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(pipe.unet)
     scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     eager = Models(family=family, denoiser=pipe.unet, raw_denoiser=pipe.unet, vae=pipe.vae, scheduler=scheduler)
     config = RolloutConfig(num_inference_steps=4, guidance_scale=5.0, truncation_steps=1)
@@ -218,10 +213,7 @@ def test_input_dtype_casting_off_is_bitwise_identical_under_bf16_autocast_with_f
 
     unet = load_family(str(tiny_sd_path)).denoiser.to(torch.bfloat16)
     add_lora(unet, rank=4)
-    torch.manual_seed(1)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(unet)
     x, t = noise().to(torch.bfloat16), torch.tensor(500)
     ehs = torch.randn(2, 77, unet.config.cross_attention_dim).to(torch.bfloat16)
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from lora_fixtures import randomise_lora_B
 
 from utils.family import (
     StableDiffusion,
@@ -68,6 +69,27 @@ def test_the_flow_toys_arguments_are_checked_from_its_committed_files_offline(mo
     assert args.pretrained_model_name_or_path == "toy-flow"
 
 
+def test_a_hub_models_index_and_denoiser_config_come_from_the_hub_cache(tmp_path, monkeypatch):
+    """With `local_only` (the argument checks), both files of a hub id are read from the hub cache, never
+    downloaded; a model the cache lacks gives None."""
+    import huggingface_hub
+
+    from utils.family import read_denoiser_config
+
+    repo = tmp_path / "models--someone--sd"
+    (repo / "snapshots" / "0123abcd" / "unet").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (repo / "snapshots" / "0123abcd" / "model_index.json").write_text(json.dumps(index))
+    (repo / "snapshots" / "0123abcd" / "unet" / "config.json").write_text(json.dumps({"sample_size": 8}))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert read_model_index("someone/sd", local_only=True) == index
+    assert read_denoiser_config("someone/sd", local_only=True) == {"sample_size": 8}
+    assert read_model_index("someone/other", local_only=True) is None
+    assert read_denoiser_config("someone/other", local_only=True) is None
+
+
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_path):
     return load_family(str(tiny_sdxl_path))
@@ -111,10 +133,7 @@ def test_sdxl_draftplus_step_trains_the_lora_against_the_adapters_off_reference(
     for module in (family.vae, family.denoiser, *family.text_encoders):
         module.requires_grad_(False)
     params = add_lora(family.denoiser, rank=4, target_modules=family.target_modules(["attention+ff"]))
-    torch.manual_seed(1)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(family.denoiser)
     scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
     models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae, scheduler=scheduler)
     z = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
@@ -132,9 +151,7 @@ def test_sdxl_draftplus_step_trains_the_lora_against_the_adapters_off_reference(
 def test_sdxl_lora_saves_in_diffusers_format_and_loads_into_the_sdxl_pipeline(tiny_sdxl_path, tmp_path):
     family = load_family(str(tiny_sdxl_path))
     add_lora(family.denoiser, rank=4, lora_alpha=2)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
+    randomise_lora_B(family.denoiser, std=0.3, seed=None)
     save_lora(family.denoiser, tmp_path, family)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
@@ -151,9 +168,7 @@ def test_a_lora_trained_with_dropout_renders_without_it_in_diffusers(tiny_sd_pat
     (PEFT builds the loaded adapter's dropout in training mode, and the pipeline never switches it off)."""
     family = load_family(str(tiny_sd_path))
     add_lora(family.denoiser.eval(), rank=4, lora_dropout=0.5)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
+    randomise_lora_B(family.denoiser, std=0.3, seed=None)
     save_lora(family.denoiser, tmp_path, family)
     kwargs = dict(num_inference_steps=3, guidance_scale=5.0, output_type="pt")
     with torch.no_grad():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from lora_fixtures import randomise_lora_B
 from safetensors import safe_open
 
 from utils.family import Flux, StableDiffusion3, load_family
@@ -56,10 +57,7 @@ def lora_family(path, alpha, seed=1):
         module.requires_grad_(False).eval()
     add_lora(family.denoiser, rank=4, lora_alpha=alpha,
              target_modules=family.target_modules(["attention+ff"], family.denoiser.config))
-    torch.manual_seed(seed)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.1)
+    randomise_lora_B(family.denoiser, std=0.1, seed=seed)
     return family
 
 
@@ -165,10 +163,7 @@ def test_qlora_pieces_on_cpu_a_4bit_base_under_fp32_lora_with_gradients(tiny_flu
     assert wrapped and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in wrapped)
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
     assert {id(p) for p in transformer.parameters() if p.requires_grad} == {id(p) for p in params}
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomise_lora_B(transformer, std=0.1, seed=None)
 
     with torch.no_grad(), adapters_disabled(transformer):
         torch.testing.assert_close(transformer(**inputs)[0], quantized_base, rtol=0, atol=0)

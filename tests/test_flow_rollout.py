@@ -9,6 +9,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
+from lora_fixtures import randomise_lora_B
+from test_rollout import saved_bytes
 
 from utils.family import Flux, StableDiffusion3, load_family
 from utils.lora import add_lora
@@ -46,10 +48,7 @@ def add_random_lora(family, seed=1):
     """LoRA on attention+ff, with lora_B away from its zero init (an adapter that changes the prediction)."""
     params = add_lora(family.denoiser, rank=4, lora_alpha=8,
                       target_modules=family.target_modules(["attention+ff"], family.denoiser.config))
-    torch.manual_seed(seed)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(family.denoiser, seed=seed)
     return params
 
 
@@ -143,7 +142,39 @@ def test_flux_dev_guidance_reaches_the_transformer_and_schnell_gets_none(tiny_fl
     assert guidance_seen(schnell, 3.5)[0] == [None] * 3
 
 
+def test_sd3_guided_calls_share_one_batched_conditioning(tiny_sd3_path):
+    """SD3's [uncond, cond] prompt embeddings are concatenated once per batch, not again at every denoiser call."""
+    family = load(tiny_sd3_path)
+    cond = family.encode_prompts(PROMPTS, "", guided=True)
+    seen = []
+    hook = family.denoiser.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["encoder_hidden_states"], kw["pooled_projections"])), with_kwargs=True)
+    rollout(models_of(family), cond, noise_for(family), RolloutConfig(num_inference_steps=3, guidance_scale=5.0),
+            with_reference=False)
+    hook.remove()
+    assert len(seen) == 3 and all(a is seen[0][0] and b is seen[0][1] for a, b in seen)
+    torch.testing.assert_close(seen[0][0], torch.cat([cond.uncond["encoder_hidden_states"],
+                                                      cond.cond["encoder_hidden_states"]]), rtol=0, atol=0)
+    torch.testing.assert_close(seen[0][1], torch.cat([cond.uncond["pooled_projections"],
+                                                      cond.cond["pooled_projections"]]), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------- hand-written DRaFT+ steps (no family code)
+
+
+def euler_rollout_by_hand(tr, scheduler, x, v_at):
+    """The no-grad Euler steps of `scheduler` from x but the last, then the last step's guided velocity `v_at(x, t)`
+    with the adapters of the transformer `tr` on (graded) and off (the reference): (x, its sigma, v, v_ref)."""
+    with torch.no_grad():
+        for t in scheduler.timesteps[:-1]:
+            x = scheduler.step(v_at(x, t), t, x).prev_sample
+    t = scheduler.timesteps[-1]
+    v = v_at(x, t)
+    with torch.no_grad():
+        tr.disable_adapters()
+        v_ref = v_at(x, t)
+        tr.enable_adapters()
+    return x, scheduler.sigmas[-2], v, v_ref
 
 
 def hand_flux_step(pipe, noise, steps, guidance, kl_coeff):
@@ -162,19 +193,11 @@ def hand_flux_step(pipe, noise, steps, guidance, kl_coeff):
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=(h * w // 4) * m + 0.5 - m * 256)
     guide = torch.full((b,), guidance)
 
-    def v_at(t):
+    def v_at(x, t):
         return tr(hidden_states=x, timestep=t.expand(b) / 1000, guidance=guide, pooled_projections=pooled,
                   encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=ids, return_dict=False)[0]
 
-    with torch.no_grad():
-        for t in scheduler.timesteps[:-1]:
-            x = scheduler.step(v_at(t), t, x).prev_sample
-    t, sigma = scheduler.timesteps[-1], scheduler.sigmas[-2]
-    v = v_at(t)
-    with torch.no_grad():
-        tr.disable_adapters()
-        v_ref = v_at(t)
-        tr.enable_adapters()
+    x, sigma, v, v_ref = euler_rollout_by_hand(tr, scheduler, x, v_at)
     penalty = ((x + (1 - sigma) * v) - (x + (1 - sigma) * v_ref)).pow(2).mean()
     x0 = (x - sigma * v).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
     images = vae.decode(x0 / vae.config.scaling_factor + vae.config.shift_factor).sample
@@ -188,24 +211,15 @@ def hand_sd3_step(pipe, noise, steps, guidance, kl_coeff):
                                                              max_sequence_length=SEQ)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    x = noise
 
-    def v_at(t):
+    def v_at(x, t):
         out = tr(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * len(x)),
                  encoder_hidden_states=torch.cat([uncond, cond]), pooled_projections=torch.cat([uncond_pooled, pooled]),
                  return_dict=False)[0]
         u, c = out.chunk(2)
         return u + guidance * (c - u)
 
-    with torch.no_grad():
-        for t in scheduler.timesteps[:-1]:
-            x = scheduler.step(v_at(t), t, x).prev_sample
-    t, sigma = scheduler.timesteps[-1], scheduler.sigmas[-2]
-    v = v_at(t)
-    with torch.no_grad():
-        tr.disable_adapters()
-        v_ref = v_at(t)
-        tr.enable_adapters()
+    x, sigma, v, v_ref = euler_rollout_by_hand(tr, scheduler, noise, v_at)
     penalty = (v - v_ref).mul(1 - sigma).pow(2).mean()  # (1 - sigma)^2 times the velocity MSE
     images = vae.decode((x - sigma * v) / vae.config.scaling_factor + vae.config.shift_factor).sample
     return -mean_red((images / 2 + 0.5).clamp(0, 1), PROMPTS).mean() + kl_coeff * penalty
@@ -312,19 +326,6 @@ def test_draft_lv_renoises_x0_to_the_last_sigma(tiny_sd3_path):
     torch.testing.assert_close(graded_input, torch.cat([expected, expected]))  # CFG: uncond and cond halves
     assert torch.equal(t, scheduler.timesteps[-1].expand(4 * n))
     assert not torch.allclose(out.images[0], out.images[1])  # independent re-noising per copy
-
-
-def saved_bytes(fn):
-    """Bytes of the distinct tensors autograd keeps for backward while fn runs (and fn's result)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        result = fn()
-    return sum(seen.values()), result
 
 
 @pytest.mark.parametrize("fixture", ["tiny_flux_dev_path", "tiny_sd3_path"])

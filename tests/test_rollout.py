@@ -7,6 +7,7 @@ import diffusers
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from lora_fixtures import randomise_lora_B
 
 from utils.family import load_family
 from utils.lora import adapters_disabled, add_lora
@@ -28,12 +29,7 @@ def make_models(path, scheduler: str | None = None):
         module.requires_grad_(False)  # frozen, as the trainer has them
     base_unet = copy.deepcopy(pipe.unet)  # pristine copy, only for comparisons
     params = add_lora(pipe.unet, rank=4, lora_alpha=8)
-    # PEFT initialises lora_B to zero, which makes the adapter a no-op and lora_A's gradient zero;
-    # give B small values so the tests exercise a "trained" adapter.
-    torch.manual_seed(1)
-    for name, p in pipe.unet.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(pipe.unet)
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     train_scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
@@ -386,10 +382,7 @@ def dropout_models(path):
     for module in (family.vae, family.denoiser, *family.text_encoders):
         module.requires_grad_(False).eval()
     params = add_lora(family.denoiser, rank=4, lora_alpha=8, lora_dropout=0.5)
-    torch.manual_seed(1)
-    for name, p in family.denoiser.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    randomise_lora_B(family.denoiser)
     scheduler = family.pipe.scheduler.__class__.from_config(family.pipe.scheduler.config)
     return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae, scheduler=scheduler), params
 

@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,17 +48,14 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def read_model_index(name_or_path: str, revision: str | None = None, local_only: bool = False) -> dict | None:
-    """`model_index.json` of a local directory or a hub id (from the hub cache when `local_only`).
-    None when it cannot be read without a download (and `local_only`).
-
-    A toy's is read from its committed copy (assets/toy, assets/toy-flow), there whether or not its weights are
-    current: asking which family and sampler a toy has (the argument checks do) must not build or train it; that
-    happens when its weights load."""
+def _read_model_json(name_or_path: str, relative: str, revision: str | None, local_only: bool,
+                     download: Callable[[str], dict]) -> dict | None:
+    """The JSON file `relative` of a model: a toy's committed copy, a local directory's file, or a hub id's from the
+    hub cache (`local_only`) or `download(name_or_path)`. None when a local directory lacks it, or the cache does."""
     from utils.toy import TOYS
 
     path = str(TOYS[name_or_path].assets_dir) if name_or_path in TOYS else name_or_path
-    local = Path(path) / "model_index.json"
+    local = Path(path) / relative
     if local.is_file():
         return json.loads(local.read_text())
     if os.path.isdir(path):
@@ -65,11 +63,25 @@ def read_model_index(name_or_path: str, revision: str | None = None, local_only:
     if local_only:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(path, "model_index.json", revision=revision)
+        cached = try_to_load_from_cache(path, relative, revision=revision)
         return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
-    from diffusers import DiffusionPipeline
+    return download(path)
 
-    return DiffusionPipeline.load_config(path, revision=revision)
+
+def read_model_index(name_or_path: str, revision: str | None = None, local_only: bool = False) -> dict | None:
+    """`model_index.json` of a local directory or a hub id (from the hub cache when `local_only`).
+    None when it cannot be read without a download (and `local_only`).
+
+    A toy's is read from its committed copy (assets/toy, assets/toy-flow), there whether or not its weights are
+    current: asking which family and sampler a toy has (the argument checks do) must not build or train it; that
+    happens when its weights load."""
+
+    def download(path: str) -> dict:
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(path, revision=revision)
+
+    return _read_model_json(name_or_path, "model_index.json", revision, local_only, download)
 
 
 def read_denoiser_config(name_or_path: str, revision: str | None = None, local_only: bool = False) -> dict | None:
@@ -84,20 +96,13 @@ def read_denoiser_config(name_or_path: str, revision: str | None = None, local_o
         relative = f"{family_for_class_name(index.get('_class_name', '?')).denoiser_name}/config.json"
     except UnsupportedModelError:
         return None
-    from utils.toy import TOYS
 
-    if name_or_path in TOYS:  # its committed copy's config, as read_model_index reads its index
-        name_or_path = str(TOYS[name_or_path].assets_dir)
-    local = Path(name_or_path) / relative
-    if local.is_file():
-        return json.loads(local.read_text())
-    if os.path.isdir(name_or_path):
-        return None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    def download(path: str) -> dict:
+        from huggingface_hub import hf_hub_download
 
-    cached = (try_to_load_from_cache(name_or_path, relative, revision=revision) if local_only
-              else hf_hub_download(name_or_path, relative, revision=revision))
-    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+        return json.loads(Path(hf_hub_download(path, relative, revision=revision)).read_text())
+
+    return _read_model_json(name_or_path, relative, revision, local_only, download)
 
 
 # ---------------------------------------------------------------------------------------------- conditioning
@@ -135,6 +140,12 @@ class TransformerPromptEmbeds:
     @property
     def guided(self) -> bool:
         return self.uncond is not None
+
+    @cached_property
+    def batched(self) -> dict[str, torch.Tensor]:
+        """The [uncond, cond] rows of every argument, for one call on a doubled batch (SD3's guidance): built
+        on first use and kept, so a rollout's many denoiser calls do not copy the prompt embeddings each time."""
+        return {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
 
     def repeat_interleave(self, n: int) -> TransformerPromptEmbeds:
         """Each prompt n times; per-token ids (FLUX's `txt_ids`, one [L, 3] for the batch) are shared."""
@@ -647,8 +658,7 @@ class StableDiffusion3(FlowTransformerFamily):
 
     def predict(self, denoiser, x_t, t, cond: TransformerPromptEmbeds, guidance_scale):
         if cond.guided:
-            kwargs = {k: torch.cat([cond.uncond[k], cond.cond[k]]) for k in cond.cond}
-            x_in = torch.cat([x_t, x_t])
+            kwargs, x_in = cond.batched, torch.cat([x_t, x_t])
         else:
             kwargs, x_in = cond.cond, x_t
         out = denoiser(hidden_states=x_in, timestep=t.expand(x_in.shape[0]), return_dict=False, **kwargs)[0]

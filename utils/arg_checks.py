@@ -453,7 +453,7 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
         lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
     except ValueError as e:
         raise ArgumentError(f"--lora_target_modules: {e}") from None
-    fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, denoiser_config)
     resume_from, first_step = check_resume(args, lora_targets, fingerprint)
     if args.compile and (reason := utils.compile.compile_unsupported_reason()):
         raise ArgumentError(reason)

@@ -235,3 +235,18 @@ def test_argparse_errors_are_one_line_too(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--pretrained_model_name_or_path" in err[0] and "usage" not in err[0]
+
+
+def test_bitsandbytes_options_on_a_gpu_without_the_package_name_the_install(monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from utils import arg_checks
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else find_spec(name))
+    for option, args in (("--use_8bit_adam", {"use_8bit_adam": True, "quantize_base": None}),
+                         ("--quantize_base nf4", {"use_8bit_adam": False, "quantize_base": "nf4"})):
+        with pytest.raises(arg_checks.ArgumentError, match=f"^{option} needs bitsandbytes: pip install bitsandbytes$"):
+            arg_checks.check_device_support(SimpleNamespace(mixed_precision=None, **args), env={})

@@ -43,6 +43,19 @@ def render(pipe, **kwargs):
                     generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
 
 
+def load_trained_lora(pipeline_class, model, lora_dir, guidance_scale):
+    """Load the trained LoRA into the model's diffusers pipeline: it loads at base_args' rank 4 and alpha 8 and
+    changes the images (same prompt and noise). Returns the names of its weights in the transformer."""
+    pipe = pipeline_class.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe, guidance_scale=guidance_scale)
+    pipe.load_lora_weights(lora_dir)
+    config = next(iter(pipe.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert (render(pipe, guidance_scale=guidance_scale) - before).abs().max() > 1e-4
+    return [name for name in pipe.transformer.state_dict() if "lora" in name]
+
+
 def test_sd3_trains_under_accelerate_launch_and_its_lora_loads_into_the_sd3_pipeline(tiny_sd3_path, tmp_path):
     """With live validation: the base and every step's grid, the before/after grid, the card's figures; and the
     ComfyUI file, written by default."""
@@ -69,14 +82,8 @@ def test_sd3_trains_under_accelerate_launch_and_its_lora_loads_into_the_sd3_pipe
     assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in card
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
-    pipe.set_progress_bar_config(disable=True)
-    before = render(pipe, guidance_scale=4.0)
-    pipe.load_lora_weights(out)
-    config = next(iter(pipe.transformer.peft_config.values()))
-    assert (config.r, config.lora_alpha) == (4, 8)
-    assert any("ff_context.net.2" in name for name in pipe.transformer.state_dict() if "lora" in name)
-    assert (render(pipe, guidance_scale=4.0) - before).abs().max() > 1e-4
+    lora_names = load_trained_lora(StableDiffusion3Pipeline, tiny_sd3_path, out, guidance_scale=4.0)
+    assert any("ff_context.net.2" in name for name in lora_names)
 
 
 def test_flux_dev_trains_resumes_and_its_lora_loads_into_the_flux_pipeline(tiny_flux_dev_path, tmp_path):
@@ -109,15 +116,9 @@ def test_flux_dev_trains_resumes_and_its_lora_loads_into_the_flux_pipeline(tiny_
 
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(tiny_flux_dev_path)
-    pipe.set_progress_bar_config(disable=True)
-    before = render(pipe, guidance_scale=3.5)
-    pipe.load_lora_weights(straight)
-    config = next(iter(pipe.transformer.peft_config.values()))
-    assert (config.r, config.lora_alpha) == (4, 8)
-    assert any("single_transformer_blocks.0.proj_out" in name for name in pipe.transformer.state_dict() if "lora" in name)
-    assert not any(name.startswith("proj_out.") for name in pipe.transformer.state_dict() if "lora" in name)
-    assert (render(pipe, guidance_scale=3.5) - before).abs().max() > 1e-4
+    lora_names = load_trained_lora(FluxPipeline, tiny_flux_dev_path, straight, guidance_scale=3.5)
+    assert any("single_transformer_blocks.0.proj_out" in name for name in lora_names)
+    assert not any(name.startswith("proj_out.") for name in lora_names)
 
 
 @pytest.mark.parametrize("fixture,expected", [
@@ -166,8 +167,4 @@ def test_two_process_gloo_run_with_compile_trains_flux(tiny_flux_dev_path, tmp_p
 
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(tiny_flux_dev_path)
-    pipe.set_progress_bar_config(disable=True)
-    before = render(pipe, guidance_scale=3.5)
-    pipe.load_lora_weights(out)
-    assert (render(pipe, guidance_scale=3.5) - before).abs().max() > 1e-4
+    load_trained_lora(FluxPipeline, tiny_flux_dev_path, out, guidance_scale=3.5)

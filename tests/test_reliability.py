@@ -218,6 +218,25 @@ def test_resume_checks_use_the_run_config_or_the_lora_metadata_of_older_checkpoi
             check_resume_compatible(str(tmp_path), {**same, "base_model": "/new/path", "denoiser_config_sha256": "def"})
 
 
+def test_the_argument_check_fingerprints_the_denoiser_config_it_read(tiny_sd_path, tmp_path):
+    """What a checkpoint records to recognise its base model under another path: the sha256 of the denoiser's
+    config.json (keys without "_"); none for the built-in toy, which is recognised by its name."""
+    import hashlib
+
+    import train_draftplus
+
+    def fingerprint(model):
+        args = train_draftplus.parse_args(["--pretrained_model_name_or_path", str(model), "--reward", "redness",
+                                           "--resolution", "32", "--output_dir", str(tmp_path / "out"),
+                                           "--report_to", "none"])
+        return args.checked.run_config["denoiser_config_sha256"]
+
+    config = json.loads((Path(tiny_sd_path) / "unet" / "config.json").read_text())
+    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    assert fingerprint(tiny_sd_path) == hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
+    assert fingerprint("toy") is None
+
+
 def test_targets_match_like_peft_by_name_or_last_parts():
     names = ["down.0.attn1.to_q", "down.0.attn1.to_out.0", "mid.ff.net.2"]
     assert unmatched_targets(names, ["to_q", "to_out.0", "ff.net.2", "net.2"]) == []

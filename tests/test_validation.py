@@ -177,6 +177,7 @@ def test_training_curves_from_metrics_and_validation_logs(tmp_path):
         for entry in ({"step": 0, "phase": "base", "reward": 0.1}, {"step": 2, "phase": "lora", "reward": 0.2},
                       {"step": 4, "phase": "lora", "reward": 0.3}, {"step": 0, "phase": "base", "reward": 0.1}):
             f.write(json.dumps(entry) + "\n")
+        f.write('{"step": 6, "phase": "lo')  # a line cut short by a crash: skipped
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
     assert [(e["phase"], e["step"]) for e in read_validation_log(tmp_path)] == [("base", 0), ("lora", 2), ("lora", 4)]
     path = plot_training_curves(tmp_path)

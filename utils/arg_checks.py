@@ -193,18 +193,18 @@ def check_device_support(args: Any, env: Mapping[str, str] = os.environ) -> None
     if precision == "fp16" and on_cpu:
         raise ArgumentError(f"{source} needs a GPU and this run is on the CPU; use bf16 or no")
     if args.use_8bit_adam:
-        if on_cpu or not torch.cuda.is_available():
-            raise ArgumentError("--use_8bit_adam (bitsandbytes' AdamW8bit) needs a CUDA GPU and this run is not on one; "
-                                "drop --use_8bit_adam")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ArgumentError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+        check_bitsandbytes("--use_8bit_adam", "bitsandbytes' AdamW8bit", on_cpu)
     # diffusers' bitsandbytes quantizer would only fail once the text encoders have loaded (minutes for T5-XXL).
     if args.quantize_base is not None:
-        if on_cpu or not torch.cuda.is_available():
-            raise ArgumentError(f"--quantize_base {args.quantize_base} (bitsandbytes 4-bit) needs a CUDA GPU and this "
-                                "run is not on one; drop --quantize_base")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ArgumentError(f"--quantize_base {args.quantize_base} needs bitsandbytes: pip install bitsandbytes")
+        check_bitsandbytes(f"--quantize_base {args.quantize_base}", "bitsandbytes 4-bit", on_cpu)
+
+
+def check_bitsandbytes(option: str, what: str, on_cpu: bool) -> None:
+    """`option` runs `what`, bitsandbytes' CUDA kernels: it needs a CUDA GPU and the package."""
+    if on_cpu or not torch.cuda.is_available():
+        raise ArgumentError(f"{option} ({what}) needs a CUDA GPU and this run is not on one; drop {option.split()[0]}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ArgumentError(f"{option} needs bitsandbytes: pip install bitsandbytes")
 
 
 def check_trackers(report_to: str) -> None:
@@ -453,7 +453,7 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
         lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
     except ValueError as e:
         raise ArgumentError(f"--lora_target_modules: {e}") from None
-    fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, args.revision)
+    fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, denoiser_config)
     resume_from, first_step = check_resume(args, lora_targets, fingerprint)
     if args.compile and (reason := utils.compile.compile_unsupported_reason()):
         raise ArgumentError(reason)

@@ -76,18 +76,13 @@ def public_args(args: Any) -> dict[str, Any]:
             for k, v in vars(args).items() if k not in NOT_RECORDED}
 
 
-def denoiser_fingerprint(model: str, revision: str | None = None) -> str | None:
-    """sha256 of the base model's denoiser config (`unet/config.json` or `transformer/config.json`, keys
-    without "_"): the same model under another path gives the same fingerprint. None when the config cannot
-    be read locally (and for the built-in toy, which is compared by name)."""
-    if model == "toy":
+def denoiser_fingerprint(model: str, denoiser_config: Mapping[str, Any] | None) -> str | None:
+    """sha256 of the base model's denoiser config (`unet/config.json` or `transformer/config.json`, as the
+    argument check read it; keys without "_"): the same model under another path gives the same fingerprint.
+    None without a config (one that cannot be read), and for the built-in toy, which is compared by name."""
+    if model == "toy" or denoiser_config is None:
         return None
-    from utils.family import read_denoiser_config
-
-    config = read_denoiser_config(model, revision, local_only=True)
-    if config is None:
-        return None
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config = {k: v for k, v in denoiser_config.items() if not k.startswith("_")}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +169,6 @@ class ValidationSummary:
     widget: list[tuple[str, str]] = field(default_factory=list)  # (prompt, image path relative to the output dir)
 
 
-def _fmt(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def reward_spec_text(spec: str, options: Mapping[str, object], paths: CardPaths) -> str:
     """The reward as the card states it: the spec, and its options as --reward_options takes them."""
     text = f"`{paths.text(spec)}`"
@@ -180,29 +177,23 @@ def reward_spec_text(spec: str, options: Mapping[str, object], paths: CardPaths)
     return text
 
 
-def _shell_quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
-
-
 def evaluate_command(args, base: BaseModel, lora_dir: str, paths: CardPaths) -> str:
     """The evaluator's command line for this LoRA, with the training run's model, prompts, reward and
     sampler, so that it measures what the LoRA was trained for."""
-    words = ["python -m utils.evaluate", f"--pretrained_model_name_or_path {_shell_quote(base.name)}",
-             f"--prompts {_shell_quote(paths.text(str(args.prompts)))}", "--max_prompts 8", "--seeds_per_prompt 4",
-             f"--reward {_shell_quote(paths.text(args.reward))}"]
+    words = ["python -m utils.evaluate", f"--pretrained_model_name_or_path {shlex.quote(base.name)}",
+             f"--prompts {shlex.quote(paths.text(str(args.prompts)))}", "--max_prompts 8", "--seeds_per_prompt 4",
+             f"--reward {shlex.quote(paths.text(args.reward))}"]
     if args.reward_options:
-        words.append("--reward_options " + " ".join(_shell_quote(paths.text(f"{k}={show_value(v)}"))
+        words.append("--reward_options " + " ".join(shlex.quote(paths.text(f"{k}={show_value(v)}"))
                                                    for k, v in args.reward_options.items()))
     words += [f"--scheduler {args.scheduler}", f"--num_inference_steps {args.num_inference_steps}",
-              f"--guidance_scale {_fmt(args.guidance_scale)}", f"--height {args.height}", f"--width {args.width}"]
+              f"--guidance_scale {show_value(args.guidance_scale)}", f"--height {args.height}", f"--width {args.width}"]
     if args.eta:
-        words.append(f"--eta {_fmt(args.eta)}")
+        words.append(f"--eta {show_value(args.eta)}")
     if args.negative_prompt:
-        words.append(f"--negative_prompt {_shell_quote(args.negative_prompt)}")
-    words += [f"--lora {_shell_quote(lora_dir)}", "--lora_scale 0.25 0.5 0.75", "--aig linear power_2",
-              f"--output_dir {_shell_quote(lora_dir.rstrip('/') + '-eval')}"]
+        words.append(f"--negative_prompt {shlex.quote(args.negative_prompt)}")
+    words += [f"--lora {shlex.quote(lora_dir)}", "--lora_scale 0.25 0.5 0.75", "--aig linear power_2",
+              f"--output_dir {shlex.quote(lora_dir.rstrip('/') + '-eval')}"]
     lines, line = [], ""
     for word in words:  # wrapped as a shell line continued with backslashes
         if line and len(line) + len(word) > 100:
@@ -309,7 +300,7 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
                   f"ComfyUI matches none of the attention keys of `{LORA_WEIGHTS_NAME}`.", ""]
     else:
         lines += [f"This run wrote no file for {ui_tools} (`--no_kohya_export`); in a draftplus "
-                  f"checkout, `python -m utils.export_kohya {_shell_quote(local_lora)}` writes "
+                  f"checkout, `python -m utils.export_kohya {shlex.quote(local_lora)}` writes "
                   f"`{ui_name}`.", ""]
 
     prompt = json.dumps(validation.widget[0][0] if validation.widget else "a photo of a cat")
@@ -364,29 +355,29 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     lora_alpha = args.lora_alpha if args.lora_alpha is not None else args.rank
     settings = [
         ("reward", reward),
-        ("kl_coeff (DRaFT+ penalty weight; 0 = DRaFT)", _fmt(args.kl_coeff)),
+        ("kl_coeff (DRaFT+ penalty weight; 0 = DRaFT)", show_value(args.kl_coeff)),
         ("prompts", f"`{prompts}`"
                     + (f" (first {args.max_prompts})" if args.max_prompts else "")),
-        ("steps", _fmt(args.max_train_steps)),
+        ("steps", show_value(args.max_train_steps)),
         ("batch", f"{args.train_batch_size} per process x {args.gradient_accumulation_steps} accumulation"),
-        ("learning rate", f"{_fmt(args.learning_rate)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"),
-        ("sampler", f"{args.scheduler}, {args.num_inference_steps} steps, guidance {_fmt(args.guidance_scale)}, "
-                    f"eta {_fmt(args.eta)}"),
-        ("gradient through the last K steps", _fmt(args.truncation_steps)),
-        ("DRaFT-LV samples", _fmt(args.lv_samples) if args.lv_samples else "off"),
+        ("learning rate", f"{show_value(args.learning_rate)} ({args.lr_scheduler}, {args.lr_warmup_steps} warm-up steps)"),
+        ("sampler", f"{args.scheduler}, {args.num_inference_steps} steps, guidance {show_value(args.guidance_scale)}, "
+                    f"eta {show_value(args.eta)}"),
+        ("gradient through the last K steps", show_value(args.truncation_steps)),
+        ("DRaFT-LV samples", show_value(args.lv_samples) if args.lv_samples else "off"),
         ("decoded latent", args.final_latent),
         ("resolution", f"{args.width}x{args.height}"),
-        ("LoRA", f"rank {args.rank}, alpha {_fmt(lora_alpha)}, dropout {_fmt(args.lora_dropout)}, targets "
+        ("LoRA", f"rank {args.rank}, alpha {show_value(lora_alpha)}, dropout {show_value(args.lora_dropout)}, targets "
                  f"{' '.join(args.lora_target_modules)}"),
         ("mixed precision", str(mixed_precision or args.mixed_precision or "no")),
-        ("seed", _fmt(args.seed)),
+        ("seed", show_value(args.seed)),
     ]
     if args.negative_prompt:
         settings.append(("negative prompt", f"`{args.negative_prompt}`"))
     if getattr(args, "max_sequence_length", None) is not None:
-        settings.append(("T5 prompt tokens", _fmt(args.max_sequence_length)))
+        settings.append(("T5 prompt tokens", show_value(args.max_sequence_length)))
     if (getattr(args, "true_cfg_scale", None) or 1) > 1:
-        settings.append(("true CFG scale", _fmt(args.true_cfg_scale)))
+        settings.append(("true CFG scale", show_value(args.true_cfg_scale)))
     if getattr(args, "quantize_base", None):
         settings.append(("base weights", f"{args.quantize_base} (QLoRA): the DRaFT+ reference (adapters off) "
                                          "was the quantized base model"))

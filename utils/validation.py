@@ -85,21 +85,25 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict
 
 
 def _read_entries(path: Path) -> list[dict]:
+    """validation.jsonl's rows as written, oldest first ([] without the file)."""
+    if not path.is_file():
+        return []
     entries = []
     for line in path.read_text().splitlines():
         try:
             entries.append(json.loads(line))
         except ValueError:
-            continue  # a line cut short by a crash
+            continue  # a line cut short by a crash (or a blank one)
     return entries
+
+
+def _base_row(entries: list[dict]) -> dict | None:
+    return next((e for e in entries if e.get("phase") == "base"), None)
 
 
 def recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The settings recorded in validation.jsonl's base row; None without one (or from before they were)."""
-    path = Path(output_dir) / VALIDATION_LOG
-    if not path.is_file():
-        return None
-    base = next((e for e in _read_entries(path) if e.get("phase") == "base"), None)
+    base = _base_row(_read_entries(Path(output_dir) / VALIDATION_LOG))
     return base.get("settings") if base else None
 
 
@@ -199,7 +203,7 @@ class Validation:
         if not self.log_file.is_file():
             return False
         entries = _read_entries(self.log_file)
-        base = next((e for e in entries if e.get("phase") == "base"), None)
+        base = _base_row(entries)
         if base is None or settings_differences(base.get("settings") or {}, self.settings):
             os.replace(self.log_file, self.log_file.with_name(EARLIER_LOG_PATTERN.format(step=start_step)))
             return False
@@ -368,12 +372,5 @@ def log_image(accelerator, name: str, image, step: int, caption: str = "") -> No
 
 def read_validation_log(output_dir: str | os.PathLike) -> list[dict]:
     """validation.jsonl's entries, one per (phase, step): a resumed run's repeats replace earlier ones."""
-    path = Path(output_dir) / VALIDATION_LOG
-    if not path.is_file():
-        return []
-    entries: dict[tuple[str, int], dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            entries[(entry["phase"], entry["step"])] = entry
+    entries = {(e["phase"], e["step"]): e for e in _read_entries(Path(output_dir) / VALIDATION_LOG)}
     return sorted(entries.values(), key=lambda e: (e["step"], e["phase"] != "base"))

@@ -280,8 +280,8 @@ def test_control_bad_input_is_one_line_and_exit_2(tiny_sd_path, lora_dirs, tmp_p
     assert not out.exists()
 
 
-def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora_dirs, tmp_path, monkeypatch,
-                                                              capsys):
+def record_evaluated_rows(monkeypatch) -> list[str]:
+    """The labels of the rows the evaluator computes from now on, in order (the list fills as it runs)."""
     evaluated = []
     real = ev._evaluate_model
 
@@ -290,6 +290,12 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
         return real(pipe, label, *args, **kwargs)
 
     monkeypatch.setattr(ev, "_evaluate_model", counting)
+    return evaluated
+
+
+def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora_dirs, tmp_path, monkeypatch,
+                                                              capsys):
+    evaluated = record_evaluated_rows(monkeypatch)
     out = tmp_path / "eval"
     lora = str(lora_dirs["random-lora"])
     assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora)) == 0
@@ -405,14 +411,7 @@ def test_a_lora_changed_in_place_is_evaluated_again(tiny_sd_path, lora_dirs, tmp
     import hashlib
     import shutil
 
-    evaluated = []
-    real = ev._evaluate_model
-
-    def counting(pipe, label, *args, **kwargs):
-        evaluated.append(label)
-        return real(pipe, label, *args, **kwargs)
-
-    monkeypatch.setattr(ev, "_evaluate_model", counting)
+    evaluated = record_evaluated_rows(monkeypatch)
     lora = tmp_path / "run" / "checkpoint-10"
     shutil.copytree(lora_dirs["random-lora"], lora)
     out = tmp_path / "eval"

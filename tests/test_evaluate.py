@@ -260,6 +260,31 @@ def test_control_values_agree_with_what_they_mean(tiny_sd_path, lora_dirs, tmp_p
         assert sum(mine) / len(mine) == pytest.approx(row["reward_mean"], abs=1e-6)
 
 
+def test_a_loras_rows_share_one_load_and_each_sets_its_own_weight(tiny_sd_path, lora_dirs, monkeypatch):
+    """Its plain, scaled and AIG rows (and a mix of it alone) load the LoRA file once: reading it per row is
+    repeated I/O. Every row still gets its own adapter weight, also after an AIG row."""
+    from diffusers import StableDiffusionPipeline
+
+    loads = []
+    real = StableDiffusionPipeline.load_lora_weights
+
+    def counting(self, path, *args, **kwargs):
+        loads.append(Path(path).parent.name)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", counting)
+    result = ev.evaluate(str(tiny_sd_path), PROMPTS, reward="redness", loras=[lora_dirs["random-lora"]],
+                         seeds_per_prompt=2, diversity_metric="pixel_l2", device="cpu", lora_scales=[0.5],
+                         aig=["linear"], mixes=[["checkpoint-10=0.5"]], **FAST)
+    rewards = {r["model"]: r["reward_mean"] for r in result.rows}
+    assert list(rewards) == ["base", "checkpoint-10", "checkpoint-10@scale=0.5", "checkpoint-10@aig=linear",
+                             "mix(checkpoint-10=0.5)"]
+    assert loads == ["random-lora"]
+    # the mix row comes after the AIG row, on the same loaded adapter: it must run at weight 0.5, not 1
+    assert rewards["mix(checkpoint-10=0.5)"] == pytest.approx(rewards["checkpoint-10@scale=0.5"], abs=1e-6)
+    assert abs(rewards["checkpoint-10@scale=0.5"] - rewards["checkpoint-10"]) > 1e-4
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--aig", "cosine"], "--lora"),  # no LoRA to steer
     (["--lora", "{lora}", "--aig", "cosine"], "unknown AIG schedule 'cosine'"),

@@ -7,7 +7,7 @@
 
 Every component is built from its real config (below: the configs of stabilityai/stable-diffusion-3.5-medium and
 black-forest-labs/FLUX.1-dev, T5-XXL included) with random weights, directly on the device, in bf16 on CUDA. The
-trainer's setting of issue 16's goals: 1024x1024, batch 1, K=1, LoRA rank 4 on the `attention` preset (fp32),
+trainer's setting of the memory goals (GOAL_GB): 1024x1024, batch 1, K=1, LoRA rank 4 on the `attention` preset (fp32),
 gradient checkpointing of the transformer and the VAE decoder, the family's rollout defaults (28 steps; guidance
 7.0 for SD3.5, 3.5 for FLUX.1-dev), kl_coeff 0.1, and the `pickscore` reward on a CLIP-H/14-sized model
 (`benchmarks.speed_memory.clip_h_pickscore`, as the SD1.5/SDXL stages). With `--quantize_base nf4` the transformer's
@@ -44,7 +44,7 @@ from utils.lora import add_lora  # noqa: E402
 from utils.rollout import Models, RolloutConfig, draftplus_step  # noqa: E402
 
 MODELS = ("sd35m", "flux1dev")
-# Issue 16's goals: the largest peak (GB, 1e9 bytes) one training sample may take, by model and quantization.
+# The memory goals: the largest peak (GB, 1e9 bytes) one training sample may take, by model and quantization.
 GOAL_GB = {("sd35m", None): 24, ("flux1dev", "nf4"): 24, ("flux1dev", None): 80}
 GOAL_TEXT = {"sd35m": "SD3.5-Medium <= 24 GB without quantization",
              "flux1dev": "FLUX.1-dev <= 24 GB with --quantize_base nf4, <= 80 GB without"}

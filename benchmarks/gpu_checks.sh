@@ -109,21 +109,15 @@ run_stage() {
   pack
 }
 
-speed() {  # speed TIMEOUT LOGNAME ARGS...: benchmarks/speed_memory.py into results/
-  local limit=$1 log=$2
-  shift 2
-  timeout "$limit" python3 -m benchmarks.speed_memory --device cuda --output_dir "$RES" "$@" "${SPEED_DRY[@]}" 2>&1 \
+bench() {  # bench MODULE TIMEOUT LOGNAME ARGS...: benchmarks/MODULE.py into results/, its log into logs/LOGNAME.log
+  local module=$1 limit=$2 log=$3
+  shift 3
+  timeout "$limit" python3 -m "benchmarks.$module" --device cuda --output_dir "$RES" "$@" 2>&1 \
     | quiet \
     | tee "$LOGS/$log.log"
 }
-
-flow() {  # flow TIMEOUT LOGNAME ARGS...: benchmarks/flow_memory.py into results/
-  local limit=$1 log=$2
-  shift 2
-  timeout "$limit" python3 -m benchmarks.flow_memory --device cuda --output_dir "$RES" "$@" "${FLOW_DRY[@]}" 2>&1 \
-    | quiet \
-    | tee "$LOGS/$log.log"
-}
+speed() { bench speed_memory "$@" "${SPEED_DRY[@]}"; }  # speed TIMEOUT LOGNAME ARGS...
+flow() { bench flow_memory "$@" "${FLOW_DRY[@]}"; }  # flow TIMEOUT LOGNAME ARGS...
 
 train_toy() {  # train_toy TIMEOUT RUN ARGS...: the quickstart's run on GPU; results/gpu_train_toy_RUN_*
   local limit=$1 run=$2

@@ -27,8 +27,9 @@ GPU_ONLY = {"speed_memory_sd15_cuda.md": "python -m benchmarks.speed_memory --sd
             "flow_memory_flux1dev_nf4_cuda.md": "python -m benchmarks.flow_memory --model flux1dev --quantize_base nf4 "
                                                 "--device cuda",
             "flow_memory_flux1dev_cuda.md": "python -m benchmarks.flow_memory --model flux1dev --device cuda"}
-# The toys whose trade-off results are compared, in the order of their columns: (results stem, name in the tables).
-TRADEOFF_TOYS = (("tradeoff", "UNet toy (`toy`)"), ("tradeoff_flow", "flow toy (`toy-flow`)"))
+# The toys whose trade-off results are compared, in the order of their columns:
+# (results stem, name in the tables, name in the README's summary).
+TRADEOFF_TOYS = (("tradeoff", "UNet toy (`toy`)", "toy"), ("tradeoff_flow", "flow toy (`toy-flow`)", "flow toy"))
 
 
 def demote_headings(text: str) -> str:
@@ -88,24 +89,30 @@ def gpu_training_section(results: Path | None = None) -> str | None:
     return "\n".join(lines)
 
 
-def _tradeoff_results(results: Path) -> dict[str, dict]:
-    """{column name: tradeoff json} of the toys whose trade-off results exist."""
-    return {name: json.loads((results / f"{stem}.json").read_text()) for stem, name in TRADEOFF_TOYS
+def _every_toys_results(results: Path | None) -> dict[str, dict] | None:
+    """{column name: tradeoff json} of every toy of TRADEOFF_TOYS; None unless all of them have results."""
+    results = results or HERE / "results"
+    toys = {name: json.loads((results / f"{stem}.json").read_text()) for stem, name, _ in TRADEOFF_TOYS
             if (results / f"{stem}.json").exists()}
+    return toys if len(toys) == len(TRADEOFF_TOYS) else None
+
+
+def _differences(verdicts: dict[str, dict]) -> list[str]:
+    """From {column name: `claim_verdicts`}: the claims whose verdicts differ, as `"claim" (toy: verdict; ...)`."""
+    from benchmarks.tradeoff import CLAIMS
+
+    return [f"\"{CLAIMS[claim].split(' (')[0]}\" ("
+            + "; ".join(f"{name.split(' (')[0]}: {v[claim]['verdict']}" for name, v in verdicts.items()) + ")"
+            for claim in CLAIMS if len({v[claim]["verdict"] for v in verdicts.values()}) > 1]
 
 
 def toy_differences(results: Path | None = None) -> list[str] | None:
     """The claims on which the toys' verdicts differ, as `"claim" (toy: verdict; toy: verdict)`; None unless every
     toy of TRADEOFF_TOYS has results."""
-    from benchmarks.tradeoff import CLAIMS, claim_verdicts
+    from benchmarks.tradeoff import claim_verdicts
 
-    toys = _tradeoff_results(results or HERE / "results")
-    if len(toys) < len(TRADEOFF_TOYS):
-        return None
-    verdicts = {name: claim_verdicts(t) for name, t in toys.items()}
-    return [f"\"{CLAIMS[claim].split(' (')[0]}\" ("
-            + "; ".join(f"{name.split(' (')[0]}: {v[claim]['verdict']}" for name, v in verdicts.items()) + ")"
-            for claim in CLAIMS if len({v[claim]["verdict"] for v in verdicts.values()}) > 1]
+    toys = _every_toys_results(results)
+    return None if toys is None else _differences({name: claim_verdicts(t) for name, t in toys.items()})
 
 
 def toys_side_by_side(results: Path | None = None) -> str | None:
@@ -113,12 +120,11 @@ def toys_side_by_side(results: Path | None = None) -> str | None:
     toy of TRADEOFF_TOYS has results."""
     from benchmarks.tradeoff import CLAIMS, claim_verdicts
 
-    results = results or HERE / "results"
-    toys = _tradeoff_results(results)
-    differences = toy_differences(results)
-    if differences is None:
+    toys = _every_toys_results(results)
+    if toys is None:
         return None
     verdicts = {name: claim_verdicts(t) for name, t in toys.items()}
+    differences = _differences(verdicts)
     lines = ["## The DRaFT+ claims on both toys", "",
              "Each claim as decided by its toy's section above (paired statistics, a difference counts beyond 2 SE; "
              "the kl_coeff values differ between the toys, whose penalties have different scales). The toys agree "
@@ -151,7 +157,7 @@ def _median(xs: list[float]) -> float:
 
 
 def _tradeoff_lines(results: Path) -> list[str]:
-    lines = [line for stem, where in (("tradeoff", "toy"), ("tradeoff_flow", "flow toy"))
+    lines = [line for stem, _, where in TRADEOFF_TOYS
              for line in _toy_tradeoff_lines(results / f"{stem}.json", where)]
     differences = toy_differences(results)
     if differences is not None:
@@ -161,6 +167,8 @@ def _tradeoff_lines(results: Path) -> list[str]:
 
 
 def _toy_tradeoff_lines(path: Path, where: str) -> list[str]:
+    from benchmarks.tradeoff import CONTROL_NAMES, claim_verdicts
+
     if not path.exists():
         return []
     t = json.loads(path.read_text())
@@ -170,7 +178,7 @@ def _toy_tradeoff_lines(path: Path, where: str) -> list[str]:
     res_div = sum(r["verdict"] == -1 for r in t["diversity_order"])
     rev_div = sum(r["verdict"] == 1 for r in t["diversity_order"])
     claim = t["matched_reward"]["claim"]
-    holds = {True: "holds", False: "does not hold", None: "cannot be decided"}[claim["holds"]]
+    holds = claim_verdicts(t)["matched_reward"]["verdict"]
     draft = next((r for r in t["summary"] if r["kl_coeff"] == 0), None)
     lines = [f"- Trade-off on the {where} (`{t['diversity_metric']}` diversity, paired seeds, claims beyond 2 SE): "
              f"reward rises for {rises} of {len(t['summary'])} kl_coeff settings; lower kl_coeff gives more reward "
@@ -184,9 +192,9 @@ def _toy_tradeoff_lines(path: Path, where: str) -> list[str]:
     best = [row.get("best") for row in t["controls"]]
     leaders = [row.get("leader") for row in t["controls"] if row.get("leader")]
     if leaders:
-        names = {"kl": "the kl_coeff sweep", "scale": "LoRA scale", "aig": "AIG"}
         lines.append(f"- Post-hoc controls at matched reward ({where}): the most diversity at "
-                     + ", ".join(f"{r['reward']:.3f}: {names[r['leader']]}" + ("" if r.get("best") else " (within noise)")
+                     + ", ".join(f"{r['reward']:.3f}: {CONTROL_NAMES[r['leader']]}"
+                                 + ("" if r.get("best") else " (within noise)")
                                  for r in t["controls"] if r.get("leader"))
                      + f"; resolved at {sum(b is not None for b in best)} of {len(best)} reward levels.")
     return lines

@@ -356,13 +356,19 @@ def report(raw: dict, result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def levels_led(controls: list[dict]) -> dict[str, list[float]]:
+    """{control: the reward levels at which it keeps the most diversity beyond noise}, in order of first lead."""
+    levels: dict[str, list[float]] = {}
+    for row in controls:
+        if row.get("best"):
+            levels.setdefault(row["best"], []).append(row["reward"])
+    return levels
+
+
 def leaders_conclusion(controls: list[dict]) -> str:
     """Which control keeps the most diversity beyond noise, and at which reward levels: each control named
     once, with its levels; the levels where no control leads beyond noise counted apart."""
-    levels: dict[str, list[str]] = {}
-    for row in controls:
-        if row.get("best"):
-            levels.setdefault(row["best"], []).append(f"{row['reward']:.3f}")
+    levels = {series: [f"{reward:.3f}" for reward in rewards] for series, rewards in levels_led(controls).items()}
     resolved = sum(len(v) for v in levels.values())
     if not resolved:
         return "No control keeps more diversity than the others beyond noise at any reward level."
@@ -409,10 +415,7 @@ def claim_verdicts(result: dict) -> dict[str, dict[str, str]]:
         "verdict": {True: "holds", False: "does not hold", None: "cannot be decided"}[claim["holds"]],
         "evidence": f"{claim['compared']} front points compared: {claim['more']} more, {claim['less']} less, "
                     f"{claim['ties']} within noise"}
-    levels: dict[str, int] = {}
-    for row in result["controls"]:
-        if row.get("best"):
-            levels[row["best"]] = levels.get(row["best"], 0) + 1
+    levels = {series: len(rewards) for series, rewards in levels_led(result["controls"]).items()}
     verdicts["controls"] = {
         "verdict": " and ".join(CONTROL_NAMES[k] for k in sorted(levels)) or "none beyond noise",
         "evidence": (", ".join(f"{CONTROL_NAMES[k]} leads at {v}" for k, v in sorted(levels.items())) or "no lead")

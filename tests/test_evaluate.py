@@ -260,6 +260,31 @@ def test_control_values_agree_with_what_they_mean(tiny_sd_path, lora_dirs, tmp_p
         assert sum(mine) / len(mine) == pytest.approx(row["reward_mean"], abs=1e-6)
 
 
+def test_a_loras_rows_share_one_load_and_each_sets_its_own_weight(tiny_sd_path, lora_dirs, monkeypatch):
+    """Its plain, scaled and AIG rows (and a mix of it alone) load the LoRA file once: reading it per row is
+    repeated I/O. Every row still gets its own adapter weight, also after an AIG row."""
+    from diffusers import StableDiffusionPipeline
+
+    loads = []
+    real = StableDiffusionPipeline.load_lora_weights
+
+    def counting(self, path, *args, **kwargs):
+        loads.append(Path(path).parent.name)
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", counting)
+    result = ev.evaluate(str(tiny_sd_path), PROMPTS, reward="redness", loras=[lora_dirs["random-lora"]],
+                         seeds_per_prompt=2, diversity_metric="pixel_l2", device="cpu", lora_scales=[0.5],
+                         aig=["linear"], mixes=[["checkpoint-10=0.5"]], **FAST)
+    rewards = {r["model"]: r["reward_mean"] for r in result.rows}
+    assert list(rewards) == ["base", "checkpoint-10", "checkpoint-10@scale=0.5", "checkpoint-10@aig=linear",
+                             "mix(checkpoint-10=0.5)"]
+    assert loads == ["random-lora"]
+    # the mix row comes after the AIG row, on the same loaded adapter: it must run at weight 0.5, not 1
+    assert rewards["mix(checkpoint-10=0.5)"] == pytest.approx(rewards["checkpoint-10@scale=0.5"], abs=1e-6)
+    assert abs(rewards["checkpoint-10@scale=0.5"] - rewards["checkpoint-10"]) > 1e-4
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--aig", "cosine"], "--lora"),  # no LoRA to steer
     (["--lora", "{lora}", "--aig", "cosine"], "unknown AIG schedule 'cosine'"),
@@ -280,8 +305,8 @@ def test_control_bad_input_is_one_line_and_exit_2(tiny_sd_path, lora_dirs, tmp_p
     assert not out.exists()
 
 
-def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora_dirs, tmp_path, monkeypatch,
-                                                              capsys):
+def record_evaluated_rows(monkeypatch) -> list[str]:
+    """The labels of the rows the evaluator computes from now on, in order (the list fills as it runs)."""
     evaluated = []
     real = ev._evaluate_model
 
@@ -290,6 +315,12 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
         return real(pipe, label, *args, **kwargs)
 
     monkeypatch.setattr(ev, "_evaluate_model", counting)
+    return evaluated
+
+
+def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora_dirs, tmp_path, monkeypatch,
+                                                              capsys):
+    evaluated = record_evaluated_rows(monkeypatch)
     out = tmp_path / "eval"
     lora = str(lora_dirs["random-lora"])
     assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora)) == 0
@@ -405,14 +436,7 @@ def test_a_lora_changed_in_place_is_evaluated_again(tiny_sd_path, lora_dirs, tmp
     import hashlib
     import shutil
 
-    evaluated = []
-    real = ev._evaluate_model
-
-    def counting(pipe, label, *args, **kwargs):
-        evaluated.append(label)
-        return real(pipe, label, *args, **kwargs)
-
-    monkeypatch.setattr(ev, "_evaluate_model", counting)
+    evaluated = record_evaluated_rows(monkeypatch)
     lora = tmp_path / "run" / "checkpoint-10"
     shutil.copytree(lora_dirs["random-lora"], lora)
     out = tmp_path / "eval"

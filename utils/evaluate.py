@@ -42,7 +42,7 @@ from utils.eval_outputs import (
     read_previous,
     write_outputs,
 )
-from utils.eval_plan import Variant, plan_variants
+from utils.eval_plan import Adapter, Variant, plan_variants
 from utils.eval_settings import EvalSettings, EvaluationError, cli_option, python_option
 from utils.schedulers import SCHEDULERS
 
@@ -208,12 +208,12 @@ def _evaluate_model(
     return row, per_prompt, per_image, (torch.cat(grid) if grid else None)
 
 
-def _load_adapters(pipe, variant: Variant) -> None:
-    """Load the variant's LoRAs as named adapters and set their weights (diffusers' set_adapters)."""
+def _load_adapters(pipe, adapters: Sequence[Adapter]) -> list[str]:
+    """Load LoRAs into the pipeline as named adapters; their names, in order (weights: diffusers' set_adapters)."""
     from diffusers.utils import logging as diffusers_logging
 
     names = []
-    for k, adapter in enumerate(variant.adapters):
+    for k, adapter in enumerate(adapters):
         name = f"draftplus_{k}"  # adapter names become module keys: no dots or slashes
         try:
             # UNet-only LoRAs make diffusers warn that the text encoder got none: expected, and checked below.
@@ -233,7 +233,7 @@ def _load_adapters(pipe, variant: Variant) -> None:
             raise EvaluationError(f"LoRA {adapter.label!r} ({adapter.file}) has no weights for this base model's "
                                   "denoiser or text encoder")
         names.append(name)
-    pipe.set_adapters(names, adapter_weights=[a.weight for a in variant.adapters])
+    return names
 
 
 def _same_paths(a: str, b: str) -> bool:
@@ -344,28 +344,37 @@ def evaluate(
     from utils.aig import annealed_guidance
 
     out = Evaluation(list(previous.rows), list(previous.per_prompt), {}, list(previous.per_image))
-    for variant in todo:
-        try:
-            if variant.adapters:
-                _load_adapters(pipe, variant)
+    # The LoRA files in the pipeline now: a LoRA's rows (its scales, its AIG schedules) follow one another and
+    # share one load, each setting its own adapter weights.
+    loaded, names = (), []
+    try:
+        for variant in todo:
+            files = tuple(a.file for a in variant.adapters)
+            if files != loaded:
+                if loaded:
+                    pipe.unload_lora_weights()  # back to the base weights
+                loaded = files  # before loading: a load that fails halfway is unloaded below
+                names = _load_adapters(pipe, variant.adapters)
+            if names:
+                pipe.set_adapters(names, adapter_weights=[a.weight for a in variant.adapters])
             with annealed_guidance(pipe, variant.aig) if variant.aig else contextlib.nullcontext():
                 row, prompt_rows, image_rows, grid = _evaluate_model(pipe, variant.label, config, reward, diversity,
                                                                      size, family.pipeline_kwargs())
-        finally:
-            if variant.adapters:
-                pipe.unload_lora_weights()  # back to the base weights for the next row
-        row = {**row, "control": variant.control, "lora": variant.lora,
-               "lora_scale": "" if variant.lora_scale is None else variant.lora_scale,
-               "aig_schedule": variant.aig or "", "path": variant.path or model, "lora_sha256": variant.sha256,
-               **common}
-        _add_row(out, {k: row[k] for k in ROW_FIELDS}, prompt_rows, image_rows)
-        if grid is not None:
-            out.grids[variant.label] = grid
-        log(f"{variant.label:>24}: reward {row['reward_mean']:+.4f} ± {row['reward_std']:.4f}   "
-            f"diversity ({config.diversity_metric}) {row['diversity']:.4f}")
-        if output_dir is not None:  # after every row: an interruption loses at most the row in progress
-            new_grid = {variant.label: grid} if grid is not None else {}
-            write_outputs(output_dir, out._replace(grids=new_grid), dict(record), fingerprint)
+            row = {**row, "control": variant.control, "lora": variant.lora,
+                   "lora_scale": "" if variant.lora_scale is None else variant.lora_scale,
+                   "aig_schedule": variant.aig or "", "path": variant.path or model, "lora_sha256": variant.sha256,
+                   **common}
+            _add_row(out, {k: row[k] for k in ROW_FIELDS}, prompt_rows, image_rows)
+            if grid is not None:
+                out.grids[variant.label] = grid
+            log(f"{variant.label:>24}: reward {row['reward_mean']:+.4f} ± {row['reward_std']:.4f}   "
+                f"diversity ({config.diversity_metric}) {row['diversity']:.4f}")
+            if output_dir is not None:  # after every row: an interruption loses at most the row in progress
+                new_grid = {variant.label: grid} if grid is not None else {}
+                write_outputs(output_dir, out._replace(grids=new_grid), dict(record), fingerprint)
+    finally:
+        if loaded:
+            pipe.unload_lora_weights()
     return out
 
 

@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from utils.tiny_models import build_clip_tokenizer, clip_text_config
+from utils.tiny_models import build_clip_tokenizer, clip_text_config, sd_ddim_scheduler
 from utils.toy_data import (
     TOY_COLORS,
     TOY_RESOLUTION,
@@ -66,14 +66,6 @@ class ToyTrainConfig:
     short_caption_prob: float = 0.2  # "a red circle", background unsaid
     offset_noise: float = 0.1
     min_snr_gamma: float = 5.0
-
-
-def make_toy_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
-    """SD's DDIM configuration (scaled_linear betas 0.00085 -> 0.012, 1000 steps)."""
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
 
 
 def untrained_toy_vae(block_out_channels: tuple[int, ...]) -> AutoencoderKL:
@@ -122,7 +114,7 @@ def untrained_toy_pipeline(cfg: ToyTrainConfig | None = None) -> StableDiffusion
     ))
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=make_toy_scheduler(cfg.prediction_type),
+        scheduler=sd_ddim_scheduler(cfg.prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

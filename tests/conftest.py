@@ -15,61 +15,34 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_sd_path(tmp_path_factory) -> Path:
-    """A tiny random StableDiffusionPipeline saved with save_pretrained (images are 32x32)."""
-    from utils.tiny_models import build_random_pipeline
+def _tiny_pipeline_fixture(name: str, builder: str, doc: str, **kwargs):
+    """A session fixture `name`: the path of the tiny random pipeline `utils.tiny_models.<builder>` saves (seed 0)."""
 
-    path = tmp_path_factory.mktemp("tiny-sd")
-    build_random_pipeline(path, seed=0)
-    return path
+    def fixture(tmp_path_factory) -> Path:
+        # Imported on first use: a test that needs no pipeline loads no diffusers.
+        from utils import tiny_models
 
+        path = tmp_path_factory.mktemp(name)
+        getattr(tiny_models, builder)(path, seed=0, **kwargs)
+        return path
 
-@pytest.fixture(scope="session")
-def tiny_sd_v_path(tmp_path_factory) -> Path:
-    """The same tiny random SD, v-predicting (as SD 2.x 768-v and the toy)."""
-    from utils.tiny_models import build_random_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-sd-v")
-    build_random_pipeline(path, seed=0, prediction_type="v_prediction")
-    return path
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="session", name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_path(tmp_path_factory) -> Path:
-    """A tiny random StableDiffusionXLPipeline saved with save_pretrained (images are 32x32)."""
-    from utils.tiny_models import build_random_sdxl_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    build_random_sdxl_pipeline(path, seed=0)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_path(tmp_path_factory) -> Path:
-    """A tiny random StableDiffusion3Pipeline shaped like SD3.5-Medium (VAE factor 2: 48x32 images are 24x16 latents)."""
-    from utils.tiny_models import build_random_sd3_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    build_random_sd3_pipeline(path, seed=0)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_dev_path(tmp_path_factory) -> Path:
-    """A tiny random FluxPipeline like FLUX.1-dev: a guidance embedding, the dynamic shift."""
-    from utils.tiny_models import build_random_flux_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-flux-dev")
-    build_random_flux_pipeline(path, guidance_embeds=True, seed=0)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_schnell_path(tmp_path_factory) -> Path:
-    """A tiny random FluxPipeline like FLUX.1-schnell: no guidance embedding, a fixed shift."""
-    from utils.tiny_models import build_random_flux_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-flux-schnell")
-    build_random_flux_pipeline(path, guidance_embeds=False, seed=0)
-    return path
+tiny_sd_path = _tiny_pipeline_fixture(
+    "tiny_sd_path", "build_random_pipeline", "A tiny random StableDiffusionPipeline (images are 32x32).")
+tiny_sd_v_path = _tiny_pipeline_fixture(
+    "tiny_sd_v_path", "build_random_pipeline", "The same tiny random SD, v-predicting (as SD 2.x 768-v and the toy).",
+    prediction_type="v_prediction")
+tiny_sdxl_path = _tiny_pipeline_fixture(
+    "tiny_sdxl_path", "build_random_sdxl_pipeline", "A tiny random StableDiffusionXLPipeline (images are 32x32).")
+tiny_sd3_path = _tiny_pipeline_fixture(
+    "tiny_sd3_path", "build_random_sd3_pipeline",
+    "A tiny random StableDiffusion3Pipeline shaped like SD3.5-Medium (VAE factor 2: 48x32 images are 24x16 latents).")
+tiny_flux_dev_path = _tiny_pipeline_fixture(
+    "tiny_flux_dev_path", "build_random_flux_pipeline",
+    "A tiny random FluxPipeline like FLUX.1-dev: a guidance embedding, the dynamic shift.", guidance_embeds=True)
+tiny_flux_schnell_path = _tiny_pipeline_fixture(
+    "tiny_flux_schnell_path", "build_random_flux_pipeline",
+    "A tiny random FluxPipeline like FLUX.1-schnell: no guidance embedding, a fixed shift.", guidance_embeds=False)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from toy_checks import assert_same_configs, caption_following, classify_colors
+from toy_checks import assert_same_configs, caption_following, classify_colors, fake_toy_training
 from transformers import CLIPTextModel
 
 from utils import toy, toy_data, toy_pretrain
@@ -107,16 +107,7 @@ def test_cache_key_follows_the_version_not_the_source_or_torch(monkeypatch):
 
 def test_build_caches_by_cache_key(tmp_path, monkeypatch):
     """The cache/committed-copy logic, with training replaced by a random pipeline (seconds, not minutes)."""
-    calls = []
-
-    def fake_train(cfg, log=print):
-        calls.append(cfg)
-        return build_random_pipeline(seed=cfg.seed)
-
-    monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(toy_pretrain, "train_toy_pipeline", fake_train)
-    # Pretend the training code changed (so the committed copy is stale): its version was bumped.
-    monkeypatch.setattr(toy_pretrain, "TOY_VERSION", 1000)
+    calls = fake_toy_training(monkeypatch, tmp_path / "cache", "toy", build_random_pipeline)  # TOY_VERSION 1000
     quiet = {"log": lambda message: None}
 
     path = toy.build_toy_pipeline(**quiet)

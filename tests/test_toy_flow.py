@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
-from toy_checks import assert_same_configs, caption_following
+from toy_checks import assert_same_configs, caption_following, fake_toy_training
 from transformers import CLIPTextModelWithProjection
 
 from utils import toy, toy_data, toy_flow_pretrain
@@ -149,15 +149,7 @@ def test_flow_toy_cache_key_is_its_version_and_config(monkeypatch):
 
 def test_flow_toy_build_caches_by_its_cache_key(tmp_path, monkeypatch):
     """The cache for the flow toy, with training replaced by a random SD3 pipeline (seconds, not minutes)."""
-    calls = []
-
-    def fake_train(cfg, log=print):
-        calls.append(cfg)
-        return build_random_sd3_pipeline(seed=cfg.seed)
-
-    monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(toy_flow_pretrain, "train_flow_toy_pipeline", fake_train)
-    monkeypatch.setattr(toy_flow_pretrain, "FLOW_TOY_VERSION", 1000)  # the committed copy is now stale
+    calls = fake_toy_training(monkeypatch, tmp_path / "cache", "toy-flow", build_random_sd3_pipeline)  # version 1000
     quiet = {"log": lambda message: None, "name": "toy-flow"}
     threads = torch.get_num_threads()
     path = toy.build_toy_pipeline(**quiet)

@@ -1,12 +1,16 @@
 """What the toys' tests check their images and committed copies with: a colour classifier calibrated on the toy
-data, caption-following accuracy of a pipeline's own `__call__`, and the configs a build must keep."""
+data, caption-following accuracy of a pipeline's own `__call__`, the configs a build must keep, and a toy's
+training replaced by a random pipeline for its cache tests."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from utils import toy
 from utils.toy_data import TOY_COLORS, TOY_SHAPES, toy_caption
 
 COLORS = list(TOY_COLORS)
@@ -71,3 +75,21 @@ def assert_same_configs(built: Path, committed: Path, extra_files: tuple[str, ..
             new, old = (json.loads((d / name).read_text()) for d in (built, committed))
             assert {k: v for k, v in new.items() if k not in BUILD_CHANGES} == {
                 k: v for k, v in old.items() if k not in BUILD_CHANGES}, f"{name} differs: bump {version_name} and rebuild"
+
+
+def fake_toy_training(monkeypatch: pytest.MonkeyPatch, cache: Path, name: str,
+                      build_random: Callable[..., DiffusionPipeline]) -> list:
+    """Toy `name`'s training replaced by `build_random(seed=config.seed)` (seconds, not minutes), its version set
+    to 1000 (as if its training code changed: the committed copy is stale) and the cache at `cache`; returns the
+    list of the configs the fake training is called with."""
+    spec = toy.TOYS[name]
+    calls = []
+
+    def fake_train(cfg, log=print):
+        calls.append(cfg)
+        return build_random(seed=cfg.seed)
+
+    monkeypatch.setenv("DRAFTPLUS_CACHE", str(cache))
+    monkeypatch.setattr(spec.pretrain, spec.train_name, fake_train)
+    monkeypatch.setattr(spec.pretrain, spec.version_name, 1000)
+    return calls

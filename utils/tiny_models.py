@@ -180,6 +180,30 @@ def tiny_vae(sample_size: int, **config) -> AutoencoderKL:
     })
 
 
+def tiny_unet(sample_size: int, **config) -> UNet2DConditionModel:
+    """A 2-level UNet (the first level without cross-attention) for latents of `sample_size`, as in diffusers'
+    pipeline tests; `config` overrides or adds (widths, text conditioning, attention heads)."""
+    return UNet2DConditionModel(**{
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        **config,
+    })
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD's DDIM configuration (scaled_linear betas 0.00085 -> 0.012, 1000 steps)."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+
+
 def tiny_t5_encoder(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
     """A tiny T5 v1.1 encoder (FLUX's and SD3's T5-XXL kind: gated-GELU feed-forward, untied embeddings)."""
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
@@ -211,37 +235,18 @@ def build_random_components(
     `sample_size` is the latent size; with a 2-block VAE the image is twice as large.
     """
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = tiny_unet(sample_size, block_out_channels=block_out_channels, cross_attention_dim=cross_attention_dim,
+                     attention_head_dim=8)
     vae = tiny_vae(sample_size)
     tokenizer = build_clip_tokenizer(model_max_length=model_max_length)
     sizes = {**TINY_CLIP_TEXT_SIZES, "hidden_size": cross_attention_dim}
     text_encoder = CLIPTextModel(clip_text_config(tokenizer, **sizes))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
         "text_encoder": text_encoder.eval(),
         "tokenizer": tokenizer,
-        "scheduler": scheduler,
+        "scheduler": sd_ddim_scheduler(prediction_type),
         "safety_checker": None,
         "feature_extractor": None,
     }
@@ -267,14 +272,8 @@ def build_random_sdxl_pipeline(
     scheduler as SDXL ships. Images are `2 * sample_size` pixels square by default."""
     torch.manual_seed(seed)
     text_dim, time_dim = 32, 8
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
+        sample_size,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -282,7 +281,6 @@ def build_random_sdxl_pipeline(
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * time_dim + text_dim,  # 6 time ids + pooled text
         cross_attention_dim=2 * text_dim,  # the two encoders' hidden states, concatenated
-        norm_num_groups=32,
     )
     vae = tiny_vae(sample_size, scaling_factor=0.13025)  # SDXL's VAE scale
     tokenizer = build_clip_tokenizer()

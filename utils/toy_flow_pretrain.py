@@ -29,19 +29,19 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from transformers import CLIPTextModelWithProjection
 
 from utils.tiny_models import build_clip_tokenizer, build_t5_tokenizer, clip_text_config, tiny_t5_encoder
-from utils.toy_data import TOY_RESOLUTION, TOY_VOCAB, sample_toy_dataset
+from utils.toy_data import TOY_RESOLUTION, TOY_VOCAB
 from utils.toy_pretrain import (
     TOY_SEED,
     ToyCaptions,
     ToyTrainConfig,
-    cosine_lr,
-    train_toy_vae,
+    fit,
+    toy_data_latents,
     untrained_toy_vae,
 )
 
 # The version of what a flow-toy build produces, part of its cache key (with its config). Bump it by hand whenever
 # a change alters the built files for the same config: this module, or what it shares with the UNet toy (the data,
-# the tokenizers, `untrained_toy_vae`, `train_toy_vae`, `ToyCaptions`, `save_toy_pipeline`; such a change bumps
+# the tokenizers, `untrained_toy_vae`, `toy_data_latents`, `ToyCaptions`, `fit`, `save_toy_pipeline`; such a change bumps
 # TOY_VERSION too). A bump makes the committed assets/toy-flow stale: rebuild it with
 # `python -m utils.toy --toy toy-flow --output_dir assets/toy-flow --force` and commit it.
 FLOW_TOY_VERSION = 1
@@ -173,11 +173,9 @@ def _train_transformer(
     stock_processors = transformer.attn_processors
     zero_tokens = ZeroTokensAttention()
     transformer.set_attn_processor(zero_tokens)
-    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps))
-    transformer.train()
     b = cfg.batch_size
-    for step in range(cfg.steps):
+
+    def loss_terms() -> dict[str, torch.Tensor]:
         idx = torch.randint(len(latents), (b,), generator=g)
         caption = captions.draw(idx, g, uncond_prob=cfg.uncond_prob, short_prob=cfg.short_caption_prob)
         x0 = latents[idx]
@@ -189,16 +187,11 @@ def _train_transformer(
         x_t = (1 - s) * x0 + s * noise
         v = transformer(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds[caption],
                         pooled_projections=pooled[caption], return_dict=False)[0]
-        loss = (v - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 500 == 0 or step == cfg.steps - 1:
-            log(f"transformer step {step:4d}  loss {loss.item():.4f}")
+        return {"loss": (v - (noise - x0)).pow(2).mean()}
+
+    fit(transformer, loss_terms, name="transformer", steps=cfg.steps, lr=cfg.lr, weight_decay=1e-2, log=log,
+        log_every=500, max_grad_norm=1.0)
     transformer.set_attn_processor(stock_processors)
-    transformer.eval()
 
 
 def train_flow_toy_pipeline(cfg: FlowToyTrainConfig | None = None,
@@ -210,12 +203,7 @@ def train_flow_toy_pipeline(cfg: FlowToyTrainConfig | None = None,
     pipe = untrained_flow_toy_pipeline(cfg)
     for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         encoder.eval().requires_grad_(False)
-    images, labels = sample_toy_dataset(cfg.per_combination, g)
-    log(f"data: {len(images)} images {TOY_RESOLUTION}x{TOY_RESOLUTION}")
-    train_toy_vae(pipe.vae, images, g, log, steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr,
-                  kl_weight=cfg.vae_kl_weight, align_weight=cfg.vae_align_weight)
-    with torch.no_grad():
-        latents = torch.cat([pipe.vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)])
+    latents, labels = toy_data_latents(pipe.vae, cfg, g, log)
     # SD3 normalises latents as (z - shift_factor) * scaling_factor: zero mean, unit variance here.
     shift, scaling = latents.mean().item(), 1.0 / latents.std().item()
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scaling)

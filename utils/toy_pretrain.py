@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -22,7 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from utils.tiny_models import build_clip_tokenizer, clip_text_config
+from utils.tiny_models import build_clip_tokenizer, clip_text_config, sd_ddim_scheduler
 from utils.toy_data import (
     TOY_COLORS,
     TOY_RESOLUTION,
@@ -33,12 +34,15 @@ from utils.toy_data import (
     toy_prompts,
 )
 
+if TYPE_CHECKING:
+    from utils.toy_flow_pretrain import FlowToyTrainConfig
+
 # The version of what a toy build produces, part of the toy's cache key (with its config). Bump it by hand
 # whenever a change alters the built files for the same config: the data (utils/toy_data.py), the toy's
-# tokenizer (its words, or `build_clip_tokenizer`), the modules' architecture, the training loops below or
-# how `save_toy_pipeline` stores the result. A bump makes the committed assets/toy stale: rebuild it with
-# `python -m utils.toy --output_dir assets/toy --force` and commit it. Comments, names and formatting can
-# change freely.
+# tokenizer (its words, or `build_clip_tokenizer`), the modules' architecture, the scheduler
+# (`sd_ddim_scheduler`), the training loops below or how `save_toy_pipeline` stores the result. A bump makes the
+# committed assets/toy stale: rebuild it with `python -m utils.toy --output_dir assets/toy --force` and commit
+# it. Comments, names and formatting can change freely.
 TOY_VERSION = 1
 TOY_SEED = 0
 PROMPTS_FILE = "prompts.txt"
@@ -66,14 +70,6 @@ class ToyTrainConfig:
     short_caption_prob: float = 0.2  # "a red circle", background unsaid
     offset_noise: float = 0.1
     min_snr_gamma: float = 5.0
-
-
-def make_toy_scheduler(prediction_type: str = "v_prediction") -> DDIMScheduler:
-    """SD's DDIM configuration (scaled_linear betas 0.00085 -> 0.012, 1000 steps)."""
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
 
 
 def untrained_toy_vae(block_out_channels: tuple[int, ...]) -> AutoencoderKL:
@@ -122,7 +118,7 @@ def untrained_toy_pipeline(cfg: ToyTrainConfig | None = None) -> StableDiffusion
     ))
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=make_toy_scheduler(cfg.prediction_type),
+        scheduler=sd_ddim_scheduler(cfg.prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -134,9 +130,31 @@ def cosine_lr(step: int, total: int, warmup: int = 50) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def fit(module: torch.nn.Module, loss_terms: Callable[[], dict[str, torch.Tensor]], *, name: str, steps: int,
+        lr: float, weight_decay: float, log: Callable[[str], None], log_every: int = 100,
+        max_grad_norm: float | None = None) -> None:
+    """The toys' optimisation: `steps` AdamW steps under `cosine_lr` on `loss_terms()["loss"]` (a fresh batch per
+    call), gradients clipped to `max_grad_norm` if given; every term is logged every `log_every` steps and at
+    the last. Leaves `module` in eval mode."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    module.train()
+    for step in range(steps):
+        terms = loss_terms()
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            log(f"{name} step {step:4d}  " + "  ".join(f"{k} {v.item():.4f}" for k, v in terms.items()))
+    module.eval()
+
+
 def train_toy_vae(vae: AutoencoderKL, images: torch.Tensor, g: torch.Generator, log: Callable[[str], None], *,
-                  steps: int, batch_size: int, lr: float, kl_weight: float, align_weight: float) -> float:
-    """Reconstruction + small KL + latent alignment; returns the scaling factor (1 / latent std, as SD's 0.18215)."""
+                  steps: int, batch_size: int, lr: float, kl_weight: float, align_weight: float) -> None:
+    """Reconstruction + small KL + latent alignment."""
     x_all = images * 2 - 1
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_channels = vae.config.latent_channels
@@ -144,10 +162,8 @@ def train_toy_vae(vae: AutoencoderKL, images: torch.Tensor, g: torch.Generator, 
     # latents drowned in unit noise and reconstruction stalls until the KL gives way.
     with torch.no_grad():
         vae.quant_conv.bias[latent_channels:] -= 5.0  # quant_conv's outputs are (mean, logvar)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
-    vae.train()
-    for step in range(steps):
+
+    def loss_terms() -> dict[str, torch.Tensor]:
         x = x_all[torch.randint(len(x_all), (batch_size,), generator=g)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
@@ -157,17 +173,22 @@ def train_toy_vae(vae: AutoencoderKL, images: torch.Tensor, g: torch.Generator, 
         # Tie latent channels 0-2 to the downsampled image: a smooth, image-like latent space is far easier
         # for a small UNet to learn in minutes than the arbitrary one a plain autoencoder finds.
         align = (posterior.mean[:, :3] - torch.nn.functional.avg_pool2d(x, scale)).pow(2).mean()
-        loss = mse + kl_weight * kl + align_weight * align
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"vae  step {step:4d}  mse {mse.item():.4f}  kl {kl.item():.3f}  align {align.item():.4f}")
-    vae.eval()
+        return {"loss": mse + kl_weight * kl + align_weight * align, "mse": mse, "kl": kl, "align": align}
+
+    fit(vae, loss_terms, name="vae", steps=steps, lr=lr, weight_decay=0.0, log=log)
+
+
+def toy_data_latents(vae: AutoencoderKL, cfg: ToyTrainConfig | FlowToyTrainConfig, g: torch.Generator,
+                     log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render the toy data set and train `vae` on it (`cfg`'s data and vae_* fields); returns the data set's
+    latents (posterior means, unscaled) and labels."""
+    images, labels = sample_toy_dataset(cfg.per_combination, g)
+    log(f"data: {len(images)} images {TOY_RESOLUTION}x{TOY_RESOLUTION}")
+    train_toy_vae(vae, images, g, log, steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr,
+                  kl_weight=cfg.vae_kl_weight, align_weight=cfg.vae_align_weight)
     with torch.no_grad():
-        latents = torch.cat([vae.encode(x).latent_dist.mean for x in x_all[:1024].split(256)])
-    return float(1.0 / latents.std())
+        latents = torch.cat([vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)])
+    return latents, labels
 
 
 class ToyCaptions:
@@ -222,11 +243,9 @@ def _train_unet(
         # minutes, while v ~ -x0 is easy and is exactly where the caption matters. Min-SNR-style cap of the
         # (easy) low-noise steps; v-loss = x0-loss * (1 + snr).
         loss_weight = (cfg.min_snr_gamma / (1 + snr)).clamp(max=1.0)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.unet_steps))
-    unet.train()
     b = cfg.unet_batch_size
-    for step in range(cfg.unet_steps):
+
+    def loss_terms() -> dict[str, torch.Tensor]:
         idx = torch.randint(len(latents), (b,), generator=g)
         caption = captions.draw(idx, g, uncond_prob=cfg.uncond_prob, short_prob=cfg.short_caption_prob)
         x0 = latents[idx]
@@ -237,15 +256,10 @@ def _train_unet(
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         pred = unet(x_t, t, embeddings[caption]).sample
-        loss = ((pred - target).pow(2).mean(dim=(1, 2, 3)) * loss_weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == cfg.unet_steps - 1:
-            log(f"unet step {step:4d}  loss {loss.item():.4f}")
-    unet.eval()
+        return {"loss": ((pred - target).pow(2).mean(dim=(1, 2, 3)) * loss_weight[t]).mean()}
+
+    fit(unet, loss_terms, name="unet", steps=cfg.unet_steps, lr=cfg.unet_lr, weight_decay=1e-2, log=log,
+        max_grad_norm=1.0)
 
 
 def train_toy_pipeline(cfg: ToyTrainConfig | None = None, log: Callable[[str], None] = print) -> StableDiffusionPipeline:
@@ -255,15 +269,12 @@ def train_toy_pipeline(cfg: ToyTrainConfig | None = None, log: Callable[[str], N
     g = torch.Generator().manual_seed(cfg.seed)  # data, batches, noise
     pipe = untrained_toy_pipeline(cfg)
     pipe.text_encoder.eval().requires_grad_(False)
-    images, labels = sample_toy_dataset(cfg.per_combination, g)
-    log(f"data: {len(images)} images {TOY_RESOLUTION}x{TOY_RESOLUTION}")
-    scaling = train_toy_vae(pipe.vae, images, g, log, steps=cfg.vae_steps, batch_size=cfg.vae_batch_size,
-                            lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight, align_weight=cfg.vae_align_weight)
+    latents, labels = toy_data_latents(pipe.vae, cfg, g, log)
+    # 1 / latent std, as SD's 0.18215; the std of the first 1024 latents, as every toy build has measured it.
+    scaling = float(1.0 / latents[:1024].std())
     pipe.vae.register_to_config(scaling_factor=scaling)
-    with torch.no_grad():
-        latents = torch.cat([pipe.vae.encode(x * 2 - 1).latent_dist.mean for x in images.split(256)]) * scaling
     log(f"latents {tuple(latents.shape[1:])}, scaling_factor {scaling:.4f}")
-    _train_unet(pipe.unet, latents, labels, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, cfg, g, log)
+    _train_unet(pipe.unet, latents * scaling, labels, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, cfg, g, log)
     return pipe
 
 

@@ -7,7 +7,8 @@ idle and on a busy machine, and the validation reward they print. The README's q
 Each training command of README.md's `<!-- runnable -->` blocks runs as printed: the whole command (imports,
 training, validation, the end-of-run files), with its output directory moved to a scratch folder and
 OMP_NUM_THREADS set per run. "Busy" starts `--busy` processes that spin on the CPU for the run's duration, as the
-neighbours on a shared machine do; the load average sampled during the run says how busy it really was. The
+neighbours on a shared machine do; the runnable tasks sampled every second during the run say how busy it really
+was (the kernel's run queue, the run's own threads included; not the 1-minute load average, which lags). The
 conditions are interleaved, so that a slower moment of the machine does not fall on one of them only. Writes
 benchmarks/results/quickstart_cpu.{json,md}.
 """
@@ -77,13 +78,18 @@ def steps_seconds(stderr: str) -> int | None:
     return int(matches[-1][1]) * 60 + int(matches[-1][2]) if matches else None
 
 
+def runnable_tasks() -> int:
+    """The tasks running or waiting for a CPU now, besides the one reading (the 4th field of /proc/loadavg)."""
+    return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
+
+
 def spin() -> None:
     while True:
         pass
 
 
 def run(words: list[str], threads: int, busy: int, scratch: Path) -> dict:
-    """One run of a quickstart command; returns its times, the load average during it and its validation reward."""
+    """One run of a quickstart command; returns its times, how busy the machine was and its validation reward."""
     out = scratch / f"run-{time.monotonic_ns()}"
     words = [*words]
     words[words.index("--output_dir") + 1] = str(out)
@@ -94,7 +100,7 @@ def run(words: list[str], threads: int, busy: int, scratch: Path) -> dict:
 
     def sample_load() -> None:
         while not done.wait(1.0):
-            loads.append(os.getloadavg()[0])
+            loads.append(runnable_tasks())
 
     sampler = threading.Thread(target=sample_load, daemon=True)
     try:
@@ -112,7 +118,7 @@ def run(words: list[str], threads: int, busy: int, scratch: Path) -> dict:
         raise SystemExit(f"{shlex.join(words)} failed:\n{result.stderr[-3000:]}")
     validation = json.loads((out / "validation_reward.json").read_text())
     return {"threads": threads, "busy": busy, "wall_s": round(wall, 1), "steps_s": steps_seconds(result.stderr),
-            "load_average": round(statistics.mean(loads), 2) if loads else None,
+            "runnable": round(statistics.mean(loads), 2) if loads else None,
             "validation_before": validation["before"], "validation_after": validation["after"]}
 
 
@@ -127,10 +133,10 @@ def table(raw: dict, model: str) -> list[str]:
     """The timing table of one quickstart: a row per machine condition, a column per thread count (the README
     quotes it as it stands here)."""
     runs = [r for r in raw["runs"] if r["model"] == model]
-    lines = ["| machine during the run (load average) | `OMP_NUM_THREADS=1` | `OMP_NUM_THREADS=2` |", "| --- | --- | --- |"]
+    lines = ["| machine during the run (runnable tasks) | `OMP_NUM_THREADS=1` | `OMP_NUM_THREADS=2` |", "| --- | --- | --- |"]
     for busy in sorted({r["busy"] for r in runs}):
         these = [r for r in runs if r["busy"] == busy]
-        load = [r["load_average"] for r in these if r["load_average"] is not None]
+        load = [r["runnable"] for r in these if r["runnable"] is not None]
         where = ("idle" if busy == 0 else f"{busy} busy processes") + (f" ({min(load):.1f}-{max(load):.1f})" if load else "")
         lines.append(f"| {where} | " + " | ".join(median_cell([r for r in these if r["threads"] == t]) for t in (1, 2))
                      + " |")
@@ -149,8 +155,8 @@ def report(raw: dict) -> str:
     lines = ["# The README's quickstarts on CPU", "",
              f"Machine: {raw['machine']}. Command: `{raw['command']}`; each condition {raw['repeats']}x, interleaved "
              "(medians). The whole command as printed in the README (imports, training, validation, end-of-run "
-             "files); \"the steps\" is the training loop's own time from its progress bar; the load average is "
-             "sampled every second during the run.", ""]
+             "files); \"the steps\" is the training loop's own time from its progress bar; runnable tasks: the kernel's run "
+             "queue sampled every second during the run (its mean per run; the range over runs).", ""]
     for model, words in raw["commands"].items():
         lines += [f"## `{model}`", "", f"`{shlex.join(words)}`", "", summary(raw, model) + ".", "", *table(raw, model), ""]
     return "\n".join(lines)

@@ -109,7 +109,7 @@ def test_report_assembles_the_sections_it_finds(tmp_path, monkeypatch):
     assert "| kl0.01 | 10 | 0.3000 -> 0.8000 | 32 | 0.1000 -> 0.2500 | True |" in text
     assert "| kl0.01_fp32 | 10 | 0.2000 -> 0.2000 | 32 | 0.3000 -> 0.2000 | False |" in text
     assert "- kl0.01: `train_draftplus.py --kl_coeff 0.01`" in text
-    assert "Not measured yet: `speed_memory_toy_cpu.md`, `speed_memory_sd15_cuda.md` (needs a GPU" in text
+    assert "Not measured yet: `quickstart_cpu.md`, `speed_memory_toy_cpu.md`, `speed_memory_sd15_cuda.md` (needs a GPU" in text
     assert "`speed_memory_sdxl_cuda.md` (needs a GPU: `python -m benchmarks.speed_memory --sdxl" in text
 
 
@@ -226,7 +226,7 @@ def test_quickstart_benchmark_runs_the_readmes_commands_and_tables_each_conditio
 
     def row(threads, busy, wall, steps, load):
         return {"model": "toy", "threads": threads, "busy": busy, "wall_s": wall, "steps_s": steps,
-                "load_average": load, "validation_before": 0.048, "validation_after": 0.166}
+                "runnable": load, "validation_before": 0.048, "validation_after": 0.166}
 
     raw = {"machine": "cpu", "command": "python -m benchmarks.quickstart", "repeats": 2, "commands": {"toy": found["toy"]},
            "runs": [row(1, 0, 21.0, 8, 1.1), row(1, 0, 23.0, 9, 1.3), row(2, 0, 30.0, 12, 1.2), row(2, 0, 26.0, 10, 1.2),

@@ -74,12 +74,27 @@ def test_every_trainer_and_evaluator_command_in_the_readme_parses(monkeypatch):
 @pytest.mark.slow
 def test_the_runnable_blocks_run_as_printed_in_a_fresh_copy_and_so_do_the_cards_commands(tmp_path):
     repo = repository_copy(tmp_path / "draftplus")
+    printed = ""
     for _, code, marked in code_blocks(README.read_text()):
         if marked:
             result = shell(code, repo)
             assert result.returncode == 0, f"{code}\n{result.stderr[-3000:]}"
+            printed += result.stdout
+    assert "validation reward (8 images, fixed seeds)" in printed
     out = repo / "outputs" / "quickstart"
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    # what the quickstart promises: fixed-seed images redder after training, the labelled grid, the card's figures
+    validation = json.loads((out / "validation_reward.json").read_text())
+    assert validation["after"] > validation["before"] + 0.03, validation
+    from PIL import Image
+
+    from utils.image_grid import GridLayout
+
+    labels = [f"{when}: {prompt}" for prompt in ("a blue circle", "a green square") for when in ("before",
+                                                                                                "after 40 steps")]
+    layout = GridLayout(labels, 4, (32 * 8, 32 * 8), "base model (before) and the LoRA (after), same seeds")
+    assert Image.open(out / "validation_before_after.png").size == layout.size  # 4 labelled rows of 4, zoom 8
+    assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in (out / "README.md").read_text()
     assert (out / "checkpoint-20" / "pytorch_lora_weights_kohya.safetensors").is_file()
     rows = json.loads((repo / "outputs" / "eval" / "results.json").read_text())["results"]
     assert {"base", "quickstart", "quickstart@scale=0.5", "quickstart@aig=linear"} <= {r["model"] for r in rows}

@@ -98,14 +98,6 @@ def run_quickstart(toy: str, kl_coeff: str, learning_rate: str, out) -> dict:
     return json.loads((out / "validation_reward.json").read_text())
 
 
-def test_quickstart_on_the_pretrained_toy_raises_the_validation_reward(tmp_path):
-    """The README's demo in short: DRaFT+ on the committed toy makes fixed-seed images redder."""
-    out = tmp_path / "quickstart"
-    validation = run_quickstart("toy", "0.01", "2e-2", out)
-    assert validation["after"] > validation["before"] + 0.03, validation
-    assert f"| mean reward | {validation['before']:.4f} | {validation['after']:.4f} |" in (out / "README.md").read_text()
-
-
 def test_flow_quickstart_on_the_pretrained_flow_toy_raises_the_validation_reward(tmp_path):
     """The README's flow-matching demo in short: DRaFT+ on the committed SD3 toy makes fixed-seed images redder
     (its penalty compares velocity predictions, on a scale of its own: its kl_coeff is 33x smaller than the UNet toy's)."""
@@ -265,11 +257,15 @@ json.dump(log, open({str(calls)!r}, "w"))
     assert token not in result.stdout + result.stderr
 
 
-def test_help_documents_every_option_and_reward_help_lists_rewards():
+def test_help_documents_every_option_and_reward_help_lists_rewards(capsys):
     result = run([sys.executable, SCRIPT, "--help"])
     assert result.returncode == 0
     for option in ("--kl_coeff", "--truncation_steps", "--lv_samples", "--reward", "--resume_from_checkpoint",
                    "--gradient_checkpointing", "--use_8bit_adam", "--hub_token", "--lora_target_modules"):
         assert option in result.stdout
-    listing = run([sys.executable, SCRIPT, "--reward", "help"])
-    assert listing.returncode == 0 and "pickscore" in listing.stdout and "redness" in listing.stdout
+    import train_draftplus  # the listing in this process: the script's entry point is exercised just above
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_draftplus.parse_args(["--reward", "help"])
+    listing = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "pickscore" in listing and "redness" in listing

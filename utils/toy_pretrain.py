@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from diffusers import (
@@ -33,9 +33,6 @@ from utils.toy_data import (
     toy_caption,
     toy_prompts,
 )
-
-if TYPE_CHECKING:
-    from utils.toy_flow_pretrain import FlowToyTrainConfig
 
 # The version of what a toy build produces, part of the toy's cache key (with its config). Bump it by hand
 # whenever a change alters the built files for the same config: the data (utils/toy_data.py), the toy's
@@ -178,7 +175,18 @@ def train_toy_vae(vae: AutoencoderKL, images: torch.Tensor, g: torch.Generator, 
     fit(vae, loss_terms, name="vae", steps=steps, lr=lr, weight_decay=0.0, log=log)
 
 
-def toy_data_latents(vae: AutoencoderKL, cfg: ToyTrainConfig | FlowToyTrainConfig, g: torch.Generator,
+class ToyDataConfig(Protocol):
+    """What `toy_data_latents` reads of a toy's build config (both toys' configs have these fields)."""
+
+    per_combination: int
+    vae_steps: int
+    vae_batch_size: int
+    vae_lr: float
+    vae_kl_weight: float
+    vae_align_weight: float
+
+
+def toy_data_latents(vae: AutoencoderKL, cfg: ToyDataConfig, g: torch.Generator,
                      log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Render the toy data set and train `vae` on it (`cfg`'s data and vae_* fields); returns the data set's
     latents (posterior means, unscaled) and labels."""

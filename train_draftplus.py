@@ -35,19 +35,19 @@ from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
-from utils import arg_checks, guards
-from utils.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
-from utils.compile import compile_no_grad_denoiser
 from utils.errors import UserError, fail, first_line, one_line_errors, say
 from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
-from utils.preemption import Preemption
 from utils.prompts import sample_prompts
-from utils.rollout import Models, RolloutConfig, draftplus_step
-from utils.run_dir import METRICS_NAME, claim_output_dir, truncate_metrics
-from utils.run_outputs import finish_run
-from utils.schedulers import SCHEDULERS
-from utils.step_metrics import StepMetrics
-from utils.validation import DIVERSITY_CHOICES, Validation
+from utils.rollout.compile import compile_no_grad_denoiser
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step
+from utils.rollout.schedulers import SCHEDULERS
+from utils.run import arg_checks, guards
+from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
+from utils.run.end_of_run import finish_run
+from utils.run.metrics import StepMetrics
+from utils.run.output_dir import METRICS_NAME, claim_output_dir, truncate_metrics
+from utils.run.preemption import Preemption
+from utils.run.validation import DIVERSITY_CHOICES, Validation
 
 PROG = "train_draftplus.py"
 logger = get_logger("draftplus")
@@ -65,7 +65,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 @one_line_errors(PROG)
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    """The command line, checked (utils/arg_checks.py) before any model loads: a problem exits with one line.
+    """The command line, checked (utils/run/arg_checks.py) before any model loads: a problem exits with one line.
     `args.checked` holds what the check found out (the model's family, the prompts, the resume step, ...)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
@@ -226,7 +226,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no_kohya_export", dest="export_kohya", action="store_false",
                    help="Do not write the file ComfyUI loads: pytorch_lora_weights_kohya.safetensors for SD/SDXL\n"
                         "(AUTOMATIC1111 loads it too), pytorch_lora_weights_comfyui.safetensors for SD3/FLUX\n"
-                        "(written by default; `python -m utils.export_kohya DIR` writes it later).")
+                        "(written by default; `python -m utils.lora.export DIR` writes it later).")
     g.add_argument("--export_kohya", dest="export_kohya", action="store_true", help=argparse.SUPPRESS)  # the default
     g.add_argument("--push_to_hub", action="store_true",
                    help="Upload the model card, the LoRA (and kohya file), the validation grids and the training\n"

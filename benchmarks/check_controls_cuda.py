@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 def check_aig(work: Path, sdxl: bool) -> bool:
     from lora_fixtures import save_random_lora
 
-    from utils.aig import aig_pipeline
-    from utils.family import load_family
-    from utils.tiny_models import build_random_pipeline, build_random_sdxl_pipeline
+    from utils.evaluation.aig import aig_pipeline
+    from utils.families import load_family
+    from utils.toys.tiny_models import build_random_pipeline, build_random_sdxl_pipeline
 
     path = work / ("sdxl" if sdxl else "sd")
     (build_random_sdxl_pipeline if sdxl else build_random_pipeline)(path, seed=0)
@@ -75,7 +75,7 @@ def check_training(work: Path) -> bool:
     print(f"training bf16 cuda: {'ok' if ok else 'FAILED'} (peak {metrics[-1].get('peak_memory_gib', 0):.3f} GiB, "
           f"grids {grids}, diversity {validation[-1].get('diversity_metric')})")
 
-    from utils.family import load_family
+    from utils.families import load_family
 
     pipe = load_family("toy").pipe.to("cuda")
     kwargs = {"num_inference_steps": 10, "guidance_scale": 5.0, "output_type": "pt"}

@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed_memory import clip_h_pickscore, gib, machine, sync  # noqa: E402
 from rewards import resolve_dtype  # noqa: E402
-from utils.family import family_for_class_name  # noqa: E402
+from utils.families import family_for_class_name  # noqa: E402
 from utils.lora import add_lora  # noqa: E402
-from utils.rollout import Models, RolloutConfig, draftplus_step  # noqa: E402
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step  # noqa: E402
 
 MODELS = ("sd35m", "flux1dev")
 # The memory goals: the largest peak (GB, 1e9 bytes) one training sample may take, by model and quantization.
@@ -110,7 +110,7 @@ def build_pipeline(model: str, device: torch.device, dtype: torch.dtype, smoke: 
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from utils.tiny_models import build_clip_tokenizer, build_t5_tokenizer, clip_text_config
+    from utils.toys.tiny_models import build_clip_tokenizer, build_t5_tokenizer, clip_text_config
 
     clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
 

@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rewards import resolve_dtype  # noqa: E402
-from utils.compile import (  # noqa: E402
+from utils.families import family_for_class_name, load_family  # noqa: E402
+from utils.lora import add_lora  # noqa: E402
+from utils.rollout.compile import (  # noqa: E402
     RecompileError,
     compile_no_grad_denoiser,
     compiled_graph_count,
@@ -51,9 +53,7 @@ from utils.compile import (  # noqa: E402
     default_compile_options,
     no_new_graphs,
 )
-from utils.family import family_for_class_name, load_family  # noqa: E402
-from utils.lora import add_lora  # noqa: E402
-from utils.rollout import Models, RolloutConfig, draftplus_step  # noqa: E402
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step  # noqa: E402
 
 SIDES = ("train", "train_compiled", "pipeline", "pipeline_compiled", "pipeline_lora")
 SIDE_LABELS = {
@@ -106,7 +106,7 @@ def build_sd15_random(device: torch.device, dtype: torch.dtype, resolution: int 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from utils.tiny_models import build_clip_tokenizer, clip_text_config
+    from utils.toys.tiny_models import build_clip_tokenizer, clip_text_config
 
     tokenizer = build_clip_tokenizer()
     width = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1) if smoke else {}
@@ -141,7 +141,7 @@ def build_sdxl_random(device: torch.device, dtype: torch.dtype, resolution: int 
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from utils.tiny_models import build_clip_tokenizer, clip_text_config
+    from utils.toys.tiny_models import build_clip_tokenizer, clip_text_config
 
     tokenizer = build_clip_tokenizer()
     if smoke:
@@ -188,7 +188,7 @@ def clip_h_pickscore(device: torch.device, dtype: torch.dtype, workdir: Path, sm
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from rewards import build_reward
-    from utils.tiny_models import build_clip_tokenizer
+    from utils.toys.tiny_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(workdir)
     CLIPImageProcessor(size={"shortest_edge": 224}, resample=3, crop_size={"height": 224, "width": 224},

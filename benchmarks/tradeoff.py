@@ -97,7 +97,7 @@ def prompts_source(prompts: str) -> str:
 
 def train(model: str, kl: float, out: Path, args) -> list[dict]:
     from utils.lora import LORA_WEIGHTS_NAME
-    from utils.run_dir import METRICS_NAME
+    from utils.run.output_dir import METRICS_NAME
 
     cmd = [sys.executable, str(ROOT / "train_draftplus.py"), "--pretrained_model_name_or_path", model,
            "--reward", args.reward, "--prompts", args.prompts, "--resolution", str(args.resolution),
@@ -114,8 +114,8 @@ def train(model: str, kl: float, out: Path, args) -> list[dict]:
 
 def collect(args) -> dict:
     """Train and evaluate; returns the raw data every table and figure is computed from."""
-    from utils.diversity import alexnet_weights_path
-    from utils.evaluate import evaluate
+    from utils.evaluation.diversity import alexnet_weights_path
+    from utils.evaluation.evaluate import evaluate
     from utils.prompts import load_prompts
 
     model = args.pretrained_model_name_or_path

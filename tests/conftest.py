@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 
 
 def _tiny_pipeline_fixture(name: str, builder: str, doc: str, **kwargs):
-    """A session fixture `name`: the path of the tiny random pipeline `utils.tiny_models.<builder>` saves (seed 0)."""
+    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.tiny_models.<builder>` saves (seed 0)."""
 
     def fixture(tmp_path_factory) -> Path:
         # Imported on first use: a test that needs no pipeline loads no diffusers.
-        from utils import tiny_models
+        from utils.toys import tiny_models
 
         path = tmp_path_factory.mktemp(name)
         getattr(tiny_models, builder)(path, seed=0, **kwargs)

@@ -17,7 +17,7 @@ def save_random_lora(pipeline_dir, out_dir, *, rank: int = 4, alpha: float = 4, 
     import diffusers
     from peft import LoraConfig
 
-    from utils.family import family_of
+    from utils.families import family_of
     from utils.lora import save_lora
 
     family = family_of(str(pipeline_dir))

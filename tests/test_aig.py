@@ -1,10 +1,10 @@
-"""utils/aig.py: annealed importance guidance on ordinary diffusers SD and SDXL pipelines."""
+"""utils/evaluation/aig.py: annealed importance guidance on ordinary diffusers SD and SDXL pipelines."""
 
 import pytest
 import torch
 from lora_fixtures import save_random_lora
 
-from utils.aig import (
+from utils.evaluation.aig import (
     AIGError,
     aig_pipeline,
     annealed_guidance,
@@ -61,7 +61,7 @@ def images(pipe, prompt="a red circle", seed=0):
 
 
 def base_and_lora_pipes(path, lora, scheduler=None):
-    from utils.family import load_family
+    from utils.families import load_family
 
     pipe = load_family(str(path)).pipe
     if scheduler is not None:
@@ -102,7 +102,7 @@ def test_base_and_lora_schedules_reproduce_the_pipelines_exactly(family, tiny_sd
 
 def test_unet_output_is_the_weighted_mix_of_both_predictions(tiny_sd_v_path, tmp_path):
     """On a v-prediction model: the raw outputs are mixed, (1 - w) base + w lora, at the call's step."""
-    from utils.family import load_family
+    from utils.families import load_family
 
     pipe = load_family(str(tiny_sd_v_path)).pipe
     pipe.load_lora_weights(str(save_random_lora(tiny_sd_v_path, tmp_path / "lora")))
@@ -127,7 +127,7 @@ def test_unet_output_is_the_weighted_mix_of_both_predictions(tiny_sd_v_path, tmp
 
 
 def test_requires_grad_flags_are_restored_and_misuse_is_a_clear_error(tiny_sd_path, sd_lora):
-    from utils.family import load_family
+    from utils.families import load_family
 
     pipe = load_family(str(tiny_sd_path)).pipe
     with pytest.raises(AIGError, match="load_lora_weights"):

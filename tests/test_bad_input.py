@@ -169,7 +169,7 @@ def make_inputs(tmp_path, tiny_sd_path):
         "target_modules": ["to_k", "to_out.0", "to_q", "to_v"]}))
     (tmp_path / "previous" / "metrics.jsonl").write_text('{"step": 1}\n')
     # a directory whose lock names a live process (this one)
-    from utils.run_dir import LOCK_NAME, LockOwner
+    from utils.run.output_dir import LOCK_NAME, LockOwner
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / LOCK_NAME).write_text(json.dumps(LockOwner.me().__dict__))
@@ -241,7 +241,7 @@ def test_bitsandbytes_options_on_a_gpu_without_the_package_name_the_install(monk
     import importlib.util
     from types import SimpleNamespace
 
-    from utils import arg_checks
+    from utils.run import arg_checks
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -72,7 +72,7 @@ def test_plain_unet_has_no_peft_layers_and_the_base_weights():
 
     from benchmarks.speed_memory import plain_unet_of
     from utils.lora import adapters_disabled, add_lora
-    from utils.tiny_models import build_random_pipeline
+    from utils.toys.tiny_models import build_random_pipeline
 
     unet = build_random_pipeline(seed=0).unet
     add_lora(unet, rank=4)

@@ -19,16 +19,16 @@ import torch
 from lora_fixtures import randomise_lora_B
 from peft.helpers import disable_input_dtype_casting
 
-from utils.compile import (
+from utils.families import load_family
+from utils.lora import adapters_disabled, add_lora
+from utils.rollout.compile import (
     CompiledDenoiser,
     RecompileError,
     compile_no_grad_denoiser,
     compiled_graph_count,
     no_new_graphs,
 )
-from utils.family import load_family
-from utils.lora import adapters_disabled, add_lora
-from utils.rollout import Models, RolloutConfig, draftplus_step
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "a blue square"]
@@ -271,9 +271,9 @@ def test_trainer_with_compile_logs_the_eager_runs_metrics(tiny_sd_path, tmp_path
 
 def test_compile_flag_fails_in_one_line_where_torch_compile_cannot_run(monkeypatch, tiny_sd_path, tmp_path, capsys):
     import train_draftplus
-    import utils.compile
+    import utils.rollout.compile
 
-    monkeypatch.setattr(utils.compile, "compile_unsupported_reason", lambda: "--compile: not on this build")
+    monkeypatch.setattr(utils.rollout.compile, "compile_unsupported_reason", lambda: "--compile: not on this build")
     with pytest.raises(SystemExit) as exc:
         train_draftplus.parse_args(["--pretrained_model_name_or_path", str(tiny_sd_path), "--reward", "redness",
                                     "--prompts", "animals", "--output_dir", str(tmp_path), "--compile"])

@@ -1,4 +1,4 @@
-"""utils/evaluate.py and its parts (utils/diversity.py, eval_settings, eval_plan, eval_outputs): diversity metrics,
+"""utils/evaluation/evaluate.py and its parts (utils/evaluation/diversity.py, eval_settings, eval_plan, eval_outputs): diversity metrics,
 the missing-LPIPS-weights error, LoRA loading, resuming and the CLI outputs."""
 
 import csv
@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import evaluate as ev
-from utils.diversity import Diversity, DiversityError
-from utils.eval_outputs import plot_reward_vs_diversity, plot_series
+from utils.evaluation import evaluate as ev
+from utils.evaluation.diversity import Diversity, DiversityError
+from utils.evaluation.outputs import plot_reward_vs_diversity, plot_series
 
 PROMPTS = ["a red circle", "a blue square"]
 FAST = {"num_inference_steps": 2, "guidance_scale": 3.0}
-ERROR = "python -m utils.evaluate: error: "  # how the command line starts its one-line errors
+ERROR = "python -m utils.evaluation: error: "  # how the command line starts its one-line errors
 
 
 def cli(args: list[str]) -> int:
@@ -479,7 +479,7 @@ def test_output_dir_naming_a_file_is_one_line_before_any_model_loads(tiny_sd_pat
     for output_dir in (tmp_path / "results.txt", tmp_path / "results.txt" / "eval"):
         (tmp_path / "results.txt").write_text("not a directory\n")
         result = subprocess.run(
-            [sys.executable, "-m", "utils.evaluate", "--pretrained_model_name_or_path", str(tiny_sd_path),
+            [sys.executable, "-m", "utils.evaluation", "--pretrained_model_name_or_path", str(tiny_sd_path),
              "--prompts", str(prompts), "--seeds_per_prompt", "2", "--num_inference_steps", "1",
              "--diversity_metric", "pixel_l2", "--device", "cpu", "--output_dir", str(output_dir)],
             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
@@ -519,8 +519,8 @@ def test_sample_grids_are_labelled_with_their_row_and_prompts_in_row_order(tiny_
     bare = (seeds * side * 4 + 2 * seeds, len(PROMPTS) * side * 4 + 2 * len(PROMPTS))
     assert all(g.width > bare[0] and g.height > bare[1] for g in grids)
 
-    from utils.eval_outputs import prompt_label
-    from utils.image_grid import GridLayout, to_pil
+    from utils.evaluation.image_grid import GridLayout, to_pil
+    from utils.evaluation.outputs import prompt_label
 
     result = ev.evaluate(str(tiny_sd_path), PROMPTS, loras=[lora_dirs["random-lora"]], lora_scales=[0.5],
                          seeds_per_prompt=2, diversity_metric="pixel_l2", device="cpu", grid_prompts=2, **FAST)
@@ -552,7 +552,7 @@ def test_every_setting_that_defines_the_numbers_is_in_the_fingerprint():
     """The fingerprint is the settings minus a named few: a new setting is in it unless excluded on purpose."""
     import dataclasses
 
-    from utils.eval_settings import EvalSettings
+    from utils.evaluation.settings import EvalSettings
 
     base = EvalSettings("toy", ("a", "b"))
     other_values = {"model": "other", "prompts": ("a", "c"), "reward": "brightness", "reward_options": {"k": 1},

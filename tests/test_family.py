@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from lora_fixtures import randomise_lora_B
 
-from utils.family import (
+from utils.families import (
     StableDiffusion,
     StableDiffusionXL,
     UnsupportedModelError,
@@ -16,7 +16,7 @@ from utils.family import (
     read_model_index,
 )
 from utils.lora import add_lora, save_lora
-from utils.rollout import Models, RolloutConfig, decode, draftplus_step, rollout
+from utils.rollout.loop import Models, RolloutConfig, decode, draftplus_step, rollout
 
 PROMPTS = ["a red circle", "a cat"]
 
@@ -36,14 +36,14 @@ def test_the_toys_family_is_read_without_building_it(monkeypatch, tmp_path):
     """The toy's model_index.json is committed: checking `--pretrained_model_name_or_path toy` builds nothing,
     even with an empty cache and a committed toy that would need a rebuild to load."""
     import train_draftplus
-    import utils.toy
+    import utils.toys.toy
 
     def no_build(*args, **kwargs):
         raise AssertionError("the argument checks built the toy")
 
-    monkeypatch.setattr(utils.toy, "build_toy_pipeline", no_build)
+    monkeypatch.setattr(utils.toys.toy, "build_toy_pipeline", no_build)
     monkeypatch.setenv("DRAFTPLUS_CACHE", str(tmp_path / "empty-cache"))
-    committed = json.loads((utils.toy.ASSETS_DIR / "model_index.json").read_text())
+    committed = json.loads((utils.toys.toy.ASSETS_DIR / "model_index.json").read_text())
     assert read_model_index("toy") == committed and read_model_index("toy", local_only=True) == committed
     assert family_of("toy") is StableDiffusion
     args = train_draftplus.parse_args(["--pretrained_model_name_or_path", "toy", "--reward", "redness", "--prompts",
@@ -56,11 +56,11 @@ def test_the_flow_toys_arguments_are_checked_from_its_committed_files_offline(mo
     """`--pretrained_model_name_or_path toy-flow` is a local model: its transformer config (which the SD3 family's
     rollout defaults and LoRA presets read) comes from assets/toy-flow, not from a hub repository named toy-flow."""
     import train_draftplus
-    import utils.toy
-    from utils.family import StableDiffusion3, read_denoiser_config
+    import utils.toys.toy
+    from utils.families import StableDiffusion3, read_denoiser_config
 
-    monkeypatch.setattr(utils.toy, "build_toy_pipeline", lambda *a, **k: pytest.fail("the argument checks built it"))
-    flow = utils.toy.TOYS["toy-flow"].assets_dir
+    monkeypatch.setattr(utils.toys.toy, "build_toy_pipeline", lambda *a, **k: pytest.fail("the argument checks built it"))
+    flow = utils.toys.toy.TOYS["toy-flow"].assets_dir
     assert read_denoiser_config("toy-flow") == json.loads((flow / "transformer" / "config.json").read_text())
     assert family_of("toy-flow") is StableDiffusion3
     args = train_draftplus.parse_args(["--pretrained_model_name_or_path", "toy-flow", "--reward", "redness",
@@ -74,7 +74,7 @@ def test_a_hub_models_index_and_denoiser_config_come_from_the_hub_cache(tmp_path
     downloaded; a model the cache lacks gives None."""
     import huggingface_hub
 
-    from utils.family import read_denoiser_config
+    from utils.families import read_denoiser_config
 
     repo = tmp_path / "models--someone--sd"
     (repo / "snapshots" / "0123abcd" / "unet").mkdir(parents=True)

@@ -12,9 +12,9 @@ from lora_fixtures import save_random_lora
 from test_validation import FakeAccelerator
 
 from rewards import build_reward
-from utils.family import load_family
+from utils.families import load_family
 from utils.lora import adapters_disabled, add_lora
-from utils.rollout import Models, RolloutConfig, rollout
+from utils.rollout.loop import Models, RolloutConfig, rollout
 
 SEQ = 16
 HEIGHT, WIDTH = 48, 32  # non-square; latents 24x16 with the tiny VAE (factor 2)
@@ -55,7 +55,7 @@ def test_validation_renders_the_rollouts_images_from_the_rollouts_noise(fixture,
     args = SimpleNamespace(validation_prompts=["a red circle"], num_validation_images=2, seed=3,
                            negative_prompt=negative, num_inference_steps=3, guidance_scale=guidance, eta=0.0,
                            height=HEIGHT, width=WIDTH, output_dir=str(tmp_path / "run"), validation_diversity=None)
-    from utils.validation import Validation
+    from utils.run.validation import Validation
 
     validation = Validation(args, FakeAccelerator(), models, build_reward("redness"))
     base, lora = validation.render_base(), validation(1)
@@ -95,7 +95,7 @@ def test_the_evaluators_rows_are_the_pipelines_images_and_the_controls_mean_what
                                                                                          flow_loras):
     """base and LoRA rows: the rewards of the family's pipeline's own images (plain, and with
     `load_lora_weights`); LoRA scale 0, AIG `base`/`lora` and mixes agree with what they mean."""
-    from utils import evaluate as ev
+    from utils.evaluation import evaluate as ev
 
     path, loras = request.getfixturevalue(fixture), flow_loras[fixture]
     guidance, negative = GUIDANCE[fixture]
@@ -148,7 +148,7 @@ def pipe_sequence_length(fixture):
     ("tiny_flux_schnell_path", {"scheduler": "model", "num_inference_steps": 4, "guidance_scale": 0.0}),
 ])
 def test_the_evaluators_sampler_defaults_are_the_familys(fixture, expected, request):
-    from utils.evaluate import family_of_model, with_family_defaults
+    from utils.evaluation.evaluate import family_of_model, with_family_defaults
 
     model = str(request.getfixturevalue(fixture))
     family = family_of_model(model)
@@ -164,7 +164,7 @@ def test_the_evaluators_sampler_defaults_are_the_familys(fixture, expected, requ
 ])
 def test_samplers_a_flow_pipeline_cannot_take_are_one_line_before_any_model_loads(tiny_flux_dev_path, tmp_path,
                                                                                   capsys, extra, expected):
-    from utils import evaluate as ev
+    from utils.evaluation import evaluate as ev
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
@@ -190,7 +190,7 @@ def pipeline_images(pipe, fixture, steps=3, **kwargs):
 
 @pytest.mark.parametrize("fixture", FAMILIES)
 def test_aig_base_and_lora_schedules_reproduce_the_flow_pipelines_exactly(fixture, request, flow_loras):
-    from utils.aig import annealed_guidance, schedule_weights
+    from utils.evaluation.aig import annealed_guidance, schedule_weights
 
     pipe = load_family(str(request.getfixturevalue(fixture))).pipe
     base = pipeline_images(pipe, fixture)
@@ -217,7 +217,7 @@ def test_aig_mixes_the_flux_transformers_velocities_at_the_calls_step(tiny_flux_
     the output is (1 - w) v_base + w v_lora."""
     from diffusers import FluxPipeline
 
-    from utils.aig import annealed_guidance
+    from utils.evaluation.aig import annealed_guidance
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_dev_path)
     pipe.load_lora_weights(str(flow_loras["tiny_flux_dev_path"]["random"]))
@@ -247,7 +247,7 @@ def test_aig_finds_every_step_of_a_bf16_flux_pipeline(tiny_flux_dev_path, flow_l
     28-step schedule can meet; the step is read from the pipeline's own `current_timestep`."""
     from diffusers import FluxPipeline
 
-    from utils.aig import annealed_guidance, schedule_weights
+    from utils.evaluation.aig import annealed_guidance, schedule_weights
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_dev_path, dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
@@ -262,7 +262,7 @@ def test_aig_finds_every_step_of_a_bf16_flux_pipeline(tiny_flux_dev_path, flow_l
 
 
 def loss_and_grads(models, prompts, noise, config, negative):
-    from utils.rollout import draftplus_step
+    from utils.rollout.loop import draftplus_step
 
     loss, rewards, penalty = draftplus_step(models, build_reward("redness"), prompts, noise, config, kl_coeff=1.0,
                                             negative_prompt=negative)
@@ -281,7 +281,7 @@ def test_compile_gives_the_eager_flow_rollout_and_compiles_nothing_after_warm_up
     penalty and LoRA gradients; two graphs (adapters on and off), none for later samples of other T and K."""
     import torch._dynamo
 
-    from utils.compile import compile_no_grad_denoiser, compiled_graph_count, no_new_graphs
+    from utils.rollout.compile import compile_no_grad_denoiser, compiled_graph_count, no_new_graphs
 
     guidance, negative = GUIDANCE[fixture]
     family = trained_family(request.getfixturevalue(fixture))

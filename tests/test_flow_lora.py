@@ -10,9 +10,9 @@ from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from lora_fixtures import randomise_lora_B
 from safetensors import safe_open
 
-from utils.family import Flux, StableDiffusion3, load_family
-from utils.guards import lora_digest
+from utils.families import Flux, StableDiffusion3, load_family
 from utils.lora import LORA_WEIGHTS_NAME, add_lora, load_lora_into_denoiser, lora_state_dict, save_lora
+from utils.run.guards import lora_digest
 
 # The transformer configs of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3.5-medium.
 FLUX_1_DEV = {"attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,

@@ -12,10 +12,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from lora_fixtures import randomise_lora_B
 from test_rollout import saved_bytes
 
-from utils.family import Flux, StableDiffusion3, load_family
+from utils.families import Flux, StableDiffusion3, load_family
 from utils.lora import add_lora
-from utils.parametrisation import RectifiedFlow
-from utils.rollout import Models, RolloutConfig, draftplus_step, kl_penalty, rollout
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step, kl_penalty, rollout
+from utils.rollout.parametrisation import RectifiedFlow
 
 PROMPTS = ["a red circle", "a blue square"]
 SEQ = 16  # --max_sequence_length: short T5 sequences keep the tests fast

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import train_draftplus
-from utils.family import load_family
+from utils.families import load_family
 from utils.lora import add_lora
 from utils.prompts import ANIMALS
-from utils.rollout import Models, RolloutConfig, draftplus_step
-from utils.step_metrics import StepMetrics
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step
+from utils.run.metrics import StepMetrics
 
 CONFIG = RolloutConfig(num_inference_steps=3, guidance_scale=3.0, truncation_steps=2)
 

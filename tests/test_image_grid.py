@@ -1,10 +1,10 @@
-"""utils/image_grid.py: labelled grids put each row's label on its left and its images where the layout says."""
+"""utils/evaluation/image_grid.py: labelled grids put each row's label on its left and its images where the layout says."""
 
 import pytest
 import torch
 from PIL import Image
 
-from utils.image_grid import GridLayout, labelled_grid, to_pil
+from utils.evaluation.image_grid import GridLayout, labelled_grid, to_pil
 
 
 def test_labelled_grid_places_labels_and_tiles_in_row_order():

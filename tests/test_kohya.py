@@ -5,8 +5,8 @@ import torch
 from lora_fixtures import save_random_lora
 from safetensors.torch import load_file
 
-from utils import export_kohya as cli
 from utils.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_kohya
+from utils.lora import export as cli
 
 
 def render(pipe):
@@ -16,7 +16,7 @@ def render(pipe):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_kohya_file_loads_in_diffusers_and_gives_the_same_images(family, tiny_sd_path, tiny_sdxl_path, tmp_path):
-    from utils.family import load_family
+    from utils.families import load_family
 
     path = tiny_sdxl_path if family == "sdxl" else tiny_sd_path
     lora = save_random_lora(path, tmp_path / "run", rank=4, alpha=8)  # alpha != rank: must be carried over

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from utils.diversity import Diversity, DiversityError, alexnet_weights_path
+from utils.evaluation.diversity import Diversity, DiversityError, alexnet_weights_path
 
 
 @pytest.fixture()

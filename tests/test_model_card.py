@@ -1,4 +1,4 @@
-"""utils/model_card.py: a complete card (no placeholders, the right base model, YAML that parses)."""
+"""utils/run/model_card.py: a complete card (no placeholders, the right base model, YAML that parses)."""
 
 import shlex
 
@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 
 import train_draftplus
 from utils.lora import KOHYA_WEIGHTS_NAME
-from utils.model_card import HUB_ALLOW_PATTERNS, ValidationSummary, model_card_text, save_model_card
+from utils.run.model_card import HUB_ALLOW_PATTERNS, ValidationSummary, model_card_text, save_model_card
 
 PLACEHOLDERS = ("TODO", "[More Information Needed]", "More Information Needed", "{{", "}}")
 
@@ -110,7 +110,7 @@ def test_upload_patterns_are_the_card_lora_and_pictures_only():
 @pytest.mark.parametrize("spec, tags", [("pickscore", ["pickscore"]), ("redness=1,my.py:fn=0.1", ["redness",
                                                                                                   "custom-reward"])])
 def test_reward_tags(spec, tags):
-    from utils.model_card import reward_tags
+    from utils.run.model_card import reward_tags
 
     assert reward_tags(spec) == tags
 
@@ -142,8 +142,8 @@ def test_the_card_states_the_reward_with_its_options_and_an_evaluator_command_th
     assert 'load_lora_weights("outputs/blue")' in card.text  # relative to where the run started
     (command,) = card_commands(card.text, "bash")
     words = shlex.split(command.replace("\\\n", " "))
-    assert words[:3] == ["python", "-m", "utils.evaluate"]
-    from utils.evaluate import parse_args as evaluate_args
+    assert words[:3] == ["python", "-m", "utils.evaluation"]
+    from utils.evaluation.evaluate import parse_args as evaluate_args
 
     parsed = evaluate_args(words[3:])  # it parses: every required argument is there
     assert (parsed.pretrained_model_name_or_path, parsed.prompts, parsed.reward, parsed.reward_options) == (
@@ -173,7 +173,7 @@ def test_the_card_writes_no_path_of_the_machine_that_trained_it(tiny_sd_path, tm
     assert "from step 7: --prompts old.txt -> prompts.txt" in text
     assert 'from_pretrained("my-model")' in text and 'load_lora_weights("a")' in text
     assert "`my-model`, `a`" in text and "stand for paths outside it" in text  # and the card says so
-    assert "python -m utils.export_kohya a" in text  # no kohya file: how to write it
+    assert "python -m utils.lora.export a" in text  # no kohya file: how to write it
 
 
 def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_loads(tiny_flux_dev_path, tmp_path,
@@ -181,8 +181,10 @@ def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_l
     """FLUX.1-dev's card is not on disk here: the license is named as black-forest-labs/FLUX.1-dev declares it."""
     import huggingface_hub
 
+    from utils.families import Flux
     from utils.lora import COMFYUI_WEIGHTS_NAME
-    from utils.model_card import FLUX_1_DEV_LICENSE
+
+    FLUX_1_DEV_LICENSE = Flux.licenses["black-forest-labs/flux.1-dev"]
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     args = make_args(tiny_flux_dev_path, tmp_path / "out", "--resolution", "1024", "--max_sequence_length", "128")
@@ -200,7 +202,7 @@ def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_l
     assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)' in body
     assert "| T5 prompt tokens | 128 |" in body
     (command,) = card_commands(body, "bash")
-    from utils.evaluate import parse_args as evaluate_args
+    from utils.evaluation.evaluate import parse_args as evaluate_args
 
     parsed = evaluate_args(shlex.split(command.replace("\\\n", " "))[3:])
     assert (parsed.scheduler, parsed.num_inference_steps, parsed.guidance_scale, parsed.eta) == ("model", 28, 3.5, 0)
@@ -215,7 +217,7 @@ def test_an_sd3_card_sends_diffusers_users_to_the_plain_file(tiny_sd3_path, tmp_
             "`pytorch_lora_weights.safetensors`") in body
     unexported = parse(model_card_text(args, "StableDiffusion3Pipeline", None)).text
     assert "wrote no file for ComfyUI (`--no_kohya_export`)" in unexported
-    assert f"python -m utils.export_kohya out` writes `{COMFYUI_WEIGHTS_NAME}`" in unexported
+    assert f"python -m utils.lora.export out` writes `{COMFYUI_WEIGHTS_NAME}`" in unexported
 
 
 def test_a_local_base_models_other_license_keeps_its_name(tiny_flux_dev_path, tmp_path):

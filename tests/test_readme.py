@@ -53,8 +53,8 @@ def test_the_readme_marks_the_quickstart_runnable_and_its_test_command_is_what_c
 def test_every_trainer_and_evaluator_command_in_the_readme_parses(monkeypatch):
     """The GPU recipes cannot run here; their options must exist and their values must parse."""
     import train_draftplus
-    from utils import arg_checks
-    from utils.evaluate import parse_args as evaluate_args
+    from utils.evaluation.evaluate import parse_args as evaluate_args
+    from utils.run import arg_checks
 
     monkeypatch.setattr(arg_checks, "check_training_args", lambda args: None)  # no model, no hub: parsing only
     seen = {"train": 0, "evaluate": 0}
@@ -65,8 +65,8 @@ def test_every_trainer_and_evaluator_command_in_the_readme_parses(monkeypatch):
             if "train_draftplus.py" in words:
                 train_draftplus.parse_args(words[words.index("train_draftplus.py") + 1:])
                 seen["train"] += 1
-            elif words[:3] == ["python", "-m", "utils.evaluate"] or words[1:4] == ["python", "-m", "utils.evaluate"]:
-                evaluate_args(words[words.index("utils.evaluate") + 1:])
+            elif words[:3] == ["python", "-m", "utils.evaluation"] or words[1:4] == ["python", "-m", "utils.evaluation"]:
+                evaluate_args(words[words.index("utils.evaluation") + 1:])
                 seen["evaluate"] += 1
     assert seen["train"] >= 5 and seen["evaluate"] >= 2, seen
 
@@ -88,7 +88,7 @@ def test_the_runnable_blocks_run_as_printed_in_a_fresh_copy_and_so_do_the_cards_
     assert validation["after"] > validation["before"] + 0.03, validation
     from PIL import Image
 
-    from utils.image_grid import GridLayout
+    from utils.evaluation.image_grid import GridLayout
 
     labels = [f"{when}: {prompt}" for prompt in ("a blue circle", "a green square") for when in ("before",
                                                                                                 "after 40 steps")]

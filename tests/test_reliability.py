@@ -18,12 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils.arg_checks import ArgumentError, check_launch, check_process_count, world_size_from_env
-from utils.checkpoints import ResumeMismatchError, check_resume_compatible, read_run_config
-from utils.guards import NonFiniteError, NonFiniteSteps, ensure_finite_weights, finite_or_none, lora_digest
 from utils.lora import unmatched_targets
-from utils.preemption import Preemption
-from utils.run_dir import LOCK_NAME, LockOwner, OutputDirLock, RunDirError, read_lock, truncate_metrics
+from utils.run.arg_checks import ArgumentError, check_launch, check_process_count, world_size_from_env
+from utils.run.checkpoints import ResumeMismatchError, check_resume_compatible, read_run_config
+from utils.run.guards import (
+    NonFiniteError,
+    NonFiniteSteps,
+    ensure_finite_weights,
+    finite_or_none,
+    lora_digest,
+)
+from utils.run.output_dir import LOCK_NAME, LockOwner, OutputDirLock, RunDirError, read_lock, truncate_metrics
+from utils.run.preemption import Preemption
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_draftplus.py")
@@ -88,7 +94,7 @@ def test_a_lock_held_on_another_host_counts_as_live(tmp_path):
 
 
 def test_overwrite_clears_the_previous_run_but_nothing_outside_the_directory(tmp_path):
-    from utils.run_dir import clear_previous_run, previous_run_files
+    from utils.run.output_dir import clear_previous_run, previous_run_files
 
     out, elsewhere = tmp_path / "run", tmp_path / "tensorboard"
     for path in (out / "checkpoint-5", out / "checkpoint-7.partial", out / "logs" / "x", elsewhere / "y"):
@@ -197,7 +203,7 @@ def test_signals_exit_before_training_and_stop_at_a_step_boundary_after():
 def test_resume_checks_use_the_run_config_or_the_lora_metadata_of_older_checkpoints(tiny_sd_path, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from utils.family import family_of
+    from utils.families import family_of
     from utils.lora import add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
@@ -244,7 +250,7 @@ def test_targets_match_like_peft_by_name_or_last_parts():
 
 
 def test_launch_checks_catch_the_silent_single_process_launches(monkeypatch):
-    import utils.arg_checks as arg_checks
+    import utils.run.arg_checks as arg_checks
 
     monkeypatch.setattr(arg_checks, "has_accelerator_device", lambda: False)
     assert world_size_from_env({"WORLD_SIZE": "4"}) == 4 and world_size_from_env({}) == 1

@@ -37,7 +37,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor  # noqa: E402
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
-from utils.tiny_models import build_clip_tokenizer  # noqa: E402
+from utils.toys.tiny_models import build_clip_tokenizer  # noqa: E402
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -9,10 +9,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from lora_fixtures import randomise_lora_B
 
-from utils.family import load_family
+from utils.families import load_family
 from utils.lora import adapters_disabled, add_lora
-from utils.parametrisation import alpha_bar, to_epsilon, to_x0
-from utils.rollout import Models, RolloutConfig, decode, draftplus_step, kl_penalty, rollout
+from utils.rollout.loop import Models, RolloutConfig, decode, draftplus_step, kl_penalty, rollout
+from utils.rollout.parametrisation import alpha_bar, to_epsilon, to_x0
 
 PROMPTS = ["a red circle", "a blue square"]
 

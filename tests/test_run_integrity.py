@@ -211,7 +211,7 @@ def test_overwrite_removes_everything_the_earlier_run_derived(tiny_sd_path, prev
 
 
 def test_clear_previous_run_removes_the_derived_files_and_keeps_the_users(tmp_path):
-    from utils.run_dir import clear_previous_run
+    from utils.run.output_dir import clear_previous_run
 
     out = tmp_path / "run"
     derived = ["metrics.jsonl", "validation.jsonl", "validation-until-step-20.jsonl", "validation_before_after.png",

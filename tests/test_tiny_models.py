@@ -1,4 +1,4 @@
-"""utils/tiny_models.py: the generated tokenizer, the shared component configs and the random tiny pipelines."""
+"""utils/toys/tiny_models.py: the generated tokenizer, the shared component configs and the random tiny pipelines."""
 
 import os
 
@@ -7,7 +7,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from utils.tiny_models import (
+from utils.toys.tiny_models import (
     build_clip_tokenizer,
     build_random_flux_pipeline,
     build_random_pipeline,

@@ -1,5 +1,5 @@
-"""The pretrained toy: its data (utils/toy_data.py), its build (utils/toy_pretrain.py), its cache and committed
-copy (utils/toy.py); it must follow its captions."""
+"""The pretrained toy: its data (utils/toys/data.py), its build (utils/toys/pretrain.py), its cache and committed
+copy (utils/toys/toy.py); it must follow its captions."""
 
 import json
 import os
@@ -10,8 +10,10 @@ from diffusers import StableDiffusionPipeline
 from toy_checks import assert_same_configs, caption_following, classify_colors, fake_toy_training
 from transformers import CLIPTextModel
 
-from utils import toy, toy_data, toy_pretrain
-from utils.tiny_models import build_random_pipeline
+from utils.toys import data as toy_data
+from utils.toys import pretrain as toy_pretrain
+from utils.toys import toy
+from utils.toys.tiny_models import build_random_pipeline
 
 slow = pytest.mark.skipif(os.environ.get("DRAFTPLUS_SLOW") != "1", reason="rebuilds the toy (~4 min); DRAFTPLUS_SLOW=1")
 
@@ -40,10 +42,10 @@ def test_toy_prompts_and_prompts_file():
 
 def test_committed_toy_is_current_and_small():
     info = toy.read_build_info(toy.ASSETS_DIR)
-    assert info is not None, "assets/toy is missing: python -m utils.toy --output_dir assets/toy --force"
+    assert info is not None, "assets/toy is missing: python -m utils.toys --output_dir assets/toy --force"
     assert info["cache_key"] == toy.toy_cache_key(), (
         "the toy's version (TOY_VERSION) or config changed since assets/toy was built; rebuild it with "
-        "`python -m utils.toy --output_dir assets/toy --force` (~4 min) and commit assets/toy")
+        "`python -m utils.toys --output_dir assets/toy --force` (~4 min) and commit assets/toy")
     assert info["toy_version"] == toy_pretrain.TOY_VERSION
     assert toy.is_current_build(toy.ASSETS_DIR)
     size = sum(f.stat().st_size for f in toy.ASSETS_DIR.rglob("*") if f.is_file())
@@ -152,7 +154,7 @@ def test_rebuild_toy_from_scratch(tmp_path):
 
 
 def test_ci_rebuild_trigger_follows_the_toys_cache_key(monkeypatch):
-    """`.ci/run` runs the rebuild test when `python -m utils.toy --check` fails: version, config or torch changed."""
+    """`.ci/run` runs the rebuild test when `python -m utils.toys --check` fails: version, config or torch changed."""
     said = []
     assert toy.committed_toy_is_current(said.append) and said == []
     monkeypatch.setattr(toy_pretrain, "TOY_VERSION", toy_pretrain.TOY_VERSION + 1)

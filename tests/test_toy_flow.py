@@ -1,4 +1,4 @@
-"""The pretrained flow toy: its build (utils/toy_flow_pretrain.py), its cache and committed copy (utils/toy.py);
+"""The pretrained flow toy: its build (utils/toys/flow_pretrain.py), its cache and committed copy (utils/toys/toy.py);
 it must follow its captions with the diffusers pipeline's own `__call__`."""
 
 import json
@@ -11,10 +11,13 @@ from safetensors.torch import load_file
 from toy_checks import assert_same_configs, caption_following, fake_toy_training
 from transformers import CLIPTextModelWithProjection
 
-from utils import toy, toy_data, toy_flow_pretrain
-from utils.family import read_model_index, resolve_model_path
-from utils.tiny_models import build_random_sd3_pipeline
-from utils.toy_flow_pretrain import FlowToyTrainConfig, ZeroTokensAttention, untrained_flow_toy_pipeline
+from utils.families import read_model_index
+from utils.toys import data as toy_data
+from utils.toys import flow_pretrain as toy_flow_pretrain
+from utils.toys import toy
+from utils.toys.flow_pretrain import FlowToyTrainConfig, ZeroTokensAttention, untrained_flow_toy_pipeline
+from utils.toys.tiny_models import build_random_sd3_pipeline
+from utils.toys.toy import resolve_model_path
 
 FLOW = toy.TOYS["toy-flow"]
 slow = pytest.mark.skipif(os.environ.get("DRAFTPLUS_SLOW") != "1",
@@ -36,11 +39,11 @@ def flow_toy() -> StableDiffusion3Pipeline:
 
 def test_committed_flow_toy_is_current_and_small():
     info = toy.read_build_info(FLOW.assets_dir)
-    assert info is not None, "assets/toy-flow is missing: python -m utils.toy --toy toy-flow --output_dir " \
+    assert info is not None, "assets/toy-flow is missing: python -m utils.toys --toy toy-flow --output_dir " \
                              "assets/toy-flow --force"
     assert info["cache_key"] == toy.toy_cache_key(name="toy-flow"), (
         "the flow toy's version (FLOW_TOY_VERSION) or config changed since assets/toy-flow was built; rebuild it "
-        "with `python -m utils.toy --toy toy-flow --output_dir assets/toy-flow --force` and commit it")
+        "with `python -m utils.toys --toy toy-flow --output_dir assets/toy-flow --force` and commit it")
     assert info["toy_version"] == toy_flow_pretrain.FLOW_TOY_VERSION
     size = sum(f.stat().st_size for f in FLOW.assets_dir.rglob("*") if f.is_file())
     assert size < 5 * 2**20

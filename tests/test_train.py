@@ -89,7 +89,7 @@ def run_quickstart(toy: str, kl_coeff: str, learning_rate: str, out) -> dict:
     assert "validation reward (8 images, fixed seeds)" in result.stdout
     from PIL import Image
 
-    from utils.image_grid import GridLayout
+    from utils.evaluation.image_grid import GridLayout
 
     labels = [f"{when}: {prompt}" for prompt in ("a blue circle", "a green square") for when in ("before",
                                                                                                 "after 20 steps")]
@@ -151,7 +151,7 @@ def test_non_square_run_writes_non_square_validation_images(tiny_sd_path, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     from PIL import Image
 
-    from utils.image_grid import GridLayout
+    from utils.evaluation.image_grid import GridLayout
 
     zoom = 256 // 48
     # rows "before" and "after", 2 images each, 48 wide and 32 high, enlarged by `zoom`
@@ -164,7 +164,7 @@ def tiny_clip_dir(path):
     """A tiny random CLIP with a CLIP-like processor, loadable wherever a PickScore/CLIP model is."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from utils.tiny_models import build_clip_tokenizer
+    from utils.toys.tiny_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(path)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Live validation (utils/validation.py), per-step metrics and the training curves."""
+"""Live validation (utils/run/validation.py), per-step metrics and the training curves."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.validation import Validation, comparison_grid, read_validation_log
+from utils.run.validation import Validation, comparison_grid, read_validation_log
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_draftplus.py")
@@ -39,9 +39,9 @@ def validation_setup(tiny_sd_path, tmp_path):
     from diffusers import DDIMScheduler
 
     from rewards import build_reward
-    from utils.family import load_family
+    from utils.families import load_family
     from utils.lora import add_lora
-    from utils.rollout import Models
+    from utils.rollout.loop import Models
 
     family = load_family(str(tiny_sd_path))
     add_lora(family.denoiser, rank=4)  # gaussian init: B = 0, so the LoRA is exactly the base model at first
@@ -86,7 +86,7 @@ def test_base_rendered_once_lora_from_the_same_noise_grid_and_log(validation_set
     assert log[2]["reward"] == pytest.approx(float(trained.rewards.mean()))
     assert log[2]["rewards"] == pytest.approx(trained.rewards.tolist(), abs=1e-6)
     assert log[2]["diversity_metric"] == "pixel_l2" and log[2]["diversity"] > 0
-    from utils.diversity import Diversity
+    from utils.evaluation.diversity import Diversity
 
     expected = (Diversity("pixel_l2")(trained.images[:3]) + Diversity("pixel_l2")(trained.images[3:])) / 2
     assert log[2]["diversity"] == pytest.approx(expected)
@@ -125,8 +125,8 @@ def test_a_resumed_series_keeps_its_base_row_and_drops_what_lies_past_the_resume
 
 
 def test_the_before_after_grid_labels_each_row_with_before_or_after_and_its_prompt(validation_setup, tmp_path):
-    from utils.image_grid import GridLayout, labelled_grid
-    from utils.validation import before_after_rows
+    from utils.evaluation.image_grid import GridLayout, labelled_grid
+    from utils.run.validation import before_after_rows
 
     validation, models, accelerator, args = validation_setup
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_the_before_after_grid_labels_each_row_with_before_or_after_and_its_prom
 
 
 def test_comparison_grid_puts_base_left_lora_right_pixel_exact():
-    from utils.validation import Rendered, tile_origin, to_pil
+    from utils.run.validation import Rendered, tile_origin, to_pil
 
     torch.manual_seed(0)
     base = Rendered(torch.rand(4, 3, 32, 48), torch.tensor([0.1, 0.2, 0.3, 0.4]))
@@ -168,7 +168,7 @@ def test_comparison_grid_puts_base_left_lora_right_pixel_exact():
 
 
 def test_training_curves_from_metrics_and_validation_logs(tmp_path):
-    from utils.plots import plot_training_curves, read_metrics
+    from utils.run.plots import plot_training_curves, read_metrics
 
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in (1, 2, 3, 2, 3, 4):  # a resumed run repeats steps 2 and 3: the later lines win

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from utils import toy
-from utils.toy_data import TOY_COLORS, TOY_SHAPES, toy_caption
+from utils.toys import toy
+from utils.toys.data import TOY_COLORS, TOY_SHAPES, toy_caption
 
 COLORS = list(TOY_COLORS)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DRaFT+ : direct reward fine-tuning of text-to-image diffusion LoRAs, with a KL-style regulariser.
 
-Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3/3.5 and FLUX.1. Each training sample: draw x_T, denoise
+Every model family of utils/families/ (`--help` lists them). Each training sample: draw x_T, denoise
 with the LoRA denoiser (UNet or transformer; no autograd for the first T-K steps), keep gradients through
 the last K steps and the VAE decoder, score the image with a differentiable reward, and minimise
 
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
 from utils.errors import UserError, fail, first_line, one_line_errors, say
+from utils.families import FAMILIES
 from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
 from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
@@ -63,6 +64,11 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(PROG, f"{message} (--help lists the options)")
 
 
+def family_list(option: str | None = None) -> str:
+    """The registered families (those taking trainer option `option`), as `--help` names them."""
+    return ", ".join(f.display_name for f in FAMILIES if option is None or option in f.options)
+
+
 @one_line_errors(PROG)
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked (utils/run/arg_checks.py) before any model loads: a problem exits with one line.
@@ -70,10 +76,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                   help="Hub id or local directory of a diffusers pipeline: Stable Diffusion 1.x/2.x, SDXL,\n"
-                        "Stable Diffusion 3/3.5 or FLUX.1 (dev or schnell); the family is read from\n"
-                        "model_index.json. The built-in pretrained toys (CPU demos, no hub needed): 'toy' (a UNet,\n"
-                        "Stable Diffusion family) and 'toy-flow' (an SD3 transformer, rectified flow).")
+                   help="Hub id or local directory of a diffusers pipeline of a family draftplus trains:\n"
+                        f"{family_list()}; the family is read from model_index.json.\n"
+                        "The built-in pretrained toys (CPU demos, no hub needed): 'toy' (a UNet, variance-\n"
+                        "preserving) and 'toy-flow' (a flow-matching transformer).")
     g.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                    help="A replacement VAE (hub id or local dir), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL\n"
                         "in fp16. Without it, SDXL's own VAE is kept in fp32 under fp16, as its pipeline does.")
@@ -81,7 +87,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--variant", type=str, default=None, help="Weight variant to load, e.g. 'fp16'.")
     g.add_argument("--scheduler", type=str, default=None, choices=sorted(SCHEDULERS),
                    help="Sampler used for the training rollout ('model' = the model's own). Default: ddim for\n"
-                        "SD/SDXL; SD3 and FLUX sample with their own flow-matching Euler sampler (only 'model').")
+                        "the UNet families; the flow-matching families sample with their pipeline's own\n"
+                        "flow-matching Euler sampler (only 'model').")
     g.add_argument("--quantize_base", type=str, default=None, choices=["nf4"],
                    help="QLoRA: load the frozen denoiser in bitsandbytes 4-bit NF4 (computing in the weight dtype)\n"
                         "under the LoRA, as diffusers' FLUX QLoRA example; CUDA only. The DRaFT+ reference\n"
@@ -99,10 +106,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "'--prompts pickapic --max_prompts 10000' starts in seconds instead of after\n"
                         "downloading every shard.")
     g.add_argument("--negative_prompt", type=str, default="",
-                   help="Negative prompt for classifier-free guidance (FLUX: for true CFG, with --true_cfg_scale).")
+                   help="Negative prompt for classifier-free guidance (where a family guides with true CFG, it\n"
+                        "needs --true_cfg_scale > 1: see the family's recipe).")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="SD3/FLUX: T5 prompt tokens (at most 512; default: the pipeline's, 256 for SD3 and\n"
-                        "FLUX.1-schnell, 512 for FLUX.1-dev).")
+                   help=f"{family_list('max_sequence_length')}: prompt tokens of the text encoder\n"
+                        "(default: the pipeline's own, as the family's recipe gives it).")
     g.add_argument("--resolution", type=int, default=512,
                    help="Image height and width: a multiple of 8 (SD, SDXL) or 16 (SD3, FLUX); 1024 for SDXL,\n"
                         "SD3 and FLUX.")
@@ -111,15 +119,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
     g = p.add_argument_group("rollout")
     g.add_argument("--num_inference_steps", type=int, default=None,
-                   help="T: denoising steps per sample (default: 50 for SD/SDXL, 28 for SD3 and FLUX.1-dev,\n"
-                        "4 for FLUX.1-schnell).")
+                   help="T: denoising steps per sample (default: the family's, its pipeline's own; 50 for the\n"
+                        "UNet families).")
     g.add_argument("--guidance_scale", type=float, default=None,
-                   help="Classifier-free guidance scale (<=1: off; default 7.5 for SD/SDXL, 7.0 for SD3). FLUX.1-dev:\n"
-                        "the distilled guidance its transformer takes, one pass per step (default 3.5);\n"
-                        "FLUX.1-schnell takes none.")
+                   help="Classifier-free guidance scale (<=1: off; default: the family's, its pipeline's own).\n"
+                        "For a guidance-distilled model, the guidance its transformer takes as an input (one pass\n"
+                        "per step); a model without that input takes none.")
     g.add_argument("--true_cfg_scale", type=float, default=None,
-                   help="FLUX only: true classifier-free guidance with --negative_prompt (a second transformer\n"
-                        "pass per step), on when > 1, as FluxPipeline's true_cfg_scale. Default 1 (off).")
+                   help=f"{family_list('true_cfg_scale')}: true classifier-free guidance with --negative_prompt\n"
+                        "(a second transformer pass per step), on when > 1, as the pipeline's own true_cfg_scale.\n"
+                        "Default 1 (off).")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic sampler).")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: the last K denoising steps get gradients (DRaFT-K). Default 1.")
@@ -129,7 +138,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="What the VAE decodes after the last step: the model's x0 prediction (default, as\n"
                         "NeMo-Aligner's DRaFT+, so kl_coeff means what it means in NVIDIA's recipes), or the\n"
                         "scheduler's own final sample (images bit-identical to the diffusers pipeline's).\n"
-                        "SD3/FLUX: the last Euler step lands on sigma 0, so both are the same latent.")
+                        "Flow-matching families: the last Euler step lands on sigma 0, so both are the same latent.")
 
     g = p.add_argument_group("objective")
     g.add_argument("--reward", type=str, default="pickscore",
@@ -224,9 +233,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                         "all (every one installed), or none.")
     g.add_argument("--logging_dir", type=str, default="logs", help="Tracker directory, relative to --output_dir.")
     g.add_argument("--no_kohya_export", dest="export_kohya", action="store_false",
-                   help="Do not write the file ComfyUI loads: pytorch_lora_weights_kohya.safetensors for SD/SDXL\n"
-                        "(AUTOMATIC1111 loads it too), pytorch_lora_weights_comfyui.safetensors for SD3/FLUX\n"
-                        "(written by default; `python -m utils.lora.export DIR` writes it later).")
+                   help="Do not write the file ComfyUI loads: pytorch_lora_weights_kohya.safetensors for the UNet\n"
+                        "families (AUTOMATIC1111 loads it too), pytorch_lora_weights_comfyui.safetensors for the\n"
+                        "flow-matching ones (written by default; `python -m utils.run.export DIR` writes it later).")
     g.add_argument("--export_kohya", dest="export_kohya", action="store_true", help=argparse.SUPPRESS)  # the default
     g.add_argument("--push_to_hub", action="store_true",
                    help="Upload the model card, the LoRA (and kohya file), the validation grids and the training\n"

@@ -32,8 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 RUNNABLE = "<!-- runnable -->"
 STEPS_BAR = re.compile(r"Steps: 100%\|[^|]*\| (\d+)/\1 \[(\d+):(\d+)<")  # tqdm's last update of the training bar
+
+
+def documentation() -> str:
+    """README.md, then the pages of docs/ (sorted by path), as one text: where the runnable blocks and the quoted
+    figures live. In this order the runnable blocks run as a reader meets them: the quickstart first."""
+    return "\n".join(page.read_text() for page in (README, *sorted(DOCS.rglob("*.md"))))
 
 
 def code_blocks(text: str) -> list[tuple[str, str, bool]]:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from benchmarks.endurance import machine
 
-    found = quickstart_commands(README.read_text())
+    found = quickstart_commands(documentation())
     raw = {"machine": machine().rsplit(",", 1)[0],  # its thread count is this process's, not the runs'
            "command": shlex.join(["python", "-m", "benchmarks.quickstart", *(argv if argv is not None else sys.argv[1:])]),
            "repeats": args.repeats, "commands": found, "runs": []}

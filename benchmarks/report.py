@@ -1,12 +1,12 @@
-"""Assemble benchmarks/RESULTS.md, and the README's summary of it, from the files the benchmark scripts wrote
+"""Assemble benchmarks/RESULTS.md, and docs/evaluation.md's summary of it, from the files the benchmark scripts wrote
 into benchmarks/results/.
 
     python -m benchmarks.tradeoff && python -m benchmarks.tradeoff --toy toy-flow && python -m benchmarks.speed_memory \
         && python -m benchmarks.report
 
-No figure in RESULTS.md or in the README is typed by hand: each RESULTS.md section is a benchmark's own output,
-and the README's block between the `benchmark-summary` markers is written here from the same results files
-(a test fails when the committed README and results disagree).
+No figure in RESULTS.md or in the docs is typed by hand: each RESULTS.md section is a benchmark's own output,
+and docs/evaluation.md's block between the `benchmark-summary` markers is written here from the same results files
+(a test fails when the committed page and results disagree).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _diff(d: dict) -> str:
     return f"{d['mean']:+.4f} ± {d['se']:.4f}"
 
 
-README = HERE.parent / "README.md"
+SUMMARY_PAGE = HERE.parent / "docs" / "evaluation.md"  # the page that quotes the headline figures
 BEGIN = "<!-- benchmark-summary:begin (written by `python -m benchmarks.report` from benchmarks/results/) -->"
 END = "<!-- benchmark-summary:end -->"
 
@@ -262,7 +262,7 @@ def _endurance_lines(results: Path) -> list[str]:
 
 
 def readme_summary(results: Path | None = None) -> str:
-    """The README's block of headline figures, each computed from a committed results file."""
+    """The summary page's block of headline figures, each computed from a committed results file."""
     results = results or HERE / "results"
     lines = [*_tradeoff_lines(results), *_speed_lines(results), *_flow_memory_lines(results),
              *_endurance_lines(results)]
@@ -270,9 +270,9 @@ def readme_summary(results: Path | None = None) -> str:
 
 
 def update_readme(readme: Path | None = None, results: Path | None = None) -> bool:
-    """Replace the README's summary block (of the README beside the benchmarks folder this report was run for);
-    False if there is no such README or it has no markers."""
-    readme = readme or HERE.parent / "README.md"
+    """Replace the summary block of `readme` (default: docs/evaluation.md beside the benchmarks folder this report
+    was run for); False if there is no such page or it has no markers."""
+    readme = readme or SUMMARY_PAGE
     if not readme.is_file():
         return False
     text = readme.read_text()
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     (HERE / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {HERE / 'RESULTS.md'}")
     if update_readme():
-        print(f"updated the benchmark summary in {HERE.parent / 'README.md'}")
+        print(f"updated the benchmark summary in {SUMMARY_PAGE}")
 
 
 if __name__ == "__main__":

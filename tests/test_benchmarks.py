@@ -137,9 +137,9 @@ def test_saved_activation_bytes_excludes_weights_and_frees_the_graph():
 
 def test_readme_summary_is_generated_from_the_committed_results():
     """No hand-typed figure: the README's benchmark block is exactly what report.py computes from the results."""
-    from benchmarks.report import BEGIN, END, README, readme_summary
+    from benchmarks.report import BEGIN, END, SUMMARY_PAGE, readme_summary
 
-    text = README.read_text()
+    text = SUMMARY_PAGE.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == readme_summary()
     assert "tradeoff" in readme_summary().lower() or "Trade-off" in readme_summary()
@@ -217,7 +217,7 @@ def test_flow_memory_smoke_runs_the_sd35_and_the_4bit_flux_code_paths(tmp_path):
 def test_quickstart_benchmark_runs_the_readmes_commands_and_tables_each_condition():
     from benchmarks import quickstart
 
-    found = quickstart.quickstart_commands(quickstart.README.read_text())
+    found = quickstart.quickstart_commands(quickstart.documentation())
     assert set(found) == {"toy", "toy-flow"}
     for words in found.values():  # as printed, without the environment assignment the benchmark sets per run
         assert words[:2] == ["accelerate", "launch"] and "train_draftplus.py" in words and "--output_dir" in words
@@ -244,7 +244,7 @@ def test_the_readme_quotes_the_committed_quickstart_measurements():
     from benchmarks import quickstart
 
     raw = json.loads((ROOT / "benchmarks" / "results" / "quickstart_cpu.json").read_text())
-    readme = quickstart.README.read_text()
+    readme = quickstart.documentation()
     assert raw["commands"] == quickstart.quickstart_commands(readme)  # measured on the commands printed today
     for line in quickstart.table(raw, "toy"):
         assert line in readme

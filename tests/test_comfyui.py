@@ -1,5 +1,5 @@
 """The ComfyUI file of the flow-matching families (SD3/SD3.5, FLUX.1): diffusers' transformer keys plus one alpha
-tensor per module, written by default next to the diffusers file (and by `python -m utils.lora.export` later).
+tensor per module, written by default next to the diffusers file (and by `python -m utils.run.export` later).
 
 ComfyUI reads no safetensors metadata: without the alpha tensors its FLUX and SD3 loaders take alpha = rank
 (measured with ComfyUI's own loader on files of the real FLUX.1-dev and SD3.5-Medium module names; ComfyUI is
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from utils.families import family_of
 from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
-from utils.lora import export as cli
+from utils.run import export as cli
 
 SEQ = 16
 

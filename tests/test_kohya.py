@@ -6,7 +6,7 @@ from lora_fixtures import save_random_lora
 from safetensors.torch import load_file
 
 from utils.lora import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, export_kohya
-from utils.lora import export as cli
+from utils.run import export as cli
 
 
 def render(pipe):

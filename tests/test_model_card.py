@@ -173,7 +173,7 @@ def test_the_card_writes_no_path_of_the_machine_that_trained_it(tiny_sd_path, tm
     assert "from step 7: --prompts old.txt -> prompts.txt" in text
     assert 'from_pretrained("my-model")' in text and 'load_lora_weights("a")' in text
     assert "`my-model`, `a`" in text and "stand for paths outside it" in text  # and the card says so
-    assert "python -m utils.lora.export a" in text  # no kohya file: how to write it
+    assert "python -m utils.run.export a" in text  # no kohya file: how to write it
 
 
 def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_loads(tiny_flux_dev_path, tmp_path,
@@ -217,7 +217,7 @@ def test_an_sd3_card_sends_diffusers_users_to_the_plain_file(tiny_sd3_path, tmp_
             "`pytorch_lora_weights.safetensors`") in body
     unexported = parse(model_card_text(args, "StableDiffusion3Pipeline", None)).text
     assert "wrote no file for ComfyUI (`--no_kohya_export`)" in unexported
-    assert f"python -m utils.lora.export out` writes `{COMFYUI_WEIGHTS_NAME}`" in unexported
+    assert f"python -m utils.run.export out` writes `{COMFYUI_WEIGHTS_NAME}`" in unexported
 
 
 def test_a_local_base_models_other_license_keeps_its_name(tiny_flux_dev_path, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.quickstart import code_blocks, commands
+from benchmarks.quickstart import code_blocks, commands, documentation
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -39,12 +39,14 @@ def shell(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_readme_marks_the_quickstart_runnable_and_its_test_command_is_what_ci_runs():
-    blocks = code_blocks(README.read_text())
+    blocks = code_blocks(documentation())
     runnable = [code for language, code, marked in blocks if marked]
     assert runnable and "train_draftplus.py" in runnable[0] and "--output_dir outputs/quickstart" in runnable[0]
     assert all(language == "bash" for language, _, marked in blocks if marked)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    (test_block,) = [code for language, code, _ in blocks if language == "bash" and "pytest" in code]
+    readme = code_blocks(README.read_text())
+    (test_block,) = [code for language, code, _ in readme if language == "bash" and "pip install" in code
+                     and "pytest" in code]
     install, run_tests = test_block.split(" && ")
     assert run_tests in ci  # `python -m pytest -q`, exactly
     assert any(line.endswith(install.removeprefix("pip install")) and "pip install" in line for line in ci)
@@ -58,7 +60,7 @@ def test_every_trainer_and_evaluator_command_in_the_readme_parses(monkeypatch):
 
     monkeypatch.setattr(arg_checks, "check_training_args", lambda args: None)  # no model, no hub: parsing only
     seen = {"train": 0, "evaluate": 0}
-    for language, code, _ in code_blocks(README.read_text()):
+    for language, code, _ in code_blocks(documentation()):
         if language != "bash":
             continue
         for words in commands(code):
@@ -75,7 +77,7 @@ def test_every_trainer_and_evaluator_command_in_the_readme_parses(monkeypatch):
 def test_the_runnable_blocks_run_as_printed_in_a_fresh_copy_and_so_do_the_cards_commands(tmp_path):
     repo = repository_copy(tmp_path / "draftplus")
     printed = ""
-    for _, code, marked in code_blocks(README.read_text()):
+    for _, code, marked in code_blocks(documentation()):
         if marked:
             result = shell(code, repo)
             assert result.returncode == 0, f"{code}\n{result.stderr[-3000:]}"

@@ -4,7 +4,12 @@
 (no weights) and picks its family. Importing the package registers every family.
 """
 
-from utils.families import flux, sd3, stable_diffusion  # noqa: F401  (each registers its families)
+# Each family module registers its families on import; the registry lists them in this order (messages, --help).
+# isort: off
+from utils.families import stable_diffusion  # noqa: F401
+from utils.families import sd3  # noqa: F401
+from utils.families import flux  # noqa: F401
+# isort: on
 from utils.families.base import (
     FAMILIES,
     ModelFamily,

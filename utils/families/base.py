@@ -55,6 +55,7 @@ class ModelFamily:
     """
 
     name: ClassVar[str]
+    display_name: ClassVar[str]  # how --help and the docs name the family
     hub_tag: ClassVar[str]  # the model card's tag for the family
     pipeline_class_name: ClassVar[str]
     serves: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family trains

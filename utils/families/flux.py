@@ -19,6 +19,7 @@ class Flux(FlowTransformerFamily):
     guidance (a second pass on the negative prompt) only with `--true_cfg_scale` > 1 and a negative prompt,
     as FluxPipeline does."""
 
+    display_name = "FLUX.1 [dev]/[schnell]"
     name = "flux"
     hub_tag = "flux"
     pipeline_class_name = "FluxPipeline"

@@ -15,6 +15,7 @@ class StableDiffusion3(FlowTransformerFamily):
     """SD3 / SD3.5: CLIP-L + CLIP-G + T5, classifier-free guidance on an [uncond, cond] batch with
     `--negative_prompt`, the timestep in [0, 1000], the scheduler's static shift."""
 
+    display_name = "Stable Diffusion 3/3.5"
     name = "sd3"
     hub_tag = "stable-diffusion-3"
     pipeline_class_name = "StableDiffusion3Pipeline"

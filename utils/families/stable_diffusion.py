@@ -91,6 +91,7 @@ class UNetFamily(ModelFamily):
 class StableDiffusion(UNetFamily):
     """SD 1.x / 2.x: one CLIP text encoder, cross-attention conditioning only."""
 
+    display_name = "Stable Diffusion 1.x/2.x"
     name = "sd"
     hub_tag = "stable-diffusion"
     pipeline_class_name = "StableDiffusionPipeline"
@@ -110,6 +111,7 @@ class StableDiffusionXL(UNetFamily):
     """SDXL: two text encoders (penultimate hidden states concatenated), the second one's pooled
     embedding and the (original size, crop, target size) time ids as added conditioning."""
 
+    display_name = "SDXL"
     name = "sdxl"
     hub_tag = "stable-diffusion-xl"
     pipeline_class_name = "StableDiffusionXLPipeline"

@@ -1,5 +1,5 @@
 """LoRA on the denoiser: `adapters` (add, target, switch off), `files` (names, save and load), `exports` (the
-files ComfyUI and AUTOMATIC1111 load), `export` (the command line that writes those later)."""
+files ComfyUI and AUTOMATIC1111 load; `python -m utils.run.export` writes them for an existing LoRA)."""
 
 from utils.lora.adapters import (
     DEFAULT_TARGET_MODULES,

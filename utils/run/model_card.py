@@ -266,7 +266,7 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         lines += [f"| `{ui_lora}` | {loads_in} |", "", why, ""]
     else:
         lines += ["", f"This run wrote no file for {family.ui_lora_tools} (`--no_kohya_export`); in a draftplus "
-                  f"checkout, `python -m utils.lora.export {shlex.quote(local_lora)}` writes "
+                  f"checkout, `python -m utils.run.export {shlex.quote(local_lora)}` writes "
                   f"`{family.ui_lora_name}`.", ""]
 
     prompt = json.dumps(validation.widget[0][0] if validation.widget else "a photo of a cat")

@@ -1,6 +1,6 @@
 """Write the file ComfyUI (and, for SD/SDXL, AUTOMATIC1111) loads next to a draftplus LoRA:
 
-    python -m utils.lora.export OUTPUT_DIR [OUTPUT_DIR/checkpoint-200 ...] [--model MODEL]
+    python -m utils.run.export OUTPUT_DIR [OUTPUT_DIR/checkpoint-200 ...] [--model MODEL]
 
 writes, next to each `pytorch_lora_weights.safetensors`, the file `train_draftplus.py` writes at the end of
 training unless `--no_kohya_export`: for checkpoints, and for runs trained without it. The model's family
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m utils.lora.export", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m utils.run.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("lora", nargs="+", metavar="DIR",
                    help="Trainer output or checkpoint-N directories (or their .safetensors files).")

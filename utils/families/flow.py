@@ -79,8 +79,9 @@ class FlowTransformerFamily(ModelFamily):
         if (problem := super().option_problem(args, denoiser_config)) is not None:
             return problem
         if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= cls.max_sequence_length_limit:
-            return (f"--max_sequence_length must be between 1 and {cls.max_sequence_length_limit} for "
-                    f"{cls.pipeline_class_name} models, got {args.max_sequence_length}")
+            return (f"--max_sequence_length must be between 1 and {cls.max_sequence_length_limit}, got "
+                    f"{args.max_sequence_length}: {cls.pipeline_class_name} takes at most "
+                    f"{cls.max_sequence_length_limit} prompt tokens")
         return None
 
     inference_in_bf16 = True  # billions of weights

@@ -47,7 +47,13 @@ from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
 from utils.run.output_dir import METRICS_NAME, claim_output_dir, truncate_metrics
 from utils.run.preemption import Preemption
-from utils.run.sharding import ShardedModels, modules_to_shard, register_checkpoint_hooks, shard_models
+from utils.run.sharding import (
+    ShardedModels,
+    modules_to_shard,
+    register_checkpoint_hooks,
+    reshard_after_forward,
+    shard_models,
+)
 from utils.run.validation import DIVERSITY_CHOICES, Validation
 
 PROG = "train_draftplus.py"
@@ -368,7 +374,7 @@ def main(args: argparse.Namespace) -> None:
     lora_params = add_lora(models.denoiser, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
     sharded: ShardedModels | None = None
     if args.shard:  # the LoRA is in the blocks before they are sharded; it stays whole (utils/run/sharding.py)
-        sharded = shard_models(models.family, lora_params, accelerator)
+        sharded = shard_models(models.family, lora_params, accelerator.device, reshard_after_forward(accelerator))
     if args.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
         models.vae.enable_gradient_checkpointing()

@@ -110,16 +110,19 @@ class ShardedModels:
             p.grad = g.view_as(p).clone()
 
 
-def shard_models(family, lora_params: Sequence[torch.nn.Parameter], accelerator) -> ShardedModels:
+def reshard_after_forward(accelerator) -> bool:
+    """False only under an accelerate FSDP config with `fsdp_reshard_after_forward: false` (each gathered block then
+    stays whole from its forward to its backward: fewer all-gathers, more memory)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)  # the state raises AttributeError when it has none
+    return getattr(plugin, "reshard_after_forward", True) is not False
+
+
+def shard_models(family, lora_params: Sequence[torch.nn.Parameter], device: torch.device,
+                 reshard_after_forward: bool = True) -> ShardedModels:
     """Shard the family's denoiser by its `shard_block_classes` and its largest text encoder by its
-    `_no_split_modules` over all processes (one mesh dimension) onto `accelerator.device`, the LoRA left whole.
-    An accelerate FSDP config's `fsdp_reshard_after_forward: false` keeps the gathered blocks until the
-    backward (faster, more memory)."""
+    `_no_split_modules` over all processes (one mesh dimension) onto `device`, the LoRA left whole."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = accelerator.device
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    reshard_after_forward = getattr(plugin, "reshard_after_forward", True) is not False
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for p in lora_params:  # the LoRA was added on the CPU with the rest of the denoiser; it stays whole
         p.data = p.data.to(device)

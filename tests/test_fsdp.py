@@ -104,7 +104,7 @@ import copy, json, sys
 import torch, torch.distributed as dist
 from utils.families import load_family
 from utils.lora import add_lora, adapters_disabled
-from utils.run.sharding import shard_models
+from utils.run.sharding import largest, shard_models
 
 model, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -118,7 +118,6 @@ with torch.no_grad():  # a trained-looking LoRA (PEFT starts B at zero), the sam
     for p in lora:
         p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
 whole = copy.deepcopy(family.denoiser)
-whole_encoder = copy.deepcopy(family.pipe.text_encoder_2)
 family.denoiser.enable_gradient_checkpointing()
 
 generator = torch.Generator().manual_seed(1 + rank)  # each process its own latents and prompt
@@ -130,8 +129,9 @@ cond = family.encode_prompts(prompt)
 sharded = shard_models(family, lora, torch.device("cpu"))
 result = {"blocks": sharded.blocks, "lora_is_plain": all(type(p) is torch.nn.Parameter for p in lora),
           "base_is_dtensor": type(family.denoiser.x_embedder.weight).__name__ == "DTensor",
-          "encoder_is_dtensor": type(family.pipe.text_encoder_2.shared.weight).__name__ == "DTensor"}
-sharded_cond = family.encode_prompts(prompt)  # the sharded T5
+          "encoder_is_dtensor": all(type(p).__name__ == "DTensor"
+                                    for p in largest(family.text_encoders).parameters())}
+sharded_cond = family.encode_prompts(prompt)  # with the largest text encoder sharded
 result["embeds"] = max((sharded_cond.cond[k] - cond.cond[k]).abs().max().item() for k in cond.cond)
 
 with torch.no_grad(), adapters_disabled(family.denoiser):

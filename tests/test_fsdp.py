@@ -230,8 +230,11 @@ def max_abs_difference(a, b):
 
 
 def lora_metadata(path):
+    """The LoRA file's metadata; lists sorted (PEFT keeps target_modules as a set: its order is the process's)."""
     with safe_open(str(path), "pt") as f:
-        return f.metadata()
+        metadata = dict(f.metadata())
+    config = json.loads(metadata.pop("lora_adapter_metadata"))
+    return metadata, {k: sorted(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,8 @@ def test_the_sharded_model_predicts_references_and_backpropagates_as_the_whole_m
 # ----------------------------------------------------------------------------------------------
 # Training runs: the FSDP run against the DDP run, preemption and resume
 # ----------------------------------------------------------------------------------------------
-# The redness reward; on the TERM_AT-th call, rank 1 sends itself a SIGTERM (a preemption notice to one node).
+# The redness reward; on rank 1 only (what one node sees): a SIGTERM (a preemption notice) on the TERM_AT-th
+# call, and NaN from the NAN_FROM-th call on.
 REWARD = """
 import os
 import signal
@@ -188,9 +189,11 @@ CALLS = [0]
 
 def red(images, prompts):
     CALLS[0] += 1
-    if os.environ.get("RANK") == "1" and CALLS[0] == int(os.environ.get("TERM_AT", "0")):
+    rank1 = os.environ.get("RANK") == "1"
+    if rank1 and CALLS[0] == int(os.environ.get("TERM_AT", "0")):
         os.kill(os.getpid(), signal.SIGTERM)
-    return images[:, 0].mean(dim=(1, 2))
+    score = images[:, 0].mean(dim=(1, 2))
+    return score * float("nan") if rank1 and CALLS[0] >= int(os.environ.get("NAN_FROM", "1000000")) else score
 """
 STEPS = 4
 
@@ -290,7 +293,7 @@ def test_a_sigterm_to_one_rank_then_resume_ends_bitwise_where_the_uninterrupted_
     out = root / "preempted"
     # Rank 1's 5th reward call is in step 3 (2 micro-steps a step): all ranks stop after step 3, with a checkpoint.
     stopped = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29577, TERM_AT="5")
-    assert stopped.returncode != 0 and "Stopped by SIGTERM at step 3;" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "Stopped by SIGTERM at step 3;" in stopped.stdout, stopped.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not (out / LORA_WEIGHTS_NAME).exists()
     resumed = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29579, "--resume_from_checkpoint", "latest")
@@ -298,3 +301,19 @@ def test_a_sigterm_to_one_rank_then_resume_ends_bitwise_where_the_uninterrupted_
     assert [m["step"] for m in metrics(out)] == list(range(1, STEPS + 1))
     assert max_abs_difference(out / LORA_WEIGHTS_NAME, root / "straight" / LORA_WEIGHTS_NAME) == 0
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(root / "straight")]
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_on_one_rank_are_skipped_by_all_and_stop_the_sharded_run(fsdp_run, tiny_flux_dev_path):
+    root, _ = fsdp_run
+    out = root / "nan"
+    # Rank 1's reward is NaN from its 3rd call: steps 2 and 3 (2 micro-steps a step) are skipped on both ranks.
+    result = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29581, "--checkpointing_steps", "1",
+                         "--max_nonfinite_steps", "2", NAN_FROM="3")
+    assert result.returncode != 0 and "exitcode  : 3" in result.stderr, result.stderr[-3000:]  # as torchrun reports
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors and all("2 steps in a row (steps 2-3) had a non-finite loss or gradient" in e for e in errors)
+    assert [m["nonfinite_steps"] for m in metrics(out)] == [0, 1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert max_abs_difference(out / "checkpoint-1" / LORA_WEIGHTS_NAME, out / "checkpoint-2" / LORA_WEIGHTS_NAME) == 0
+    assert not (out / LORA_WEIGHTS_NAME).exists()

@@ -81,6 +81,19 @@ def test_an_accelerate_fsdp_config_turns_sharding_on_and_unet_families_are_refus
     assert unets and all("train them with DDP" in shard_problem(shard_args(), f, 2, env={}) for f in unets)
 
 
+def test_the_fsdp_plugin_can_keep_gathered_blocks_until_the_backward():
+    from types import SimpleNamespace
+
+    from utils.run.sharding import reshard_after_forward
+
+    def accelerator(**plugin):
+        return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(**plugin)))
+
+    assert reshard_after_forward(accelerator(reshard_after_forward=False)) is False
+    assert reshard_after_forward(accelerator(reshard_after_forward=True)) is True
+    assert reshard_after_forward(SimpleNamespace(state=SimpleNamespace())) is True  # no plugin: --shard
+
+
 def test_the_command_line_refuses_shard_in_one_line_before_loading(tiny_sd_path, tmp_path, monkeypatch, capsys):
     import train_draftplus
 

@@ -41,19 +41,12 @@ from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 from utils.rollout.schedulers import SCHEDULERS
-from utils.run import arg_checks, guards
+from utils.run import arg_checks, guards, sharding
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
 from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
 from utils.run.output_dir import METRICS_NAME, claim_output_dir, truncate_metrics
 from utils.run.preemption import Preemption
-from utils.run.sharding import (
-    ShardedModels,
-    modules_to_shard,
-    register_checkpoint_hooks,
-    reshard_after_forward,
-    shard_models,
-)
 from utils.run.validation import DIVERSITY_CHOICES, Validation
 
 PROG = "train_draftplus.py"
@@ -314,7 +307,7 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
     # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
     # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device;
     # with --shard, `fully_shard` moves the modules it shards to the device shard by shard.
-    left = modules_to_shard(family) if args.shard else []
+    left = sharding.modules_to_shard(family) if args.shard else []
     for model in (*family.text_encoders, family.denoiser):
         model.requires_grad_(False).eval()
         if not (model is family.denoiser and family.quantized) and not any(model is m for m in left):
@@ -372,9 +365,10 @@ def main(args: argparse.Namespace) -> None:
 
     models = load_models(args, checked, accelerator)
     lora_params = add_lora(models.denoiser, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
-    sharded: ShardedModels | None = None
+    sharded: sharding.ShardedModels | None = None
     if args.shard:  # the LoRA is in the blocks before they are sharded; it stays whole (utils/run/sharding.py)
-        sharded = shard_models(models.family, lora_params, accelerator.device, reshard_after_forward(accelerator))
+        sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
+                                        sharding.reshard_after_forward(accelerator))
     if args.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
         models.vae.enable_gradient_checkpointing()
@@ -384,8 +378,6 @@ def main(args: argparse.Namespace) -> None:
                                                  if args.reward_gradient_checkpointing else {})}
     reward_fn = build_reward(args.reward, device=accelerator.device, dtype=resolve_dtype(args.reward_dtype),
                              **reward_options)
-    if sharded is None:
-        register_lora_hooks(accelerator, models.family)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -402,10 +394,11 @@ def main(args: argparse.Namespace) -> None:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     if sharded is None:
+        register_lora_hooks(accelerator, models.family)
         models.denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
     else:  # accelerate holds neither the sharded denoiser nor its optimizer; the checkpoint hooks save them
         lr_scheduler = accelerator.prepare(lr_scheduler)
-        register_checkpoint_hooks(accelerator, models.family, sharded, optimizer)
+        sharding.register_checkpoint_hooks(accelerator, models.family, sharded, optimizer)
     models.raw_denoiser = accelerator.unwrap_model(models.denoiser)
     if args.compile:  # after prepare(): weights on their device, in their dtype, for good
         models.no_grad_denoiser = compile_no_grad_denoiser(models.raw_denoiser, models.vae)

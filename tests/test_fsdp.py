@@ -3,9 +3,9 @@
 The sharded model predicts what the whole model predicts, with and without its LoRA (the DRaFT+ reference is the
 adapters-off prediction), and its LoRA gradients, averaged over the processes, are those of the whole model; a
 sharded run started by accelerate_configs/fsdp.yaml ends with the LoRA of the same DDP run, in the same files;
-a SIGTERM to one rank then a resume ends bitwise where an uninterrupted sharded run ends; the LoRA loads into
-FluxPipeline. Each family that shards names block classes its denoiser has; what cannot be sharded is refused
-with one line before any model loads.
+a SIGTERM to one rank then a resume ends bitwise where an uninterrupted sharded run ends; non-finite steps on one
+rank are skipped by all; the LoRA loads into FluxPipeline and the evaluator. Each family that shards names block
+classes its denoiser has; what cannot be sharded is refused with one line before any model loads.
 """
 
 import argparse
@@ -297,6 +297,14 @@ def test_the_fsdp_run_ends_with_the_lora_of_the_ddp_run_in_the_same_files(fsdp_r
     before = render()
     pipe.load_lora_weights(straight)
     assert (render() - before).abs().max() > 1e-4
+
+    from utils.evaluation import evaluate as ev
+
+    result = ev.evaluate(str(tiny_flux_dev_path), ["a red circle", "a blue square"], reward="redness",
+                         loras=[straight], diversity_metric="pixel_l2", device="cpu", num_inference_steps=3,
+                         guidance_scale=3.5, height=48, width=32, seeds_per_prompt=2)
+    base, lora = result.rows
+    assert lora["path"] == str(straight) and abs(lora["reward_mean"] - base["reward_mean"]) > 1e-6
 
 
 @pytest.mark.slow

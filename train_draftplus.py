@@ -42,7 +42,7 @@ from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 from utils.rollout.schedulers import SCHEDULERS
-from utils.run import arg_checks, guards
+from utils.run import arg_checks, guards, sharding
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
 from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
@@ -93,6 +93,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="QLoRA: load the frozen denoiser in bitsandbytes 4-bit NF4 (computing in the weight dtype)\n"
                         "under the LoRA, as diffusers' FLUX QLoRA example; CUDA only. The DRaFT+ reference\n"
                         "(adapters disabled) is then the quantized base model.")
+    g.add_argument("--shard", action="store_true",
+                   help="FSDP2: split the frozen denoiser (by transformer blocks) and the largest text encoder\n"
+                        "across the processes, the LoRA kept whole on each, for models too big for one GPU\n"
+                        "(FLUX.2-dev, Qwen-Image); set by accelerate_configs/fsdp.yaml. docs/scaling.md.")
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", type=str, default="animals",
@@ -310,10 +314,12 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
                         "point --pretrained_model_name_or_path at a local copy (a directory saved with "
                         "save_pretrained)") from e
     # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
-    # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device.
+    # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device;
+    # with --shard, `fully_shard` moves the modules it shards to the device shard by shard.
+    left = sharding.modules_to_shard(family) if args.shard else []
     for model in (*family.text_encoders, family.denoiser):
         model.requires_grad_(False).eval()
-        if not (model is family.denoiser and family.quantized):
+        if not (model is family.denoiser and family.quantized) and not any(model is m for m in left):
             model.to(accelerator.device)
     family.vae.requires_grad_(False).eval().to(accelerator.device)
     if family.vae.dtype != family.vae_dtype(weight_dtype):  # e.g. SDXL's fp16-fix VAE, loaded in fp32 to decide
@@ -368,6 +374,10 @@ def main(args: argparse.Namespace) -> None:
 
     models = load_models(args, checked, accelerator)
     lora_params = add_lora(models.denoiser, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
+    sharded: sharding.ShardedModels | None = None
+    if args.shard:  # the LoRA is in the blocks before they are sharded; it stays whole (utils/run/sharding.py)
+        sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
+                                        sharding.reshard_after_forward(accelerator))
     if args.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()
         models.vae.enable_gradient_checkpointing()
@@ -377,7 +387,6 @@ def main(args: argparse.Namespace) -> None:
                                                  if args.reward_gradient_checkpointing else {})}
     reward_fn = build_reward(args.reward, device=accelerator.device, dtype=resolve_dtype(args.reward_dtype),
                              **reward_options)
-    register_lora_hooks(accelerator, models.family)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -393,7 +402,12 @@ def main(args: argparse.Namespace) -> None:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    models.denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
+    if sharded is None:
+        register_lora_hooks(accelerator, models.family)
+        models.denoiser, optimizer, lr_scheduler = accelerator.prepare(models.denoiser, optimizer, lr_scheduler)
+    else:  # accelerate holds neither the sharded denoiser nor its optimizer; the checkpoint hooks save them
+        lr_scheduler = accelerator.prepare(lr_scheduler)
+        sharding.register_checkpoint_hooks(accelerator, models.family, sharded, optimizer)
     models.raw_denoiser = accelerator.unwrap_model(models.denoiser)
     if args.compile:  # after prepare(): weights on their device, in their dtype, for good
         models.no_grad_denoiser = compile_no_grad_denoiser(models.raw_denoiser, models.vae)
@@ -434,6 +448,8 @@ def main(args: argparse.Namespace) -> None:
         step_metrics.start()
         totals = accumulate_gradients(accelerator, models, reward_fn, checked.prompts, args, rollout_config,
                                       latent_shape, global_step, step_metrics)
+        if sharded is not None:  # what DDP's all-reduce does in the last micro-step's backward
+            sharded.average_gradients()
         grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm or float("inf"))
         if nonfinite.check(accelerator, totals[0], grad_norm, global_step + 1):  # else: skipped, no update
             optimizer.step()

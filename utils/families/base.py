@@ -78,6 +78,9 @@ class ModelFamily:
     # repositories declare them: lower-case hub id -> License.
     licenses: ClassVar[dict[str, License]] = {}
     inference_in_bf16: ClassVar[bool] = False  # the card's snippet loads the pipeline in bf16 (billions of weights)
+    # The denoiser's transformer block classes: `--shard` (utils/run/sharding.py) splits the denoiser across
+    # processes block by block, each gathered whole only for its own forward and backward. Empty: not sharded.
+    shard_block_classes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe

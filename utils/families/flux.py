@@ -26,6 +26,7 @@ class Flux(FlowTransformerFamily):
     serves = ("FluxPipeline",)
     default_max_sequence_length = 512  # FluxPipeline.__call__'s
     options = (*FlowTransformerFamily.options, "true_cfg_scale")
+    shard_block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     # A LoRA of FLUX.1-dev falls under its non-commercial license (schnell is Apache-2.0, its card says so).
     licenses = {"black-forest-labs/flux.1-dev": License(
         "other", "flux-1-dev-non-commercial-license",

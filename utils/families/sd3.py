@@ -21,6 +21,7 @@ class StableDiffusion3(FlowTransformerFamily):
     pipeline_class_name = "StableDiffusion3Pipeline"
     serves = ("StableDiffusion3Pipeline",)
     default_max_sequence_length = 256  # StableDiffusion3Pipeline.__call__'s
+    shard_block_classes = ("JointTransformerBlock",)  # SD3 and SD3.5 (dual attention) alike
     ui_lora_loads_in_diffusers = False  # its loader wants 'lora' in every key: the alpha tensors are refused
 
     @classmethod

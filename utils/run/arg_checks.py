@@ -52,6 +52,7 @@ from utils.run.checkpoints import (
 )
 from utils.run.objective import describe_changes, objective_differences, objective_of
 from utils.run.output_dir import check_not_in_use, previous_run_files
+from utils.run.sharding import shard_problem
 from utils.run.validation import check_validation_args, check_validation_history
 
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules we do not take)
@@ -440,6 +441,8 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
         check_vae(args.pretrained_vae_model_name_or_path)
     check_launch(env)
     check_device_support(args, env)
+    if (problem := shard_problem(args, family, world_size_from_env(env), env)) is not None:
+        raise ArgumentError(problem)
     check_trackers(args.report_to)
     check_hub(args, env)
     check_output_dir(args)

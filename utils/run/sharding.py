@@ -1,0 +1,154 @@
+"""`--shard`: the frozen model split across processes with FSDP2 (`torch.distributed.fsdp.fully_shard`) while
+the LoRA trains, for models whose frozen weights do not fit one GPU whole (FLUX.2-dev, Qwen-Image).
+
+The denoiser is sharded block by block (the family's `shard_block_classes`) and the largest text encoder by its
+layers (transformers' `_no_split_modules`): each block all-gathers its weights for its own forward (and again
+for its backward) and frees them after, so a process holds 1/N of those weights plus one block whole. The VAE
+and the reward model stay whole on every process: they are small next to the transformer, and sharding them
+would add two all-gathers per sample for little memory (docs/scaling.md has the sums).
+
+The LoRA is left out of the shards (`ignored_params`): it is millions of weights against billions, so keeping
+it whole on every process costs nothing, and every LoRA-facing part of the trainer stays what it is under DDP:
+the optimizer steps ordinary tensors, checkpoints and the final file hold the same LoRA file, the cross-rank
+digest, the non-finite guards and the preemption read ordinary tensors. The one thing DDP did that is done
+here instead is averaging the LoRA's gradients across processes, once per optimiser step
+(`ShardedModels.average_gradients`).
+
+This path runs on whatever device accelerate gives (CUDA over NCCL, CPU over gloo), so it is tested on CPU.
+accelerate's own FSDP wrapping is not used: it would shard the LoRA too, it takes a model only together with its
+optimizer, and with `cpu=True` it falls back to DDP. An accelerate FSDP config (accelerate_configs/fsdp.yaml)
+selects this path, as `--shard` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from utils.hub import truthy
+from utils.lora import load_lora_into_denoiser, save_lora
+
+# accelerate's name for the optimizer state in a checkpoint: the sharded run's checkpoints hold the same files.
+OPTIMIZER_NAME = "optimizer.bin"
+
+
+def shard_problem(args: Any, family, world_size: int, env: Mapping[str, str] = os.environ) -> str | None:
+    """The one line refusing a sharded run that cannot work (None when it can, or the run is not sharded). An
+    accelerate FSDP config (ACCELERATE_USE_FSDP in the launcher's environment) turns `args.shard` on."""
+    args.shard = bool(args.shard or truthy(env.get("ACCELERATE_USE_FSDP")))
+    if not args.shard:
+        return None
+    source = "--shard" if not truthy(env.get("ACCELERATE_USE_FSDP")) else "the accelerate FSDP config"
+    if not family.shard_block_classes:
+        return (f"{source}: {family.pipeline_class_name} models fit one GPU whole; train them with DDP "
+                "(accelerate_configs/multi_gpu.yaml)")
+    if world_size < 2:
+        return (f"{source} splits the frozen model across processes and this run has one; launch 2 or more "
+                "(accelerate launch --config_file accelerate_configs/fsdp.yaml, or torchrun --nproc_per_node N)")
+    precision = args.mixed_precision or env.get("ACCELERATE_MIXED_PRECISION")
+    refused = (  # (option, refused, what to do instead)
+        ("--mixed_precision fp16", precision == "fp16", "use bf16"),  # the loss scaler steps accelerate's optimizer
+        ("--quantize_base", args.quantize_base is not None, "shard the bf16 weights instead"),  # 4-bit: not sharded
+        ("--compile", args.compile, "leave it out"),  # compiling around FSDP's hooks is not tested here
+        ("--validation_prompts", bool(args.validation_prompts),  # rendered by the main process alone
+         "render the trained LoRA afterwards with `python -m utils.evaluation`"),
+    )
+    for option, bad, instead in refused:
+        if bad:
+            return f"{option} does not go with {source}: {instead}"
+    return None
+
+
+def largest(modules: Iterable[torch.nn.Module]) -> torch.nn.Module | None:
+    """The module with the most weights (the text encoder worth sharding: T5-XXL, Mistral, Qwen2.5-VL)."""
+    return max(modules, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def modules_to_shard(family) -> list[torch.nn.Module]:
+    """The loaded modules `shard_models` shards: the denoiser and the largest text encoder. They are left where
+    they were loaded (the CPU): `fully_shard` moves each block to the device as it shards it, so no device ever
+    holds one of them whole."""
+    encoder = largest(family.text_encoders)
+    return [family.denoiser, *([encoder] if encoder is not None else [])]
+
+
+def shard_module(module: torch.nn.Module, block_classes: Sequence[str], mesh, ignored: set[torch.nn.Parameter],
+                 reshard_after_forward: bool = True) -> int:
+    """`fully_shard` every submodule whose class is named in `block_classes`, then `module` itself (the weights
+    outside the blocks). `ignored` parameters stay whole and where they are. Returns how many blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [m for m in module.modules() if type(m).__name__ in block_classes and m is not module]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    return len(blocks)
+
+
+@dataclass
+class ShardedModels:
+    """What the training loop needs of a sharded run: the sharded denoiser and the (whole) LoRA parameters."""
+
+    denoiser: torch.nn.Module
+    lora_params: Sequence[torch.nn.Parameter]
+    blocks: int  # denoiser blocks sharded
+
+    @torch.no_grad()
+    def average_gradients(self) -> None:
+        """Every process's LoRA gradients replaced by their mean over the processes, as DDP leaves them (divided
+        by the process count before the sum, as DDP's reducer does): one all-reduce of one flat buffer."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.lora_params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
+        dist.all_reduce(flat)
+        for p, g in zip(self.lora_params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+
+def reshard_after_forward(accelerator) -> bool:
+    """False only under an accelerate FSDP config with `fsdp_reshard_after_forward: false` (each gathered block then
+    stays whole from its forward to its backward: fewer all-gathers, more memory)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)  # the state raises AttributeError when it has none
+    return getattr(plugin, "reshard_after_forward", True) is not False
+
+
+def shard_models(family, lora_params: Sequence[torch.nn.Parameter], device: torch.device,
+                 reshard_after_forward: bool = True) -> ShardedModels:
+    """Shard the family's denoiser by its `shard_block_classes` and its largest text encoder by its
+    `_no_split_modules` over all processes (one mesh dimension) onto `device`, the LoRA left whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for p in lora_params:  # the LoRA was added on the CPU with the rest of the denoiser; it stays whole
+        p.data = p.data.to(device)
+        dist.broadcast(p.data, src=0)  # every process starts from rank 0's LoRA, as DDP's prepare makes it
+    ignored = set(lora_params)
+    denoiser, *encoders = modules_to_shard(family)
+    blocks = shard_module(denoiser, family.shard_block_classes, mesh, ignored, reshard_after_forward)
+    for encoder in encoders:
+        shard_module(encoder, getattr(encoder, "_no_split_modules", None) or (), mesh, set(), reshard_after_forward)
+    return ShardedModels(denoiser=denoiser, lora_params=lora_params, blocks=blocks)
+
+
+def register_checkpoint_hooks(accelerator, family, sharded: ShardedModels, optimizer: torch.optim.Optimizer) -> None:
+    """accelerate's save/load hooks for a sharded run, whose denoiser and optimizer accelerate does not hold: a
+    checkpoint gets the LoRA file and `optimizer.bin` as under DDP (both whole: the LoRA is never sharded),
+    written by the main process; accelerate adds the LR scheduler and every rank's RNG state."""
+
+    def save_hook(models, weights, output_dir):
+        save_lora(sharded.denoiser, output_dir, family, is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), Path(output_dir) / OPTIMIZER_NAME)
+
+    def load_hook(models, input_dir):
+        load_lora_into_denoiser(sharded.denoiser, input_dir, family)
+        state = torch.load(Path(input_dir) / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state)  # moves the moments to the LoRA's device
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

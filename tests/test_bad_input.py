@@ -91,8 +91,7 @@ BAD_INPUTS = {
                        "--true_cfg_scale is for FluxPipeline models; StableDiffusionPipeline models do not take it"),
     "true CFG on SD3": (["--pretrained_model_name_or_path", "{sd3}", "--true_cfg_scale", "2", "--negative_prompt", "x"],
                         "--true_cfg_scale is for FluxPipeline models; StableDiffusion3Pipeline models do not take it"),
-    "T5 length on SD": (["--max_sequence_length", "77"], "FluxPipeline models; StableDiffusionPipeline models do not "
-                        "take it"),
+    "T5 length on SD": (["--max_sequence_length", "77"], "StableDiffusionPipeline models do not take it"),
     "T5 length above 512": (["--pretrained_model_name_or_path", "{flux}", "--max_sequence_length", "600"],
                             "--max_sequence_length must be between 1 and 512, got 600"),
     "FLUX true CFG without a negative prompt": (["--pretrained_model_name_or_path", "{flux}", "--true_cfg_scale", "2"],

@@ -35,6 +35,9 @@ class QwenImage(FlowTransformerFamily):
     options = (*FlowTransformerFamily.options, "true_cfg_scale")
     default_true_cfg_scale = 4.0  # QwenImagePipeline.__call__'s (on only with a negative prompt)
     licenses = {"qwen/qwen-image": License("apache-2.0")}
+    # Its loader takes the alpha tensors for another format's and then matches no module: diffusers users load
+    # the plain file.
+    ui_lora_loads_in_diffusers = False
 
     def __init__(self, pipe, max_sequence_length: int | None = None, true_cfg_scale: float | None = None) -> None:
         super().__init__(pipe, max_sequence_length)

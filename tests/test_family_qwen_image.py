@@ -290,3 +290,106 @@ def test_the_lora_loads_in_qwen_image_pipeline_and_the_comfyui_file_has_every_mo
     config = next(iter(pipe.transformer.peft_config.values()))
     assert (config.r, config.lora_alpha) == (4, 8)
     assert (render(pipe) - base).abs().max() > 1e-2  # the LoRA matters
+
+
+# ------------------------------------------------------------- train_draftplus.py, as a user runs it
+
+
+def test_the_card_of_a_qwen_image_lora_names_its_apache_license_and_the_file_comfyui_loads(tiny_qwen_image_path,
+                                                                                           tmp_path, monkeypatch):
+    """Qwen-Image's card is not on disk here: the license is named as Qwen/Qwen-Image declares it."""
+    import huggingface_hub
+    from test_model_card import make_args, parse
+
+    from utils.run.model_card import model_card_text
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = make_args(tiny_qwen_image_path, tmp_path / "out", "--negative_prompt", " ")
+    args.pretrained_model_name_or_path = "Qwen/Qwen-Image"
+    card = parse(model_card_text(args, "QwenImagePipeline", "me/qwen-lora", ui_lora=COMFYUI_WEIGHTS_NAME))
+    assert card.data.base_model == "Qwen/Qwen-Image" and "qwen-image" in card.data.tags
+    assert card.data.license == "apache-2.0" and "License: the base model's, `apache-2.0`" in card.text
+    assert f"| `{COMFYUI_WEIGHTS_NAME}` | ComfyUI" in card.text
+    assert "`QwenImagePipeline.load_lora_weights` refuses it: in diffusers, load" in card.text
+    assert "| true CFG scale | 4 |" in card.text
+
+
+@pytest.mark.slow
+def test_qwen_image_trains_resumes_and_its_lora_loads_into_the_qwen_image_pipeline(tiny_qwen_image_path, tmp_path):
+    """`accelerate launch train_draftplus.py` with true CFG (--negative_prompt ' ') and live validation: rewards
+    and a penalty in metrics.jsonl, the LoRA file and the ComfyUI file (an alpha for every module); resumed from
+    checkpoint-1 it ends where the straight run does; the LoRA loads into QwenImagePipeline and changes its
+    images; the evaluator scores it."""
+    from test_flow_train import accelerate_launch, base_args, metrics
+
+    def train(out, *extra):
+        result = accelerate_launch(*base_args(tiny_qwen_image_path, out, "--max_train_steps", "2",
+                                              "--checkpointing_steps", "1", "--negative_prompt", " ", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    straight = tmp_path / "straight"
+    result = train(straight, "--validation_prompts", "a red circle", "--num_validation_images", "2")
+    assert [m["step"] for m in metrics(straight)] == [1, 2]
+    assert metrics(straight)[1]["kl_penalty"] > 0 and all(m["reward"] < 0 for m in metrics(straight))
+    assert f"LoRA for ComfyUI: {straight / COMFYUI_WEIGHTS_NAME}" in result.stdout
+    plain, comfy = load_file(straight / LORA_WEIGHTS_NAME), load_file(straight / COMFYUI_WEIGHTS_NAME)
+    modules = {k.removesuffix(".lora_A.weight") for k in plain if k.endswith(".lora_A.weight")}
+    assert len(modules) == 2 * 12 and {k.removesuffix(".alpha") for k in comfy if k.endswith(".alpha")} == modules
+    assert all(float(v) == 8.0 for k, v in comfy.items() if k.endswith(".alpha"))
+    card = (straight / "README.md").read_text()
+    assert "QwenImagePipeline" in card and "| true CFG scale | 4 |" in card
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    (resumed / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    train(resumed, "--resume_from_checkpoint", "latest")
+    assert metrics(resumed)[1]["reward"] == pytest.approx(metrics(straight)[1]["reward"], rel=1e-5)
+    lora_resumed = load_file(resumed / LORA_WEIGHTS_NAME)
+    for key in plain:
+        torch.testing.assert_close(lora_resumed[key], plain[key], rtol=1e-4, atol=1e-6)
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_qwen_image_path)
+    pipe.set_progress_bar_config(disable=True)
+    before = render(pipe)
+    pipe.load_lora_weights(str(straight))
+    assert (render(pipe) - before).abs().max() > 1e-4
+
+    from utils.evaluation import evaluate as ev
+
+    result = ev.evaluate(str(tiny_qwen_image_path), PROMPTS, reward="redness", loras=[straight], lora_scales=[0],
+                         aig=["base"], diversity_metric="pixel_l2", device="cpu", num_inference_steps=3, height=48,
+                         width=32, seeds_per_prompt=2, negative_prompt=" ")
+    rows = {r["model"]: r["reward_mean"] for r in result.rows}
+    assert rows["straight@scale=0"] == pytest.approx(rows["base"], abs=1e-6)
+    assert rows["straight@aig=base"] == pytest.approx(rows["base"], abs=1e-6)
+    assert rows["straight"] != rows["base"]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_with_compile_trains_qwen_image(tiny_qwen_image_path, tmp_path):
+    """Real DDP over gloo with the no-grad transformer calls compiled (`aot_eager`): both ranks end with the same
+    LoRA."""
+    import os
+    import subprocess
+    import sys
+
+    from test_flow_train import ROOT, SCRIPT, base_args, metrics
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "DRAFTPLUS_COMPILE_BACKEND": "aot_eager"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29537", SCRIPT, *base_args(tiny_qwen_image_path, out, "--max_train_steps", "2",
+                                                         "--checkpointing_steps", "2", "--compile",
+                                                         "--negative_prompt", " ")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr and [m["step"] for m in metrics(out)] == [1, 2]
+    assert all(abs(a - b) > 1e-6 for a, b in (m["reward_by_process"] for m in metrics(out)))
+    digests = {line.split("LoRA weights digest ")[1].split()[0] for line in result.stderr.splitlines()
+               if "LoRA weights digest" in line}
+    assert len(digests) == 1 and (out / LORA_WEIGHTS_NAME).is_file()

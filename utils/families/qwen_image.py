@@ -7,13 +7,17 @@ import torch
 from utils.families.base import License, classifier_free_guidance, register
 from utils.families.flow import FlowTransformerFamily, TransformerPromptEmbeds
 
-# diffusers' Qwen-Image LoRA script adapts the image stream's attention (its default `--lora_layers`); with `+ff`
-# also the text stream's attention and both streams' feed-forward layers (img_mlp / txt_mlp are Qwen's names).
+# diffusers' Qwen-Image LoRA script adapts the image stream's attention (its default `--lora_layers`); `+ff` adds
+# the text stream's attention and both streams' feed-forward layers (img_mlp / txt_mlp are Qwen's names), the
+# text-stream-only ones block by block (`QwenImage.target_modules`).
 QWEN_IMAGE_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"),
+    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "img_mlp.net.0.proj",
+                     "img_mlp.net.2"),
 }
+# What only feeds the text stream's next block: the transformer outputs the image stream, so in the last block
+# these reach nothing (an adapter there never gets a gradient, which DDP refuses).
+TEXT_STREAM_ONLY = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
 
 @register
@@ -65,6 +69,19 @@ class QwenImage(FlowTransformerFamily):
         if args.negative_prompt and args.true_cfg_scale is not None and args.true_cfg_scale <= 1:
             return "--negative_prompt acts on Qwen-Image only with --true_cfg_scale > 1 (true CFG, as QwenImagePipeline)"
         return None
+
+    @classmethod
+    def target_modules(cls, names, denoiser_config=None):
+        """The presets, and with `attention+ff` the text stream's queries, output projection and MLP of every
+        block but the last, named block by block."""
+        targets = super().target_modules(names, denoiser_config)
+        if "attention+ff" in names:
+            if denoiser_config is None or "num_layers" not in denoiser_config:
+                raise ValueError("the attention+ff preset of Qwen-Image needs the transformer's config (num_layers)")
+            text = [f"transformer_blocks.{i}.{m}" for i in range(denoiser_config["num_layers"] - 1)
+                    for m in TEXT_STREAM_ONLY]
+            targets += [t for t in text if t not in targets]
+        return targets
 
     @property
     def latent_channels(self) -> int:

@@ -213,6 +213,26 @@ def test_options_a_user_gives_are_honoured_or_refused_in_one_line(given, problem
     assert found == problem if problem is None else found.startswith(problem)
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--true_cfg_scale", "5"], "--true_cfg_scale needs --negative_prompt"),
+    (["--guidance_scale", "4"], "--guidance_scale does not reach this model"),
+    (["--quantize_base", "nf4"], "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU"),
+])
+def test_bad_options_are_one_line_and_exit_2_before_the_model_loads(extra, expected, tiny_qwen_image_path, tmp_path,
+                                                                     capsys):
+    import train_draftplus
+
+    if "--quantize_base" in extra and torch.cuda.is_available():
+        pytest.skip("checks what a CPU-only machine refuses")
+    with pytest.raises(SystemExit) as exit_info:
+        train_draftplus.parse_args(["--pretrained_model_name_or_path", str(tiny_qwen_image_path), "--reward",
+                                    "redness", "--resolution", "32", "--output_dir", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_defaults_are_the_pipelines_and_true_cfg_needs_a_negative_prompt(qwen):
     """QwenImagePipeline.__call__: 50 steps, true_cfg_scale 4 (guiding only with a negative prompt), 512 tokens,
     1024 x 1024 images (128 latent rows of 8-pixel VAE cells; the tiny VAE has factor 4)."""

@@ -328,6 +328,8 @@ def test_the_card_of_a_qwen_image_lora_names_its_apache_license_and_the_file_com
     assert f"| `{COMFYUI_WEIGHTS_NAME}` | ComfyUI" in card.text
     assert "`QwenImagePipeline.load_lora_weights` refuses it: in diffusers, load" in card.text
     assert "| true CFG scale | 4 |" in card.text
+    unguided = parse(model_card_text(make_args(tiny_qwen_image_path, tmp_path / "out2"), "QwenImagePipeline", None))
+    assert "true CFG" not in unguided.text  # the default 4 acts only with a negative prompt
 
 
 @pytest.mark.slow

@@ -88,6 +88,25 @@ def test_rollout_images_equal_the_pipelines(case, final_latent, qwen):
     torch.testing.assert_close(out.images, expected, rtol=0, atol=0)
 
 
+def test_validation_samples_the_rollouts_latents_with_true_cfg(qwen):
+    """`sample_latents` (validation's renderer: the pipeline from the noise the rollout draws for each seed, packed
+    in, unpacked out, true CFG on with a negative prompt) gives the rollout's final latents."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generators = [torch.Generator().manual_seed(3 + k) for k in range(2)]
+    latents = qwen.sample_latents("a red circle", generators, negative_prompt=" ", num_inference_steps=3,
+                                  guidance_scale=0.0, height=48, width=32)
+    noise = randn_tensor(qwen.latent_shape(2, 48, 32), generator=[torch.Generator().manual_seed(3 + k)
+                                                                  for k in range(2)])
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=0.0, final_latent="sample")
+    with torch.no_grad():
+        out = rollout(models_of(qwen), qwen.encode_prompts(["a red circle"] * 2, " "), noise, config,
+                      with_reference=False)
+    assert latents.shape == out.latents.shape == (2, 16, 12, 8)
+    # (the pipeline encodes the prompt once and repeats it, the rollout encodes it per image: rounding apart)
+    torch.testing.assert_close(latents, out.latents, rtol=0, atol=1e-5)
+
+
 def test_bf16_rollout_latents_equal_the_pipelines(tiny_qwen_image_path):
     """In bf16: the timestep cast to the latents' dtype before / 1000, every Euler step summed in fp32."""
     family = load_family(str(tiny_qwen_image_path), dtype=torch.bfloat16, max_sequence_length=SEQ)

@@ -16,14 +16,16 @@ import pytest  # noqa: E402
 
 
 def _tiny_pipeline_fixture(name: str, builder: str, doc: str, **kwargs):
-    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.tiny_models.<builder>` saves (seed 0)."""
+    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.tiny_models.<builder>` saves (seed 0);
+    `builder` may name another module of utils.toys as `module.function`."""
 
     def fixture(tmp_path_factory) -> Path:
         # Imported on first use: a test that needs no pipeline loads no diffusers.
-        from utils.toys import tiny_models
+        import importlib
 
+        module, _, function = builder.rpartition(".")
         path = tmp_path_factory.mktemp(name)
-        getattr(tiny_models, builder)(path, seed=0, **kwargs)
+        getattr(importlib.import_module(f"utils.toys.{module or 'tiny_models'}"), function)(path, seed=0, **kwargs)
         return path
 
     fixture.__doc__ = doc
@@ -46,3 +48,6 @@ tiny_flux_dev_path = _tiny_pipeline_fixture(
 tiny_flux_schnell_path = _tiny_pipeline_fixture(
     "tiny_flux_schnell_path", "build_random_flux_pipeline",
     "A tiny random FluxPipeline like FLUX.1-schnell: no guidance embedding, a fixed shift.", guidance_embeds=False)
+tiny_qwen_image_path = _tiny_pipeline_fixture(
+    "tiny_qwen_image_path", "tiny_qwen_image.build_random_qwen_image_pipeline",
+    "A tiny random QwenImagePipeline (VAE factor 4: 48x32 images are 12x8 latents, 6x4 packed tokens).")

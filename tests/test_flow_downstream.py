@@ -18,9 +18,10 @@ from utils.rollout.loop import Models, RolloutConfig, rollout
 
 SEQ = 16
 HEIGHT, WIDTH = 48, 32  # non-square; latents 24x16 with the tiny VAE (factor 2)
-FAMILIES = ["tiny_flux_dev_path", "tiny_sd3_path"]
-# Guidance as each family takes it: FLUX.1-dev's distilled guidance; SD3's CFG with a negative prompt.
-GUIDANCE = {"tiny_flux_dev_path": (3.5, ""), "tiny_sd3_path": (4.0, "a blue square")}
+FAMILIES = ["tiny_flux_dev_path", "tiny_sd3_path", "tiny_qwen_image_path"]
+# Guidance as each family takes it: FLUX.1-dev's distilled guidance; SD3's CFG with a negative prompt; Qwen-Image's
+# pipeline default call (no negative prompt: no true CFG; its true CFG is tests/test_family_qwen_image.py's).
+GUIDANCE = {"tiny_flux_dev_path": (3.5, ""), "tiny_sd3_path": (4.0, "a blue square"), "tiny_qwen_image_path": (0.0, "")}
 
 
 def trained_family(path, seed=1, std=0.1):
@@ -82,12 +83,12 @@ PROMPTS = ["a red circle", "a blue square"]
 
 
 @pytest.fixture(scope="module")
-def flow_loras(tiny_flux_dev_path, tiny_sd3_path, tmp_path_factory):
+def flow_loras(request, tmp_path_factory):
     """Per family: a random LoRA (it changes the images) and a zero one (B = 0: exactly the base model)."""
     root = tmp_path_factory.mktemp("flow-loras")
     return {fixture: {"random": save_random_lora(path, root / fixture / "random", rank=4, alpha=8, strength=8.0),
                       "zero": save_random_lora(path, root / fixture / "zero", zero=True)}
-            for fixture, path in (("tiny_flux_dev_path", tiny_flux_dev_path), ("tiny_sd3_path", tiny_sd3_path))}
+            for fixture, path in ((fixture, request.getfixturevalue(fixture)) for fixture in FAMILIES)}
 
 
 @pytest.mark.parametrize("fixture", FAMILIES)
@@ -138,7 +139,7 @@ def test_the_evaluators_rows_are_the_pipelines_images_and_the_controls_mean_what
 
 def pipe_sequence_length(fixture):
     """The T5 length the evaluator gives the pipeline: the trainer's default for the family."""
-    return 512 if fixture == "tiny_flux_dev_path" else 256
+    return 256 if fixture == "tiny_sd3_path" else 512
 
 
 @pytest.mark.parametrize("fixture, expected", [
@@ -146,6 +147,7 @@ def pipe_sequence_length(fixture):
     ("tiny_sd3_path", {"scheduler": "model", "num_inference_steps": 28, "guidance_scale": 7.0}),
     ("tiny_flux_dev_path", {"scheduler": "model", "num_inference_steps": 28, "guidance_scale": 3.5}),
     ("tiny_flux_schnell_path", {"scheduler": "model", "num_inference_steps": 4, "guidance_scale": 0.0}),
+    ("tiny_qwen_image_path", {"scheduler": "model", "num_inference_steps": 50, "guidance_scale": 0.0}),
 ])
 def test_the_evaluators_sampler_defaults_are_the_familys(fixture, expected, request):
     from utils.evaluation.evaluate import family_of_model, with_family_defaults
@@ -290,7 +292,7 @@ def test_compile_gives_the_eager_flow_rollout_and_compiles_nothing_after_warm_up
     compiled = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
                       scheduler=eager.scheduler, no_grad_denoiser=no_grad_denoiser)
     prompts = ["a red circle", "a dog"]
-    noise = torch.randn(2, family.latent_channels, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(family.latent_shape(2, HEIGHT, WIDTH), generator=torch.Generator().manual_seed(0))
     config = RolloutConfig(num_inference_steps=3, guidance_scale=guidance, truncation_steps=1)
     try:
         with torch._dynamo.config.patch(recompile_limit=64):

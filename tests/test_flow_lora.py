@@ -11,6 +11,7 @@ from lora_fixtures import randomise_lora_B
 from safetensors import safe_open
 
 from utils.families import Flux, StableDiffusion3, load_family
+from utils.families.qwen_image import QwenImage
 from utils.lora import LORA_WEIGHTS_NAME, add_lora, load_lora_into_denoiser, lora_state_dict, save_lora
 from utils.run.guards import lora_digest
 
@@ -72,7 +73,7 @@ def velocity(family, pipe=None, seed=0):
         return family.predict(denoiser, noise, scheduler.timesteps[1], cond, 3.5)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_flux_dev_path", "tiny_sd3_path"])
+@pytest.mark.parametrize("fixture", ["tiny_flux_dev_path", "tiny_sd3_path", "tiny_qwen_image_path"])
 def test_saved_lora_loads_in_the_pipeline_at_its_alpha_and_resumes(fixture, request, tmp_path):
     """The file: PEFT's keys under `transformer.` (no old-style key conversion), the LoraConfig as metadata;
     `pipe.load_lora_weights` gives the trained velocity (alpha 8 != rank 4), and so does loading it back
@@ -106,7 +107,7 @@ def test_saved_lora_loads_in_the_pipeline_at_its_alpha_and_resumes(fixture, requ
     torch.testing.assert_close(velocity(resumed), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", [Flux, StableDiffusion3])
+@pytest.mark.parametrize("family", [Flux, StableDiffusion3, QwenImage])
 def test_quantize_base_loads_the_denoiser_in_nf4_computing_in_the_weight_dtype(family, monkeypatch):
     """QLoRA as diffusers' FLUX example: BitsAndBytesConfig(load_in_4bit, nf4, compute dtype = weight dtype) for
     the transformer alone, given to from_pretrained (which needs CUDA to apply it; here it is only recorded)."""

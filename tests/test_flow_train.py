@@ -130,6 +130,8 @@ def test_flux_dev_trains_resumes_and_its_lora_loads_into_the_flux_pipeline(tiny_
                             "max_sequence_length": 512, "true_cfg_scale": 1.0}),
     ("tiny_flux_schnell_path", {"scheduler": "model", "num_inference_steps": 4, "guidance_scale": 0.0,
                                 "max_sequence_length": 256, "true_cfg_scale": 1.0}),
+    ("tiny_qwen_image_path", {"scheduler": "model", "num_inference_steps": 50, "guidance_scale": 0.0,
+                              "max_sequence_length": 512, "true_cfg_scale": 4.0}),
 ])
 def test_each_family_fills_in_its_defaults(fixture, expected, request, tmp_path):
     import train_draftplus

@@ -271,6 +271,13 @@ class ModelFamily:
         (`utils.rollout.parametrisation`)."""
         raise NotImplementedError
 
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The rollout's latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], differentiable, as the family's
+        pipeline decodes them (`utils.rollout.loop.decode`: scaling and shift factors, or latents_mean/std)."""
+        from utils.rollout.loop import decode
+
+        return decode(vae, latents)
+
     def _device(self) -> torch.device:
         return self.text_encoders[0].device
 

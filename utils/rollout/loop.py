@@ -75,7 +75,8 @@ class Models:
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], differentiable, un-normalised as the diffusers pipelines do."""
+    """Latents -> images in [0, 1], differentiable, un-normalised as the diffusers pipelines do (the families
+    whose pipelines decode otherwise say so in `ModelFamily.decode`)."""
     config = vae.config
     if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
         mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
@@ -85,11 +86,18 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
+    return vae_images(vae, latents)
+
+
+def vae_images(vae, latents: torch.Tensor, vae_decode: Callable | None = None) -> torch.Tensor:
+    """Un-normalised latents -> images in [0, 1] through the VAE's decoder (`vae_decode(latents)`, default
+    `vae.decode`), differentiable."""
     # An fp32 VAE under mixed precision was upcast on purpose (SDXL's VAE overflows in fp16):
     # autocast would put its convolutions back in half precision.
     upcast = vae.dtype == torch.float32 and torch.is_autocast_enabled(latents.device.type)
     with torch.autocast(latents.device.type, enabled=False) if upcast else contextlib.nullcontext():
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        latents = latents.to(vae.dtype)
+        images = vae_decode(latents) if vae_decode else vae.decode(latents, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -155,7 +163,7 @@ def rollout(
             out.eps_ref.append(_reference_eps(models, steps, x_t, i, cond, config.guidance_scale))
         latents = next_latents(prediction, i, latents, x_t)
     with record_function("draftplus/vae_decode"):
-        out.images, out.latents = decode(models.vae, latents), latents
+        out.images, out.latents = models.family.decode(models.vae, latents), latents
     return out
 
 
@@ -178,7 +186,7 @@ def _lv_graded_step(models: Models, steps, cond, x0: torch.Tensor, config: Rollo
         out.eps_ref.append(_reference_eps(models, steps, x_t, last, cond, config.guidance_scale))
     with record_function("draftplus/vae_decode"):
         out.latents = steps.to_x0(prediction, x_t, last)
-        out.images = decode(models.vae, out.latents)
+        out.images = models.family.decode(models.vae, out.latents)
     return out
 
 

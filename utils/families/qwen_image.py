@@ -1,0 +1,183 @@
+"""Qwen-Image (`QwenImagePipeline`)."""
+
+from __future__ import annotations
+
+import torch
+
+from utils.families.base import License, classifier_free_guidance, register
+from utils.families.flow import FlowTransformerFamily, TransformerPromptEmbeds
+
+# diffusers' Qwen-Image LoRA script adapts the image stream's attention (its default `--lora_layers`); `+ff` adds
+# the text stream's attention and both streams' feed-forward layers (img_mlp / txt_mlp are Qwen's names), the
+# text-stream-only ones block by block (`QwenImage.target_modules`).
+QWEN_IMAGE_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "img_mlp.net.0.proj",
+                     "img_mlp.net.2"),
+}
+# What only feeds the text stream's next block: the transformer outputs the image stream, so in the last block
+# these reach nothing (an adapter there never gets a gradient, which DDP refuses).
+TEXT_STREAM_ONLY = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
+
+@register
+class QwenImage(FlowTransformerFamily):
+    """Qwen-Image: one Qwen2.5-VL text encoder (its last hidden state, the chat template's head dropped, with a
+    padding mask), 2x2-packed latents of the Qwen-Image VAE (per-channel latents_mean/std, decoded as one-frame
+    video), the timestep divided by 1000, the dynamic shift `mu` from the packed token count. No guidance
+    embedding: guidance is true classifier-free guidance (a second pass on the negative prompt) with
+    `--true_cfg_scale` > 1 and a negative prompt, the guided velocity rescaled to the norm of the conditional one
+    per token, as QwenImagePipeline does (its model card samples with a negative prompt of " ")."""
+
+    display_name = "Qwen-Image"
+    name = "qwen-image"
+    shard_block_classes = ("QwenImageTransformerBlock",)  # FSDP2 (--shard) wraps each
+    hub_tag = "qwen-image"
+    pipeline_class_name = "QwenImagePipeline"
+    serves = ("QwenImagePipeline",)
+    target_presets = QWEN_IMAGE_TARGET_PRESETS
+    default_max_sequence_length = 512  # QwenImagePipeline.__call__'s
+    max_sequence_length_limit = 1024  # its check_inputs refuses more
+    options = (*FlowTransformerFamily.options, "true_cfg_scale")
+    default_true_cfg_scale = 4.0  # QwenImagePipeline.__call__'s (on only with a negative prompt)
+    licenses = {"qwen/qwen-image": License("apache-2.0")}
+    # Its loader takes the alpha tensors for another format's and then matches no module: diffusers users load
+    # the plain file.
+    ui_lora_loads_in_diffusers = False
+
+    def __init__(self, pipe, max_sequence_length: int | None = None, true_cfg_scale: float | None = None) -> None:
+        super().__init__(pipe, max_sequence_length)
+        self.true_cfg_scale = self.default_true_cfg_scale if true_cfg_scale is None else true_cfg_scale
+
+    @classmethod
+    def uses_guidance_scale(cls, denoiser_config):
+        return False  # the transformer's guidance input is unused ("for future guidance-distilled models")
+
+    @classmethod
+    def rollout_defaults(cls, denoiser_config):
+        # 50 steps as QwenImagePipeline; guidance_scale reaches nothing (0: off, as FLUX.1-schnell's).
+        return {"num_inference_steps": 50, "max_sequence_length": cls.default_max_sequence_length,
+                "guidance_scale": 0.0, "true_cfg_scale": cls.default_true_cfg_scale}
+
+    @classmethod
+    def option_problem(cls, args, denoiser_config):
+        if (problem := super().option_problem(args, denoiser_config)) is not None:
+            return problem
+        # The pipeline runs true CFG only with both; an explicit scale without a negative prompt, or a negative
+        # prompt with the scale at 1, would be silently ignored.
+        if args.true_cfg_scale is not None and args.true_cfg_scale > 1 and not args.negative_prompt:
+            return ("--true_cfg_scale needs --negative_prompt: Qwen-Image's true CFG guides away from the negative "
+                    "prompt (its model card uses --negative_prompt ' ')")
+        if args.negative_prompt and args.true_cfg_scale is not None and args.true_cfg_scale <= 1:
+            return "--negative_prompt acts on Qwen-Image only with --true_cfg_scale > 1 (true CFG, as QwenImagePipeline)"
+        return None
+
+    @classmethod
+    def target_modules(cls, names, denoiser_config=None):
+        """The presets, and with `attention+ff` the text stream's queries, output projection and MLP of every
+        block but the last, named block by block."""
+        targets = super().target_modules(names, denoiser_config)
+        if "attention+ff" in names:
+            if denoiser_config is None or "num_layers" not in denoiser_config:
+                raise ValueError("the attention+ff preset of Qwen-Image needs the transformer's config (num_layers)")
+            text = [f"transformer_blocks.{i}.{m}" for i in range(denoiser_config["num_layers"] - 1)
+                    for m in TEXT_STREAM_ONLY]
+            targets += [t for t in text if t not in targets]
+        return targets
+
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser.config.in_channels // 4  # the transformer sees 2x2 patches of the latent
+
+    def set_timesteps(self, scheduler, num_inference_steps, latent_size, device=None):
+        import numpy as np
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+        config = scheduler.config
+        mu = calculate_shift((latent_size[0] // 2) * (latent_size[1] // 2),  # the packed image's token count
+                             config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, num_inference_steps, device,
+                           sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
+
+    def _encode(self, prompts) -> dict[str, torch.Tensor]:
+        embeds, mask = self.pipe.encode_prompt(prompt=list(prompts), device=self._device(), num_images_per_prompt=1,
+                                               max_sequence_length=self.max_sequence_length)
+        # encode_prompt gives no mask when no prompt is padded; the transformer then attends to every token
+        return {"encoder_hidden_states": embeds} | ({} if mask is None else {"encoder_hidden_states_mask": mask})
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, negative_prompt="", guided=True, height=None, width=None
+                       ) -> TransformerPromptEmbeds:
+        # Whether to guide is the pipeline's rule (a scale > 1 and a negative prompt), not `guided`: the
+        # rollout's guidance_scale does not reach Qwen-Image.
+        true_cfg = self.true_cfg_scale > 1 and bool(negative_prompt)
+        return TransformerPromptEmbeds(self._encode(prompts),
+                                       self._encode([negative_prompt] * len(prompts)) if true_cfg else None)
+
+    def predict(self, denoiser, x_t, t, cond: TransformerPromptEmbeds, guidance_scale):
+        batch, channels, height, width = x_t.shape
+        packed = self.pack(x_t)
+        timestep = t.expand(batch).to(x_t.dtype) / 1000
+        img_shapes = [[(1, height // 2, width // 2)]] * batch  # the RoPE grid: one frame of packed tokens
+
+        def call(kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return denoiser(hidden_states=packed, timestep=timestep, guidance=None, img_shapes=img_shapes,
+                            return_dict=False, **kwargs)[0]
+
+        out = call(cond.cond)
+        if cond.guided:
+            combined = classifier_free_guidance(call(cond.uncond), out, self.true_cfg_scale)
+            # QwenImagePipeline keeps each token's conditional velocity norm
+            out = combined * (torch.norm(out, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+        return self._unpack(out, height, width)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, h/2 * w/2, 4C]: the latents `QwenImagePipeline(latents=...)` takes."""
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline._pack_latents(latents, *latents.shape)
+
+    def _unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed [B, h/2 * w/2, 4C] -> [B, C, h, w] for latents of height x width."""
+        from diffusers import QwenImagePipeline
+
+        scale = self.vae_scale_factor
+        return QwenImagePipeline._unpack_latents(latents, height * scale, width * scale, scale)[:, :, 0]
+
+    def to_pipeline_latents(self, latents):
+        return self.pack(latents)
+
+    def from_pipeline_latents(self, latents, height, width):
+        scale = self.vae_scale_factor
+        return self._unpack(latents, height // scale, width // scale)
+
+    def pipeline_kwargs(self):
+        return {**super().pipeline_kwargs(), "true_cfg_scale": self.true_cfg_scale}
+
+    @torch.no_grad()
+    def sample_latents(self, prompt, generators, *, negative_prompt="", num_inference_steps, guidance_scale, eta=0.0,
+                       height, width):
+        # guidance_scale=None: QwenImagePipeline warns that any value is ignored
+        return super().sample_latents(prompt, generators, negative_prompt=negative_prompt,
+                                      num_inference_steps=num_inference_steps, guidance_scale=None, eta=eta,
+                                      height=height, width=width)
+
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """As QwenImagePipeline: z * std + mean per channel (as it computes it: divided by 1 / std, in the VAE's
+        dtype), decoded as a one-frame video."""
+        from utils.rollout.loop import vae_images
+
+        config = vae.config
+        latents = latents.to(vae.dtype)
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents / inverse_std + mean
+        return vae_images(vae, latents, lambda z: vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0])
+
+    @classmethod
+    def pipeline_timestep(cls, pipe, timestep):
+        """QwenImagePipeline calls its transformer with the timestep / 1000 in the latents' dtype; it keeps the
+        step's own timestep in `current_timestep`."""
+        current = getattr(pipe, "current_timestep", None)
+        return current if current is not None else timestep * 1000

@@ -120,6 +120,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--true_cfg_scale", type=float, default=None,
                    help="FLUX only: true classifier-free guidance with --negative_prompt (a second transformer\n"
                         "pass per step), on when > 1, as FluxPipeline's true_cfg_scale. Default 1 (off).")
+    g.add_argument("--cfg_normalization", type=float, default=None,
+                   help="Z-Image only: cap the guided prediction's norm at this multiple of the positive\n"
+                        "prediction's, as ZImagePipeline's cfg_normalization (1 = its True). Default 0 (off).")
+    g.add_argument("--cfg_truncation", type=float, default=None,
+                   help="Z-Image only: no guidance at the steps whose (1000 - t) / 1000 exceeds this, as\n"
+                        "ZImagePipeline's cfg_truncation. Default 1 (guidance at every step).")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic sampler).")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: the last K denoising steps get gradients (DRaFT-K). Default 1.")

@@ -15,15 +15,15 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 
 
-def _tiny_pipeline_fixture(name: str, builder: str, doc: str, **kwargs):
-    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.tiny_models.<builder>` saves (seed 0)."""
+def _tiny_pipeline_fixture(name: str, builder: str, doc: str, module: str = "tiny_models", **kwargs):
+    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.<module>.<builder>` saves (seed 0)."""
 
     def fixture(tmp_path_factory) -> Path:
         # Imported on first use: a test that needs no pipeline loads no diffusers.
-        from utils.toys import tiny_models
+        import importlib
 
         path = tmp_path_factory.mktemp(name)
-        getattr(tiny_models, builder)(path, seed=0, **kwargs)
+        getattr(importlib.import_module(f"utils.toys.{module}"), builder)(path, seed=0, **kwargs)
         return path
 
     fixture.__doc__ = doc
@@ -46,3 +46,7 @@ tiny_flux_dev_path = _tiny_pipeline_fixture(
 tiny_flux_schnell_path = _tiny_pipeline_fixture(
     "tiny_flux_schnell_path", "build_random_flux_pipeline",
     "A tiny random FluxPipeline like FLUX.1-schnell: no guidance embedding, a fixed shift.", guidance_embeds=False)
+tiny_z_image_path = _tiny_pipeline_fixture(
+    "tiny_z_image_path", "build_random_z_image_pipeline",
+    "A tiny random ZImagePipeline with Z-Image-Turbo's scheduler (VAE factor 2: 48x32 images are 24x16 latents).",
+    module="tiny_z_image")

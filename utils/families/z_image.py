@@ -9,6 +9,9 @@ import torch
 from utils.families.base import License, register
 from utils.families.flow import FlowTransformerFamily
 
+# The key prefix of Z-Image's ComfyUI file (see `ZImage.export_ui_lora`).
+COMFYUI_PREFIX = "diffusion_model."
+
 
 @dataclass
 class ZImagePromptEmbeds:
@@ -142,6 +145,23 @@ class ZImage(FlowTransformerFamily):
             if norm > max_norm:
                 pred = pred * (max_norm / norm)
         return pred
+
+    @classmethod
+    def export_ui_lora(cls, lora_file, output_file=None):
+        """diffusers' module names with a per-module alpha, under `diffusion_model.` (the Z-Image LoRAs of other
+        trainers, e.g. ai-toolkit): ComfyUI maps `diffusion_model.<diffusers module>` onto its NextDiT (q/k/v onto
+        the fused qkv) and reads the alphas, and ZImagePipeline.load_lora_weights converts such a file with its
+        alphas to the same LoRA as the plain one (under `transformer.` it would refuse the alphas)."""
+        from pathlib import Path
+
+        from utils.lora.exports import comfyui_state_dict
+        from utils.lora.files import COMFYUI_WEIGHTS_NAME, lora_file_of, save_atomically
+
+        source = lora_file_of(lora_file)
+        target = Path(output_file) if output_file is not None else source.with_name(COMFYUI_WEIGHTS_NAME)
+        prefix = cls.denoiser_name + "."
+        state_dict = {COMFYUI_PREFIX + k.removeprefix(prefix): v for k, v in comfyui_state_dict(source).items()}
+        return save_atomically(state_dict, target, {"format": "pt"})
 
     def pipeline_kwargs(self):
         return {**super().pipeline_kwargs(), "cfg_normalization": self.cfg_normalization,

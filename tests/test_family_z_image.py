@@ -377,7 +377,87 @@ def test_z_image_trains_under_accelerate_launch_and_its_lora_loads_into_the_pipe
 
     result = ev.evaluate(str(tiny_z_image_path), list(PROMPTS), reward="redness", loras=[out], lora_scales=[0],
                          diversity_metric="pixel_l2", device="cpu", num_inference_steps=3, guidance_scale=0.0,
-                         height=HEIGHT, width=WIDTH, seeds_per_prompt=1)
-    by_label = {r["model"]: r for r in result.rows}
-    assert by_label[f"{out.name}@scale=0"]["reward_mean"] == pytest.approx(by_label["base"]["reward_mean"], abs=1e-6)
+                         height=HEIGHT, width=WIDTH, seeds_per_prompt=2)
+    (base,) = (r for r in result.rows if r["model"] == "base")
+    (lora, scale_0) = sorted((r for r in result.rows if r["model"] != "base"), key=lambda r: r["lora_scale"] == 0)
+    assert scale_0["lora_scale"] == 0 and scale_0["reward_mean"] == pytest.approx(base["reward_mean"], abs=1e-6)
+    assert lora["reward_mean"] != pytest.approx(base["reward_mean"], abs=1e-6)
     assert json.loads((out / "validation_reward.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_rollout_with_two_graphs_and_none_after_warm_up(tiny_z_image_path):
+    """--compile on Z-Image (`aot_eager`, as tests/test_compile.py): the transformer's no-grad calls through
+    torch.compile (fullgraph: its RoPE table is filled before the first call), the eager rewards, penalty and LoRA
+    gradients; one graph per adapter state, none for a later sample of other T and K."""
+    import torch._dynamo
+
+    from rewards import build_reward
+    from utils.rollout.compile import compile_no_grad_denoiser, compiled_graph_count, no_new_graphs
+
+    family = load(tiny_z_image_path)
+    params = add_random_lora(family)
+    eager = models_of(family)
+    no_grad_denoiser = compile_no_grad_denoiser(family.denoiser, family.vae, backend="aot_eager")
+    compiled = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
+                      scheduler=eager.scheduler, no_grad_denoiser=no_grad_denoiser)
+    noise = noise_for(family)
+
+    def step(models, config):
+        loss, rewards, penalty = draftplus_step(models, build_reward("redness"), ["a red circle", "a dog"], noise,
+                                                config, kl_coeff=1.0)
+        return rewards, penalty, torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=4.0)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            before = compiled_graph_count()
+            r_c, p_c, g_c = step(compiled, config)
+            assert compiled_graph_count() - before == 2  # one per adapter state
+            r_e, p_e, g_e = step(eager, config)
+            torch.testing.assert_close(r_c, r_e, rtol=0, atol=1e-5)
+            torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=0)
+            assert p_e > 0 and ((g_c - g_e).norm() / g_e.norm()).item() < 1e-4
+            with no_new_graphs("Z-Image training samples after warm-up"):
+                step(compiled, RolloutConfig(num_inference_steps=4, guidance_scale=4.0, truncation_steps=2))
+    finally:
+        no_grad_denoiser.close()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_with_compile_resumes_and_trains_z_image(tiny_z_image_path, tmp_path):
+    """Real DDP over gloo with the transformer's list inputs and --compile: both ranks end with the same LoRA; a
+    one-process run resumed from its checkpoint-1 ends where the straight run does."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_flow_train import ROOT, SCRIPT, accelerate_launch, base_args, metrics
+
+    extra = ("--max_sequence_length", str(SEQ), "--guidance_scale", "4", "--negative_prompt", "a blue square",
+             "--cfg_truncation", "0.9")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "DRAFTPLUS_COMPILE_BACKEND": "aot_eager"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29547", SCRIPT, *base_args(tiny_z_image_path, out, "--max_train_steps", "2",
+                                                         "--checkpointing_steps", "2", "--compile", *extra)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr and [m["step"] for m in metrics(out)] == [1, 2]
+    digests = {line.split("LoRA weights digest ")[1].split()[0] for line in result.stderr.splitlines()
+               if "LoRA weights digest" in line}
+    assert len(digests) == 1
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert accelerate_launch(*base_args(tiny_z_image_path, straight, "--max_train_steps", "2", "--checkpointing_steps",
+                                        "1", *extra)).returncode == 0
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    (resumed / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    second = accelerate_launch(*base_args(tiny_z_image_path, resumed, "--max_train_steps", "2",
+                                          "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest", *extra))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert metrics(resumed)[1]["reward"] == pytest.approx(metrics(straight)[1]["reward"], rel=1e-5)
+    assert metrics(resumed)[1]["kl_penalty"] == pytest.approx(metrics(straight)[1]["kl_penalty"], rel=1e-4)

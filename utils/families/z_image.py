@@ -87,6 +87,14 @@ class ZImage(FlowTransformerFamily):
     def default_size(self) -> int:
         return 1024  # ZImagePipeline.__call__'s height and width
 
+    def parametrisation(self, scheduler, config, latent_size, device, generator=None):
+        # The transformer fills its RoPE table on its first call, under `with torch.device("cpu")`, which
+        # torch.compile cannot trace (--compile's first call is a compiled one): fill it before, on the device.
+        rope = self.denoiser.rope_embedder
+        if rope.freqs_cis is None:
+            rope(torch.zeros(1, len(rope.axes_dims), dtype=torch.long, device=device))
+        return super().parametrisation(scheduler, config, latent_size, device, generator)
+
     def set_timesteps(self, scheduler, num_inference_steps, latent_size, device=None):
         from diffusers.pipelines.z_image.pipeline_z_image import (
             calculate_shift,

@@ -224,6 +224,7 @@ def test_a_z_image_run_fills_in_the_pipelines_defaults(tiny_z_image_path, tmp_pa
     (["--cfg_normalization", "-1"], "--cfg_normalization must be >= 0"),
     (["--true_cfg_scale", "2"], "--true_cfg_scale is for FluxPipeline models; ZImagePipeline models do not take it"),
     (["--resolution", "40"], "--resolution must be a multiple of 16 for ZImagePipeline models"),
+    (["--quantize_base", "nf4"], "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU"),
 ])
 def test_options_a_z_image_run_cannot_honour_are_one_line_before_any_model_loads(extra, message, tiny_z_image_path,
                                                                                  tmp_path, capsys):
@@ -461,3 +462,46 @@ def test_two_process_gloo_run_with_compile_resumes_and_trains_z_image(tiny_z_ima
     assert second.returncode == 0, second.stderr[-3000:]
     assert metrics(resumed)[1]["reward"] == pytest.approx(metrics(straight)[1]["reward"], rel=1e-5)
     assert metrics(resumed)[1]["kl_penalty"] == pytest.approx(metrics(straight)[1]["kl_penalty"], rel=1e-4)
+
+
+@pytest.mark.parametrize("guidance, negative", [(0.0, ""), (4.0, "a blue square")])
+def test_validation_renders_the_rollouts_images_from_the_rollouts_noise(guidance, negative, tiny_z_image_path,
+                                                                        tmp_path):
+    """Live validation samples with ZImagePipeline from the noise the rollout draws for its seeds (and the family's
+    guidance options): with `--final_latent sample` the rollout's images are the same, for the LoRA and the base."""
+    from types import SimpleNamespace
+
+    from diffusers.utils.torch_utils import randn_tensor
+    from test_validation import FakeAccelerator
+
+    from rewards import build_reward
+    from utils.lora import adapters_disabled
+    from utils.run.validation import Validation
+
+    family = load(tiny_z_image_path, cfg_normalization=1.0, cfg_truncation=0.2)
+    add_random_lora(family)
+    models = models_of(family)
+    args = SimpleNamespace(validation_prompts=["a red circle"], num_validation_images=2, seed=3,
+                           negative_prompt=negative, num_inference_steps=3, guidance_scale=guidance, eta=0.0,
+                           height=HEIGHT, width=WIDTH, output_dir=str(tmp_path / "run"), validation_diversity=None)
+    validation = Validation(args, FakeAccelerator(), models, build_reward("redness"))
+    base, lora = validation.render_base(), validation(1)
+    assert (lora.images - base.images).abs().max() > 1e-3  # the LoRA matters
+    noise = randn_tensor(family.latent_shape(2, HEIGHT, WIDTH),
+                         generator=[torch.Generator().manual_seed(3 + k) for k in range(2)])
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=guidance, final_latent="sample")
+    cond = family.encode_prompts(["a red circle"] * 2, negative, config.guided)
+    with torch.no_grad():
+        lora_rollout = rollout(models, cond, noise, config, with_reference=False).images
+        with adapters_disabled(family.denoiser):
+            base_rollout = rollout(models, cond, noise, config, with_reference=False).images
+    torch.testing.assert_close(lora.images, lora_rollout, rtol=0, atol=1e-6)
+    torch.testing.assert_close(base.images, base_rollout, rtol=0, atol=1e-6)
+
+
+def test_the_evaluators_sampler_defaults_are_the_pipelines(tiny_z_image_path):
+    from utils.evaluation.evaluate import family_of_model, with_family_defaults
+
+    model = str(tiny_z_image_path)
+    assert with_family_defaults(family_of_model(model), model, {"scheduler": None}) == {
+        "scheduler": "model", "num_inference_steps": 50, "guidance_scale": 5.0}

@@ -54,7 +54,8 @@ class ZImage(FlowTransformerFamily):
         "attention": ("to_q", "to_k", "to_v", "to_out.0"),
         "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
     }
-    # Both models' hub repositories declare Apache-2.0 (Tongyi-MAI/Z-Image and Tongyi-MAI/Z-Image-Turbo).
+    # Apache-2.0, as Z-Image-Turbo's model pages (Hugging Face, ModelScope) state it; Z-Image was released
+    # under the same license.
     licenses = {"tongyi-mai/z-image": License("apache-2.0"), "tongyi-mai/z-image-turbo": License("apache-2.0")}
 
     def __init__(self, pipe, max_sequence_length: int | None = None, cfg_normalization: float | None = None,

@@ -181,12 +181,13 @@ def test_lora_gradient_equals_a_hand_written_draftplus_step(tiny_z_image_path):
 
 
 def test_k2_and_draft_lv_give_gradients_and_shapes(tiny_z_image_path):
-    """DRaFT-K (K = 2) and DRaFT-LV (3 re-noised copies: the prompt list repeated image by image), guided."""
+    """DRaFT-K (K = 2, unguided as Turbo) and DRaFT-LV (2 re-noised copies, guided: the prompts' and the negative
+    prompts' embeddings repeated image by image)."""
     family = load(tiny_z_image_path)
     params = add_random_lora(family)
     noise = noise_for(family)
-    for config, images, graded in ((RolloutConfig(num_inference_steps=3, guidance_scale=4.0, truncation_steps=2), 2, 2),
-                                   (RolloutConfig(num_inference_steps=3, guidance_scale=4.0, lv_samples=3), 6, 1)):
+    for config, images, graded in ((RolloutConfig(num_inference_steps=3, guidance_scale=0.0, truncation_steps=2), 2, 2),
+                                   (RolloutConfig(num_inference_steps=2, guidance_scale=4.0, lv_samples=2), 4, 1)):
         cond = family.encode_prompts(PROMPTS, "", config.guided)
         out = rollout(models_of(family), cond, noise, config, generator=torch.Generator().manual_seed(0))
         assert out.images.shape == (images, 3, HEIGHT, WIDTH) and len(out.eps) == len(out.eps_ref) == graded
@@ -194,6 +195,7 @@ def test_k2_and_draft_lv_give_gradients_and_shapes(tiny_z_image_path):
         assert all(g is not None for g in grads) and sum(int(g.abs().sum() > 0) for g in grads) > 0.9 * len(grads)
     repeated = family.encode_prompts(PROMPTS, "", True).repeat_interleave(3)
     assert len(repeated.cond) == len(repeated.uncond) == 6 and repeated.cond[2] is repeated.cond[0]
+    assert repeated.cond[3] is not repeated.cond[0] and repeated.uncond[5] is repeated.uncond[3]
 
 
 # ------------------------------------------------------------- options, defaults, presets
@@ -263,6 +265,12 @@ def render(pipe, guidance_scale=4.0):
                     guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
 
+@pytest.fixture(scope="module")
+def random_lora(tiny_z_image_path, tmp_path_factory):
+    """A random LoRA on the tiny model's attention (rank 4, alpha 8) that changes its images."""
+    return save_random_lora(tiny_z_image_path, tmp_path_factory.mktemp("z-lora"), rank=4, alpha=8, strength=4.0)
+
+
 def comfyui_and_plain(out):
     """The ComfyUI file of a LoRA directory, and its diffusers file with the ComfyUI file's key prefix."""
     plain = load_file(out / LORA_WEIGHTS_NAME)
@@ -272,11 +280,15 @@ def comfyui_and_plain(out):
     return {"diffusion_model." + k.removeprefix("transformer."): v for k, v in plain.items()}, comfy
 
 
-def test_the_pipeline_loads_the_diffusers_and_the_comfyui_files_with_the_same_images(tiny_z_image_path, tmp_path):
+def test_the_pipeline_loads_the_diffusers_and_the_comfyui_files_with_the_same_images(tiny_z_image_path, random_lora,
+                                                                                      tmp_path):
     """The ComfyUI file: diffusers' module names under `diffusion_model.` (as other trainers' Z-Image LoRAs), the
     diffusers tensors unchanged, plus a `.alpha` for every module (the real alpha); ZImagePipeline's loader
     converts it with its alphas, so both files give the same images, not the base model's."""
-    lora = save_random_lora(tiny_z_image_path, tmp_path / "run", rank=4, alpha=8, strength=2.0)
+    import shutil
+
+    lora = tmp_path / "run"
+    shutil.copytree(random_lora, lora)
     written = ZImage.export_ui_lora(lora / LORA_WEIGHTS_NAME)
     assert written == lora / COMFYUI_WEIGHTS_NAME
     plain, comfy = comfyui_and_plain(lora)
@@ -317,16 +329,15 @@ def test_the_card_names_the_apache_license_and_the_comfyui_file(tiny_z_image_pat
     assert 'ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", dtype=torch.bfloat16)' in card.text
 
 
-def test_aig_base_and_lora_schedules_reproduce_the_pipeline_on_its_list_outputs(tiny_z_image_path, tmp_path):
+def test_aig_base_and_lora_schedules_reproduce_the_pipeline_on_its_list_outputs(tiny_z_image_path, random_lora):
     """ZImagePipeline calls its transformer positionally with (1000 - t) / 1000 and gets a list of images back:
     AIG finds every step and mixes image by image."""
     from utils.evaluation.aig import annealed_guidance, schedule_weights
 
-    lora = save_random_lora(tiny_z_image_path, tmp_path / "run", rank=4, alpha=8, strength=8.0)
     pipe = ZImagePipeline.from_pretrained(tiny_z_image_path)
     pipe.set_progress_bar_config(disable=True)
     base = render(pipe)
-    pipe.load_lora_weights(str(lora))
+    pipe.load_lora_weights(str(random_lora))
     with_lora = render(pipe)
     assert (with_lora - base).abs().max() > 1e-3
     with annealed_guidance(pipe, "base") as aig:
@@ -464,11 +475,10 @@ def test_two_process_gloo_run_with_compile_resumes_and_trains_z_image(tiny_z_ima
     assert metrics(resumed)[1]["kl_penalty"] == pytest.approx(metrics(straight)[1]["kl_penalty"], rel=1e-4)
 
 
-@pytest.mark.parametrize("guidance, negative", [(0.0, ""), (4.0, "a blue square")])
-def test_validation_renders_the_rollouts_images_from_the_rollouts_noise(guidance, negative, tiny_z_image_path,
-                                                                        tmp_path):
-    """Live validation samples with ZImagePipeline from the noise the rollout draws for its seeds (and the family's
-    guidance options): with `--final_latent sample` the rollout's images are the same, for the LoRA and the base."""
+def test_validation_renders_the_rollouts_images_from_the_rollouts_noise(tiny_z_image_path, tmp_path):
+    """Live validation samples with ZImagePipeline from the noise the rollout draws for its seeds (with the negative
+    prompt and the family's guidance options): with `--final_latent sample` the rollout's images are the same, for
+    the LoRA and the base. (Unguided validation: the slow training run.)"""
     from types import SimpleNamespace
 
     from diffusers.utils.torch_utils import randn_tensor
@@ -481,6 +491,7 @@ def test_validation_renders_the_rollouts_images_from_the_rollouts_noise(guidance
     family = load(tiny_z_image_path, cfg_normalization=1.0, cfg_truncation=0.2)
     add_random_lora(family)
     models = models_of(family)
+    guidance, negative = 4.0, "a blue square"
     args = SimpleNamespace(validation_prompts=["a red circle"], num_validation_images=2, seed=3,
                            negative_prompt=negative, num_inference_steps=3, guidance_scale=guidance, eta=0.0,
                            height=HEIGHT, width=WIDTH, output_dir=str(tmp_path / "run"), validation_diversity=None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -127,7 +129,8 @@ class ZImage(FlowTransformerFamily):
             return 0.0
         return guidance_scale
 
-    def predict(self, denoiser, x_t, t, cond: ZImagePromptEmbeds, guidance_scale):
+    def predict(self, denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: ZImagePromptEmbeds,
+                guidance_scale: float) -> torch.Tensor:
         """The velocity v (x0 = x_t - sigma v) as ZImagePipeline steps with it: minus the transformer's output,
         in fp32, guided as the pipeline guides."""
         batch = x_t.shape[0]
@@ -156,13 +159,11 @@ class ZImage(FlowTransformerFamily):
         return pred
 
     @classmethod
-    def export_ui_lora(cls, lora_file, output_file=None):
+    def export_ui_lora(cls, lora_file: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
         """diffusers' module names with a per-module alpha, under `diffusion_model.` (the Z-Image LoRAs of other
         trainers, e.g. ai-toolkit): ComfyUI maps `diffusion_model.<diffusers module>` onto its NextDiT (q/k/v onto
         the fused qkv) and reads the alphas, and ZImagePipeline.load_lora_weights converts such a file with its
         alphas to the same LoRA as the plain one (under `transformer.` it would refuse the alphas)."""
-        from pathlib import Path
-
         from utils.lora.exports import comfyui_state_dict
         from utils.lora.files import COMFYUI_WEIGHTS_NAME, lora_file_of, save_atomically
 
@@ -172,7 +173,7 @@ class ZImage(FlowTransformerFamily):
         state_dict = {COMFYUI_PREFIX + k.removeprefix(prefix): v for k, v in comfyui_state_dict(source).items()}
         return save_atomically(state_dict, target, {"format": "pt"})
 
-    def pipeline_kwargs(self):
+    def pipeline_kwargs(self) -> dict[str, float | int]:
         return {**super().pipeline_kwargs(), "cfg_normalization": self.cfg_normalization,
                 "cfg_truncation": self.cfg_truncation}
 

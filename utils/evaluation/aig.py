@@ -187,8 +187,8 @@ class AnnealedGuidance:
 
 
 def _mix(base, lora, w: float):
-    """(1 - w) base + w lora in fp32, in lora's dtype; image by image where the denoiser returns a list of them
-    (Z-Image's transformer)."""
+    """(1 - w) base + w lora in fp32, in lora's dtype; image by image where the denoiser returns a list of per-image
+    outputs (a transformer that takes and returns lists of differently sized images)."""
     if isinstance(lora, list | tuple):
         return [_mix(b, x, w) for b, x in zip(base, lora, strict=True)]
     return ((1 - w) * base.float() + w * lora.float()).to(lora.dtype)

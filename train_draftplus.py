@@ -133,6 +133,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help=f"{family_list('true_cfg_scale')}: true classifier-free guidance with --negative_prompt\n"
                         "(a second transformer pass per step), on when > 1, as the pipeline's own true_cfg_scale.\n"
                         "Default 1 (off).")
+    g.add_argument("--cfg_normalization", type=float, default=None,
+                   help=f"{family_list('cfg_normalization')}: cap the guided prediction's norm at this multiple of\n"
+                        "the positive prediction's, as the pipeline's cfg_normalization (1 = its True). Default 0 (off).")
+    g.add_argument("--cfg_truncation", type=float, default=None,
+                   help=f"{family_list('cfg_truncation')}: no guidance at the steps whose (1000 - t) / 1000 exceeds\n"
+                        "this, as the pipeline's cfg_truncation. Default 1 (guidance at every step).")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic sampler).")
     g.add_argument("--truncation_steps", type=int, default=1,
                    help="K: the last K denoising steps get gradients (DRaFT-K). Default 1.")

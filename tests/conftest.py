@@ -51,3 +51,6 @@ tiny_flux_schnell_path = _tiny_pipeline_fixture(
 tiny_qwen_image_path = _tiny_pipeline_fixture(
     "tiny_qwen_image_path", "tiny_qwen_image.build_random_qwen_image_pipeline",
     "A tiny random QwenImagePipeline (VAE factor 4: 48x32 images are 12x8 latents, 6x4 packed tokens).")
+tiny_z_image_path = _tiny_pipeline_fixture(
+    "tiny_z_image_path", "tiny_z_image.build_random_z_image_pipeline",
+    "A tiny random ZImagePipeline with Z-Image-Turbo's scheduler (VAE factor 2: 48x32 images are 24x16 latents).")

@@ -181,10 +181,17 @@ class AnnealedGuidance:
                 if w == 0.0:  # exactly the base pipeline
                     return base
                 lora = inner(*args, **kwargs)
-            mixed = ((1 - w) * _first(base).float() + w * _first(lora).float()).to(_first(lora).dtype)
-            return _replace_first(lora, mixed)
+            return _replace_first(lora, _mix(_first(base), _first(lora), w))
 
         return forward
+
+
+def _mix(base, lora, w: float):
+    """(1 - w) base + w lora in fp32, in lora's dtype; image by image where the denoiser returns a list of per-image
+    outputs (a transformer that takes and returns lists of differently sized images)."""
+    if isinstance(lora, list | tuple):
+        return [_mix(b, x, w) for b, x in zip(base, lora, strict=True)]
+    return ((1 - w) * base.float() + w * lora.float()).to(lora.dtype)
 
 
 def _first(output) -> torch.Tensor:

@@ -341,7 +341,7 @@ class HPSv3Reward(TextCachedReward):
         "HPSv3 (Qwen2-VL-7B-Instruct + MLP at a <|Reward|> token, on transformers' Qwen2-VL): "
         "mean mu of the predicted score"
     )
-    score_range = "~-5 to 15 (unnormalised mu)"
+    score_range = "unnormalised (mu on HPSv3's own scale)"
     file_options = ("model", "base")
 
     def __init__(

@@ -121,12 +121,26 @@ def _import_original(checkout: Path) -> tuple[types.ModuleType, types.ModuleType
     )
 
 
+# Qwen2's pre-tokenizer split (its tokenizer.json; transformers 5's Qwen2Tokenizer imposes it whatever the
+# file says, so the test tokenizer must have it for both sides to tokenise alike, as the real one does).
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
 def _train_tokenizer(instruction: str, suffix: str) -> object:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE with Qwen2's normaliser, pre-tokenizer and special tokens, trained on HPSv3's text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=700,
@@ -264,11 +278,17 @@ def ours(work: Path, args: argparse.Namespace) -> dict:
         },
         "cases": {},
     }
+    from rewards.qwen2vl_preprocess import qwen2vl_pixels
+
+    for case in SIZES:  # the token ids first: a mismatch makes every score comparison moot
+        h, w = SIZES[case]
+        n_tokens = reward.preprocess_config.tokens_per_image(h, w)
+        input_ids, attention_mask = reward.token_batch(PROMPTS, n_tokens)
+        if not torch.equal(input_ids, ref[f"{case}.pil.input_ids"]):
+            raise SystemExit(f"{case}: token ids differ from the original's; fix the tokenizer/template first")
     for case in SIZES:
         images = np.load(work / f"{case}.npy")
         x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).requires_grad_(True)
-        from rewards.qwen2vl_preprocess import qwen2vl_pixels
-
         pixel_values, grid = qwen2vl_pixels(x.detach(), reward.preprocess_config)
         input_ids, attention_mask = reward.token_batch(PROMPTS, int(grid[0].prod()) // 4)
         mu_sigma = reward.score_pixels(*qwen2vl_pixels(x, reward.preprocess_config), PROMPTS)
@@ -316,7 +336,7 @@ def finite_differences(reward, x: torch.Tensor, prompts: list[str]) -> dict:
     analytic = float((xg.grad * direction).sum())
     rows = []
     with torch.no_grad():
-        for eps in (3e-3, 1e-3, 3e-4):
+        for eps in (1e-3, 3e-4):
             up = float(reward(x + eps * direction, prompts)[0])
             down = float(reward(x - eps * direction, prompts)[0])
             numeric = (up - down) / (2 * eps)
@@ -378,7 +398,7 @@ def main() -> None:
     for p in (parser, orig):
         p.add_argument("--checkout", required=p is orig, help="checkout of HPSv3's code (MizzenAI/HPSv3 or a fork)")
         p.add_argument("--work", default="/tmp/hpsv3_parity", help="working directory for the shared files")
-        p.add_argument("--llm-layers", type=int, default=2)
+        p.add_argument("--llm-layers", type=int, default=1)
         p.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--python", help="python of the venv with HPSv3's pins (transformers 4.45.2)")
     parser.add_argument("--skip-original", action="store_true", help="reuse --work's original outputs")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
 from utils.errors import UserError, fail, first_line, one_line_errors, say
 from utils.families.base import target_presets_help
-from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
+from utils.lora import LoraWriteError, adapted_modules, add_lora, lora_state_dict, save_lora
 from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
@@ -46,6 +46,7 @@ from utils.run import arg_checks, guards
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
 from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
+from utils.run.model_card import describe_size
 from utils.run.output_dir import METRICS_NAME, claim_output_dir, truncate_metrics
 from utils.run.preemption import Preemption
 from utils.run.validation import DIVERSITY_CHOICES, Validation
@@ -409,7 +410,9 @@ def main(args: argparse.Namespace) -> None:
 
     logger.info(f"***** DRaFT+ : {len(checked.prompts)} prompts, {args.max_train_steps} steps, batch "
                 f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
-                f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
+                f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff}, "
+                f"{describe_size(args.width, args.height, checked.native_size)}, LoRA on "
+                f"{len(adapted_modules(models.raw_denoiser))} modules *****")
     validation = None
     if accelerator.is_main_process and args.validation_prompts:
         validation = Validation(args, accelerator, models, reward_fn, start_step=global_step)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.evaluation import cli as evaluator_cli
 from utils.evaluation import evaluate as ev
 from utils.evaluation.diversity import Diversity, DiversityError
 from utils.evaluation.outputs import plot_reward_vs_diversity, plot_series
@@ -22,7 +23,7 @@ ERROR = "python -m utils.evaluation: error: "  # how the command line starts its
 def cli(args: list[str]) -> int:
     """The evaluator's command line, in this process: its exit code, returned or raised."""
     try:
-        return ev.main(args)
+        return evaluator_cli.main(args)
     except SystemExit as e:
         return e.code
 
@@ -160,7 +161,7 @@ def test_cli_writes_tables_and_plot(tiny_sd_path, lora_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "eval"
-    code = ev.main([
+    code = evaluator_cli.main([
         "--pretrained_model_name_or_path", str(tiny_sd_path), "--prompts", str(prompts),
         "--lora", str(lora_dirs["random-lora"]), "--seeds_per_prompt", "2",
         "--num_inference_steps", "2", "--guidance_scale", "3", "--reward", "redness",
@@ -208,7 +209,7 @@ def cli_args(tiny_sd_path, tmp_path, out, *extra):
 
 def test_cli_controls_rows_tables_and_plot(tiny_sd_path, lora_dirs, tmp_path):
     out = tmp_path / "eval"
-    code = ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["random-lora"]), "--lora_scale",
+    code = evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["random-lora"]), "--lora_scale",
                             "0.5", "--aig", "power_2", "--mix", "checkpoint-10=0.5"))
     assert code == 0
     result = json.loads((out / "results.json").read_text())
@@ -323,13 +324,13 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
     evaluated = record_evaluated_rows(monkeypatch)
     out = tmp_path / "eval"
     lora = str(lora_dirs["random-lora"])
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora)) == 0
+    assert evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora)) == 0
     first = json.loads((out / "results.json").read_text())["results"]
     assert evaluated == ["base", "checkpoint-10"]
 
     # extended: only the new rows are computed; the old ones (and their per-image records) are kept
     evaluated.clear()
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--aig", "linear")) == 0
+    assert evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--aig", "linear")) == 0
     assert evaluated == ["checkpoint-10@aig=linear"]
     assert "skipped" in capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["results"]
@@ -355,7 +356,7 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
 
     # --overwrite: starts afresh with what is asked now
     evaluated.clear()
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--num_inference_steps", "3",
+    assert evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--num_inference_steps", "3",
                             "--overwrite")) == 0
     assert evaluated == ["base", "checkpoint-10"]
     assert [r["model"] for r in json.loads((out / "results.json").read_text())["results"]] == ["base", "checkpoint-10"]
@@ -423,7 +424,7 @@ def test_cli_with_dino_records_the_metric_and_model(tiny_sd_path, tiny_dino, tmp
     out = tmp_path / "eval"
     args = cli_args(tiny_sd_path, tmp_path, out, "--diversity_model", str(tiny_dino))
     args[args.index("pixel_l2")] = "dino"
-    assert ev.main(args) == 0
+    assert evaluator_cli.main(args) == 0
     (row,) = json.loads((out / "results.json").read_text())["results"]
     assert row["diversity_metric"] == "dino" and row["diversity_model"] == str(tiny_dino) and row["diversity"] > 0
 

@@ -125,7 +125,7 @@ class ModelFamily:
         """The first trainer option (parsed `args`, before the family's defaults) this family cannot honour, as
         the one line for the user; None when it can honour them all."""
         model = f"{cls.pipeline_class_name} models"
-        for name in dict.fromkeys(option for family in FAMILIES for option in family.options):
+        for name in family_option_names():
             if getattr(args, name, None) is not None and name not in cls.options:
                 takers = " and ".join(f.pipeline_class_name for f in FAMILIES if name in f.options)
                 return f"--{name} is for {takers} models; {model} do not take it"
@@ -351,6 +351,11 @@ def register(family: type[ModelFamily]) -> type[ModelFamily]:
     """Class decorator: make `family` the one that trains the pipelines in its `serves`."""
     FAMILIES.append(family)
     return family
+
+
+def family_option_names() -> tuple[str, ...]:
+    """The options only some families take (every registered family's `options`), in registration order."""
+    return tuple(dict.fromkeys(option for family in FAMILIES for option in family.options))
 
 
 def vae_scale_factor(vae_config: dict | None) -> int:

@@ -104,6 +104,13 @@ def check_lora_targets(denoiser: torch.nn.Module, targets: Iterable[str]) -> Non
                     f"(presets: attention, attention+ff; layer names include {examples})")
 
 
+def adapted_modules(denoiser: torch.nn.Module) -> list[str]:
+    """The names of the denoiser's modules that carry a LoRA adapter (what `--lora_target_modules` matched)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, module in denoiser.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
 @contextmanager
 def adapters_disabled(denoiser: torch.nn.Module):
     """Run the frozen base model: the same denoiser with its LoRA switched off (with `--quantize_base`, the

@@ -16,6 +16,7 @@ once the family is known (`utils.run.model_checks.apply_family_defaults`, from `
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 import utils.rollout.compile
 from rewards import validate_reward_spec
 from utils.errors import ArgumentError
+from utils.evaluation.run_settings import sampling_settings
 from utils.families import ModelFamily, read_native_size
 from utils.hub import truthy
 from utils.lora import LORA_WEIGHTS_NAME
@@ -75,6 +77,9 @@ class CheckedArgs:
     first_step: int  # the step the run continues from (0 on a fresh start)
     prompts: tuple[str, ...]  # the prompts of --prompts, loaded
     run_config: dict  # what each checkpoint records (utils.run.checkpoints.run_config)
+    native_size: int | None = None  # the model's own image side (ModelFamily.native_size; None: unknown)
+    # how the LoRA samples (utils.evaluation.run_settings): recorded beside it, the card's evaluate command
+    sampling_settings: dict = dataclasses.field(default_factory=dict)
     # the objective changes a resume was allowed to make, oldest first: [{"from_step", "changes"}], where
     # changes = {flag: [before, after]}; the last one is this run's when its from_step is first_step + 1
     objective_changes: tuple[dict, ...] = ()
@@ -317,7 +322,10 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     objective_changes = check_objective(args, resume_from, first_step, objective)
     if args.validation_prompts and (problem := check_validation_history(args, first_step)):
         raise ArgumentError(problem)
-    config = run_config(args, lora_targets, fingerprint, objective, objective_changes)
+    sampling = sampling_settings(args, family, denoiser_config)
+    # a checkpoint records how its LoRA samples, for the evaluator (utils.evaluation.run_settings)
+    config = {**run_config(args, lora_targets, fingerprint, objective, objective_changes), "sampling": sampling}
     return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
                        lora_targets=lora_targets, resume_from=resume_from, first_step=first_step,
-                       prompts=tuple(prompts), run_config=config, objective_changes=objective_changes)
+                       prompts=tuple(prompts), run_config=config, objective_changes=objective_changes,
+                       native_size=native_size, sampling_settings=sampling)

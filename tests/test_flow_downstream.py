@@ -166,6 +166,8 @@ def test_the_evaluators_sampler_defaults_are_the_familys(fixture, expected, requ
     (["--scheduler", "ddim"], "--scheduler ddim: FluxPipeline models sample with FlowMatchEulerDiscreteScheduler; "
                               "use --scheduler model"),
     (["--eta", "0.5"], "--eta 0.5: FluxPipeline takes no eta"),
+    (["--negative_prompt", "a blue square"], "--negative_prompt acts on FLUX only with --true_cfg_scale > 1"),
+    (["--height", "40"], "--height must be a multiple of 16 for FluxPipeline models, got 40"),
 ])
 def test_samplers_a_flow_pipeline_cannot_take_are_one_line_before_any_model_loads(tiny_flux_dev_path, tmp_path,
                                                                                   capsys, extra, expected):

@@ -559,7 +559,8 @@ def test_every_setting_that_defines_the_numbers_is_in_the_fingerprint():
     other_values = {"model": "other", "prompts": ("a", "c"), "reward": "brightness", "reward_options": {"k": 1},
                     "seeds_per_prompt": 3, "seed": 1, "num_inference_steps": 3, "guidance_scale": 1.0,
                     "resolution": 64, "height": 64, "width": 64, "scheduler": "euler", "eta": 0.5,
-                    "negative_prompt": "blur", "dtype": "bf16", "diversity_metric": "dino",
+                    "negative_prompt": "blur", "family_options": {"max_sequence_length": 128}, "dtype": "bf16",
+                    "diversity_metric": "dino",
                     "diversity_model": None, "batch_size": 3, "device": "cuda", "grid_prompts": 2}
     names = [f.name for f in dataclasses.fields(EvalSettings)]
     assert sorted(other_values) == sorted(names)  # a new field needs a value here, and a decision

@@ -361,11 +361,11 @@ def test_the_evaluator_renders_a_trained_schnell_lora_as_its_runs_validation_did
     torch.testing.assert_close(rewards, run_rewards, rtol=0, atol=1e-5)
     images = evaluated.grids["schnell"]  # prompt-major, as validation renders them
     for k in range(len(prompts)):
-        saved = torch.tensor(list(Image.open(out / "validation" / f"prompt-{k}.png").getdata())).float()
-        side = Image.open(out / "validation" / f"prompt-{k}.png")
-        row = torch.cat([torch.tensor(list(to_pil(im).resize((side.width // 2, side.height), Image.NEAREST).getdata()))
-                         .float().reshape(side.height, side.width // 2, 3) for im in images[2 * k:2 * k + 2]], dim=1)
-        assert (row.reshape(-1, 3) - saved).abs().max() <= 1  # the same pixels, up to 8-bit rounding
+        saved = Image.open(out / "validation" / f"prompt-{k}.png")  # the prompt's images side by side, enlarged
+        enlarged = [to_pil(im).resize((saved.width // 2, saved.height), Image.NEAREST) for im in images[2 * k:2 * k + 2]]
+        row = torch.cat([torch.tensor(list(im.getdata())).float().reshape(saved.height, -1, 3) for im in enlarged], 1)
+        assert (row.reshape(-1, 3) - torch.tensor(list(saved.getdata())).float()).abs().max() <= 1  # 8-bit rounding
 
-    at_512 = evaluate(max_sequence_length=512)
-    assert (torch.tensor([row["reward"] for row in at_512.per_image]) - run_rewards).abs().max() > 1e-4
+    at_512 = evaluate(max_sequence_length=512)  # what the evaluator did before it read the run's settings
+    assert (at_512.grids["schnell"] - images).abs().max() > 1e-3
+    assert (torch.tensor([row["reward"] for row in at_512.per_image]) - run_rewards).abs().max() > 1e-5

@@ -119,7 +119,10 @@ class EvalSettings:
         fp["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
         fp["num_prompts"] = len(prompts)
         fp["reward_options"] = json.dumps(fp["reward_options"], sort_keys=True, default=str)
-        fp["family_options"] = json.dumps(fp["family_options"], sort_keys=True, default=str)
+        if fp["family_options"]:
+            fp["family_options"] = json.dumps(fp["family_options"], sort_keys=True, default=str)
+        else:  # a family without options (SD, SDXL): results.json written before the field existed still resume
+            del fp["family_options"]
         return fp
 
     def record(self) -> dict[str, Any]:

@@ -583,3 +583,43 @@ def test_every_setting_that_defines_the_numbers_is_in_the_fingerprint():
     assert base.fingerprint()["dtype"] == "float32" and EvalSettings("toy", ("a",), dtype=torch.float32).dtype == "float32"
     with pytest.raises(ev.EvaluationError, match="unknown dtype"):
         EvalSettings("toy", ("a",), dtype="fp8")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--max_sequence_length", "64"], "--max_sequence_length is for "),
+    (["--true_cfg_scale", "2"], "--true_cfg_scale is for "),
+])
+def test_another_familys_option_is_one_line_before_any_model_loads(extra, expected, tmp_path, capsys):
+    """The evaluator takes every family's options, and refuses them for a model whose family does not (the
+    trainer's check, `ModelFamily.option_problem`)."""
+    args = ["--pretrained_model_name_or_path", "toy", "--prompts", "animals", "--diversity_metric", "pixel_l2",
+            "--output_dir", str(tmp_path / "out"), *extra]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(ERROR) and expected in err[0], err
+    assert err[0].endswith("models; StableDiffusionPipeline models do not take it") and "FluxPipeline" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_runs_recorded_settings_fill_in_what_is_not_given(tmp_path):
+    """A final LoRA's draftplus_settings.json, a checkpoint's draftplus_run.json `sampling`; a setting given wins,
+    a size given in any form keeps the runs' sizes out, and runs that disagree on a setting left out are refused."""
+    from utils.evaluation.run_settings import RUN_CONFIG_NAME, SETTINGS_NAME, settings_of_runs
+
+    recorded = {"scheduler": "ddim", "num_inference_steps": 10, "guidance_scale": 5.0, "eta": 0.0, "height": 32,
+                "width": 48}
+    final, checkpoint, other = tmp_path / "run", tmp_path / "run" / "checkpoint-20", tmp_path / "other"
+    for directory in (checkpoint, other):
+        directory.mkdir(parents=True)
+    (final / SETTINGS_NAME).write_text(json.dumps(recorded))
+    (checkpoint / RUN_CONFIG_NAME).write_text(json.dumps({"rank": 4, "sampling": recorded}))
+    (other / SETTINGS_NAME).write_text(json.dumps({**recorded, "num_inference_steps": 50}))
+
+    settings, sources = settings_of_runs([final, checkpoint / "pytorch_lora_weights.safetensors"], {})
+    assert settings == recorded and sources == [final / SETTINGS_NAME, checkpoint / RUN_CONFIG_NAME]
+    settings, _ = settings_of_runs([final], {"guidance_scale": 2.0, "resolution": 64, "eta": None})
+    assert settings == {"scheduler": "ddim", "num_inference_steps": 10, "eta": 0.0}
+    assert settings_of_runs([tmp_path], {}) == ({}, [])  # no recorded settings: nothing taken
+    with pytest.raises(ev.EvaluationError, match="different num_inference_steps: 10 .*, 50 .*; give --num_inf"):
+        settings_of_runs([final, other], {}, spell=lambda name: f"--{name}")
+    assert settings_of_runs([final, other], {"num_inference_steps": 3})[0]["scheduler"] == "ddim"

@@ -623,3 +623,8 @@ def test_the_runs_recorded_settings_fill_in_what_is_not_given(tmp_path):
     with pytest.raises(ev.EvaluationError, match="different num_inference_steps: 10 .*, 50 .*; give --num_inf"):
         settings_of_runs([final, other], {}, spell=lambda name: f"--{name}")
     assert settings_of_runs([final, other], {"num_inference_steps": 3})[0]["scheduler"] == "ddim"
+    older = tmp_path / "older" / "checkpoint-5"  # a run config from before it recorded `sampling`: its arguments
+    older.mkdir(parents=True)
+    (older / RUN_CONFIG_NAME).write_text(json.dumps({"args": {**recorded, "negative_prompt": "", "rank": 4,
+                                                              "true_cfg_scale": None, "max_sequence_length": 256}}))
+    assert settings_of_runs([older], {})[0] == {**recorded, "max_sequence_length": 256}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.evaluation.settings import EvaluationError, python_option
-from utils.families.base import ModelFamily
+from utils.families.base import ModelFamily, family_option_names
 
 SETTINGS_NAME = "draftplus_settings.json"
 RUN_CONFIG_NAME = "draftplus_run.json"  # a checkpoint's run config (utils.run.checkpoints), its `sampling` entry
@@ -48,7 +48,8 @@ def write_settings(output_dir: str | os.PathLike, settings: Mapping[str, Any]) -
 
 def read_settings(lora: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:
     """The sampler settings recorded beside a LoRA (its directory, or the directory of a `.safetensors` file),
-    and the file they came from; None where the trainer recorded none (a LoRA from elsewhere, an older run)."""
+    and the file they came from; None where the trainer recorded none (a LoRA from elsewhere, the final directory
+    of a run older than these files: its checkpoints' recorded arguments serve)."""
     directory = Path(lora) if Path(lora).is_dir() else Path(lora).parent
     for name, entry in ((SETTINGS_NAME, None), (RUN_CONFIG_NAME, "sampling")):
         path = directory / name
@@ -59,9 +60,17 @@ def read_settings(lora: str | os.PathLike) -> tuple[dict[str, Any], Path] | None
         except (OSError, ValueError) as e:
             raise EvaluationError(f"{path} cannot be read ({e}); give the sampler settings instead") from None
         settings = data.get(entry) if entry else data
+        if entry and settings is None and isinstance(data.get("args"), dict):
+            settings = older_run_settings(data["args"])
         if isinstance(settings, dict):
             return settings, path
     return None
+
+
+def older_run_settings(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler settings in the recorded arguments of a checkpoint written before its run config had them."""
+    names = (*SAMPLING_SETTINGS, *family_option_names())
+    return {name: args[name] for name in names if args.get(name) not in (None, "")}
 
 
 def settings_of_runs(loras: Sequence[str | os.PathLike], given: Mapping[str, Any],

@@ -344,6 +344,14 @@ def test_the_evaluator_renders_a_trained_schnell_lora_as_its_runs_validation_did
     assert json.loads((out / SETTINGS_NAME).read_text()) == {
         "scheduler": "model", "num_inference_steps": 4, "eta": 0.0, "height": 48, "width": 32,
         "max_sequence_length": 256, "true_cfg_scale": 1.0}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        modules = {key.split(".lora_")[0] for key in f.keys()}
+    card = (out / "README.md").read_text()
+    assert f"targets attention ({len(modules)} transformer modules)" in card
+    assert "| resolution | 32x48 (the model's native size is 256x256) |" in card  # FluxPipeline's 128 latents x 2
+    assert "--max_sequence_length 256" in card and "--guidance_scale" not in card
     validation = [json.loads(line) for line in (out / VALIDATION_LOG).read_text().splitlines()]
     run_rewards = torch.tensor(next(e for e in validation if e["phase"] == "lora" and e["step"] == 1)["rewards"])
 

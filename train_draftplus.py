@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
 from utils.errors import UserError, fail, first_line, one_line_errors, say
 from utils.families import FAMILIES
-from utils.lora import LoraWriteError, add_lora, lora_state_dict, save_lora
+from utils.families.base import target_presets_help
+from utils.lora import LoraWriteError, adapted_modules, add_lora, lora_state_dict, save_lora
 from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
@@ -46,6 +47,7 @@ from utils.run import arg_checks, guards, sharding
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
 from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
+from utils.run.model_card import describe_size
 from utils.run.output_dir import METRICS_NAME, claim_output_dir, truncate_metrics
 from utils.run.preemption import Preemption
 from utils.run.validation import DIVERSITY_CHOICES, Validation
@@ -115,9 +117,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help=f"{family_list('max_sequence_length')}: prompt tokens of the text encoder\n"
                         "(default: the pipeline's own, as the family's recipe gives it).")
-    g.add_argument("--resolution", type=int, default=512,
-                   help="Image height and width: a multiple of 8 (SD, SDXL) or 16 (SD3, FLUX); 1024 for SDXL,\n"
-                        "SD3 and FLUX.")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="Image height and width, a multiple of the family's size unit (its VAE factor x patch\n"
+                        "size: 8 or 16). Default: the model's native size, as its pipeline's (its denoiser's\n"
+                        "sample_size x the VAE factor, read from the configs; 32 for the toys).")
     g.add_argument("--height", type=int, default=None, help="Image height (multiple of 8 or 16; default --resolution).")
     g.add_argument("--width", type=int, default=None, help="Image width (multiple of 8 or 16; default --resolution).")
 
@@ -174,11 +177,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: rank).")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
     g.add_argument("--lora_target_modules", type=str, nargs="+", default=["attention"],
-                   help="Denoiser modules that get LoRA adapters: 'attention' (the default, as diffusers' LoRA\n"
-                        "scripts: to_q to_k to_v to_out.0; on SD3/FLUX also the text stream's add_q_proj add_k_proj\n"
-                        "add_v_proj to_add_out), 'attention+ff' (adds the feed-forward layers, ff.net.0.proj\n"
-                        "ff.net.2 as NeMo-Aligner; on SD3/FLUX also ff_context.*, and FLUX's single blocks'\n"
-                        "proj_mlp and proj_out), or module names.")
+                   help="Denoiser modules that get LoRA adapters: a preset or module names (PEFT adapts every\n"
+                        "module whose name is one of them or ends in '.' + one of them; the model card gives the\n"
+                        "count). Default 'attention'. Presets, per family:\n" + target_presets_help(wrap=90))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
@@ -262,8 +263,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(0)
     args = p.parse_args(input_args)
     # The values that follow from others, resolved once for every reader (model card, validation, checks).
-    args.height = args.height if args.height is not None else args.resolution
-    args.width = args.width if args.width is not None else args.resolution
+    # --height and --width default to --resolution, itself the model's native size: both in the argument check
     args.reward_options = parse_reward_options(args.reward_options)
     args.checked = arg_checks.check_training_args(args)
     if warning := arg_checks.token_warning(args):
@@ -439,7 +439,9 @@ def main(args: argparse.Namespace) -> None:
 
     logger.info(f"***** DRaFT+ : {len(checked.prompts)} prompts, {args.max_train_steps} steps, batch "
                 f"{args.train_batch_size} x {args.gradient_accumulation_steps} x {accelerator.num_processes} "
-                f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff} *****")
+                f"processes, T={args.num_inference_steps}, K={args.truncation_steps}, kl_coeff={args.kl_coeff}, "
+                f"{describe_size(args.width, args.height, checked.native_size)}, LoRA on "
+                f"{len(adapted_modules(models.raw_denoiser))} modules *****")
     validation = None
     if accelerator.is_main_process and args.validation_prompts:
         validation = Validation(args, accelerator, models, reward_fn, start_step=global_step)

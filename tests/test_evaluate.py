@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.evaluation import cli as evaluator_cli
 from utils.evaluation import evaluate as ev
 from utils.evaluation.diversity import Diversity, DiversityError
 from utils.evaluation.outputs import plot_reward_vs_diversity, plot_series
@@ -22,7 +23,7 @@ ERROR = "python -m utils.evaluation: error: "  # how the command line starts its
 def cli(args: list[str]) -> int:
     """The evaluator's command line, in this process: its exit code, returned or raised."""
     try:
-        return ev.main(args)
+        return evaluator_cli.main(args)
     except SystemExit as e:
         return e.code
 
@@ -160,7 +161,7 @@ def test_cli_writes_tables_and_plot(tiny_sd_path, lora_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     out = tmp_path / "eval"
-    code = ev.main([
+    code = evaluator_cli.main([
         "--pretrained_model_name_or_path", str(tiny_sd_path), "--prompts", str(prompts),
         "--lora", str(lora_dirs["random-lora"]), "--seeds_per_prompt", "2",
         "--num_inference_steps", "2", "--guidance_scale", "3", "--reward", "redness",
@@ -208,7 +209,7 @@ def cli_args(tiny_sd_path, tmp_path, out, *extra):
 
 def test_cli_controls_rows_tables_and_plot(tiny_sd_path, lora_dirs, tmp_path):
     out = tmp_path / "eval"
-    code = ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["random-lora"]), "--lora_scale",
+    code = evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", str(lora_dirs["random-lora"]), "--lora_scale",
                             "0.5", "--aig", "power_2", "--mix", "checkpoint-10=0.5"))
     assert code == 0
     result = json.loads((out / "results.json").read_text())
@@ -323,13 +324,13 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
     evaluated = record_evaluated_rows(monkeypatch)
     out = tmp_path / "eval"
     lora = str(lora_dirs["random-lora"])
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora)) == 0
+    assert evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora)) == 0
     first = json.loads((out / "results.json").read_text())["results"]
     assert evaluated == ["base", "checkpoint-10"]
 
     # extended: only the new rows are computed; the old ones (and their per-image records) are kept
     evaluated.clear()
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--aig", "linear")) == 0
+    assert evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--aig", "linear")) == 0
     assert evaluated == ["checkpoint-10@aig=linear"]
     assert "skipped" in capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["results"]
@@ -355,7 +356,7 @@ def test_cli_resumes_skips_done_rows_and_overwrite_recomputes(tiny_sd_path, lora
 
     # --overwrite: starts afresh with what is asked now
     evaluated.clear()
-    assert ev.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--num_inference_steps", "3",
+    assert evaluator_cli.main(cli_args(tiny_sd_path, tmp_path, out, "--lora", lora, "--num_inference_steps", "3",
                             "--overwrite")) == 0
     assert evaluated == ["base", "checkpoint-10"]
     assert [r["model"] for r in json.loads((out / "results.json").read_text())["results"]] == ["base", "checkpoint-10"]
@@ -423,7 +424,7 @@ def test_cli_with_dino_records_the_metric_and_model(tiny_sd_path, tiny_dino, tmp
     out = tmp_path / "eval"
     args = cli_args(tiny_sd_path, tmp_path, out, "--diversity_model", str(tiny_dino))
     args[args.index("pixel_l2")] = "dino"
-    assert ev.main(args) == 0
+    assert evaluator_cli.main(args) == 0
     (row,) = json.loads((out / "results.json").read_text())["results"]
     assert row["diversity_metric"] == "dino" and row["diversity_model"] == str(tiny_dino) and row["diversity"] > 0
 
@@ -558,7 +559,8 @@ def test_every_setting_that_defines_the_numbers_is_in_the_fingerprint():
     other_values = {"model": "other", "prompts": ("a", "c"), "reward": "brightness", "reward_options": {"k": 1},
                     "seeds_per_prompt": 3, "seed": 1, "num_inference_steps": 3, "guidance_scale": 1.0,
                     "resolution": 64, "height": 64, "width": 64, "scheduler": "euler", "eta": 0.5,
-                    "negative_prompt": "blur", "dtype": "bf16", "diversity_metric": "dino",
+                    "negative_prompt": "blur", "family_options": {"max_sequence_length": 128}, "dtype": "bf16",
+                    "diversity_metric": "dino",
                     "diversity_model": None, "batch_size": 3, "device": "cuda", "grid_prompts": 2}
     names = [f.name for f in dataclasses.fields(EvalSettings)]
     assert sorted(other_values) == sorted(names)  # a new field needs a value here, and a decision
@@ -581,3 +583,48 @@ def test_every_setting_that_defines_the_numbers_is_in_the_fingerprint():
     assert base.fingerprint()["dtype"] == "float32" and EvalSettings("toy", ("a",), dtype=torch.float32).dtype == "float32"
     with pytest.raises(ev.EvaluationError, match="unknown dtype"):
         EvalSettings("toy", ("a",), dtype="fp8")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--max_sequence_length", "64"], "--max_sequence_length is for "),
+    (["--true_cfg_scale", "2"], "--true_cfg_scale is for "),
+])
+def test_another_familys_option_is_one_line_before_any_model_loads(extra, expected, tmp_path, capsys):
+    """The evaluator takes every family's options, and refuses them for a model whose family does not (the
+    trainer's check, `ModelFamily.option_problem`)."""
+    args = ["--pretrained_model_name_or_path", "toy", "--prompts", "animals", "--diversity_metric", "pixel_l2",
+            "--output_dir", str(tmp_path / "out"), *extra]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(ERROR) and expected in err[0], err
+    assert err[0].endswith("models; StableDiffusionPipeline models do not take it") and "FluxPipeline" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_runs_recorded_settings_fill_in_what_is_not_given(tmp_path):
+    """A final LoRA's draftplus_settings.json, a checkpoint's draftplus_run.json `sampling`; a setting given wins,
+    a size given in any form keeps the runs' sizes out, and runs that disagree on a setting left out are refused."""
+    from utils.evaluation.run_settings import RUN_CONFIG_NAME, SETTINGS_NAME, settings_of_runs
+
+    recorded = {"scheduler": "ddim", "num_inference_steps": 10, "guidance_scale": 5.0, "eta": 0.0, "height": 32,
+                "width": 48}
+    final, checkpoint, other = tmp_path / "run", tmp_path / "run" / "checkpoint-20", tmp_path / "other"
+    for directory in (checkpoint, other):
+        directory.mkdir(parents=True)
+    (final / SETTINGS_NAME).write_text(json.dumps(recorded))
+    (checkpoint / RUN_CONFIG_NAME).write_text(json.dumps({"rank": 4, "sampling": recorded}))
+    (other / SETTINGS_NAME).write_text(json.dumps({**recorded, "num_inference_steps": 50}))
+
+    settings, sources = settings_of_runs([final, checkpoint / "pytorch_lora_weights.safetensors"], {})
+    assert settings == recorded and sources == [final / SETTINGS_NAME, checkpoint / RUN_CONFIG_NAME]
+    settings, _ = settings_of_runs([final], {"guidance_scale": 2.0, "resolution": 64, "eta": None})
+    assert settings == {"scheduler": "ddim", "num_inference_steps": 10, "eta": 0.0}
+    assert settings_of_runs([tmp_path], {}) == ({}, [])  # no recorded settings: nothing taken
+    with pytest.raises(ev.EvaluationError, match="different num_inference_steps: 10 .*, 50 .*; give --num_inf"):
+        settings_of_runs([final, other], {}, spell=lambda name: f"--{name}")
+    assert settings_of_runs([final, other], {"num_inference_steps": 3})[0]["scheduler"] == "ddim"
+    older = tmp_path / "older" / "checkpoint-5"  # a run config from before it recorded `sampling`: its arguments
+    older.mkdir(parents=True)
+    (older / RUN_CONFIG_NAME).write_text(json.dumps({"args": {**recorded, "negative_prompt": "", "rank": 4,
+                                                              "true_cfg_scale": None, "max_sequence_length": 256}}))
+    assert settings_of_runs([older], {})[0] == {**recorded, "max_sequence_length": 256}

@@ -143,34 +143,42 @@ def pipe_sequence_length(fixture):
 
 
 @pytest.mark.parametrize("fixture, expected", [
-    ("tiny_sd_path", {"scheduler": "ddim", "num_inference_steps": 20, "guidance_scale": 7.5}),
-    ("tiny_sd3_path", {"scheduler": "model", "num_inference_steps": 28, "guidance_scale": 7.0}),
-    ("tiny_flux_dev_path", {"scheduler": "model", "num_inference_steps": 28, "guidance_scale": 3.5}),
-    ("tiny_flux_schnell_path", {"scheduler": "model", "num_inference_steps": 4, "guidance_scale": 0.0}),
-    ("tiny_qwen_image_path", {"scheduler": "model", "num_inference_steps": 50, "guidance_scale": 0.0}),
+    ("tiny_sd_path", {"scheduler": "ddim", "num_inference_steps": 20, "guidance_scale": 7.5, "family_options": {}}),
+    ("tiny_sd3_path", {"scheduler": "model", "num_inference_steps": 28, "guidance_scale": 7.0,
+                       "family_options": {"max_sequence_length": 256}}),
+    ("tiny_flux_dev_path", {"scheduler": "model", "num_inference_steps": 28, "guidance_scale": 3.5,
+                            "family_options": {"max_sequence_length": 512, "true_cfg_scale": 1.0}}),
+    ("tiny_flux_schnell_path", {"scheduler": "model", "num_inference_steps": 4, "guidance_scale": 0.0,
+                                "family_options": {"max_sequence_length": 256, "true_cfg_scale": 1.0}}),
+    ("tiny_qwen_image_path", {"scheduler": "model", "num_inference_steps": 50, "guidance_scale": 0.0,
+                              "family_options": {"max_sequence_length": 512, "true_cfg_scale": 4.0}}),
 ])
 def test_the_evaluators_sampler_defaults_are_the_familys(fixture, expected, request):
+    """The trainer's defaults for the family's own options too: FLUX.1-schnell's 256 T5 tokens, not FLUX's 512."""
     from utils.evaluation.evaluate import family_of_model, with_family_defaults
 
     model = str(request.getfixturevalue(fixture))
     family = family_of_model(model)
     assert with_family_defaults(family, model, {"scheduler": None, "seed": 1}) == {**expected, "seed": 1}
     given = {"scheduler": "model", "num_inference_steps": 3, "guidance_scale": 2.0}
-    assert with_family_defaults(family, model, given) == given
+    options = {name: 7 for name in expected["family_options"]}
+    assert with_family_defaults(family, model, {**given, **options}) == {**given, "family_options": options}
 
 
 @pytest.mark.parametrize("extra, expected", [
     (["--scheduler", "ddim"], "--scheduler ddim: FluxPipeline models sample with FlowMatchEulerDiscreteScheduler; "
                               "use --scheduler model"),
     (["--eta", "0.5"], "--eta 0.5: FluxPipeline takes no eta"),
+    (["--negative_prompt", "a blue square"], "--negative_prompt acts on FLUX only with --true_cfg_scale > 1"),
+    (["--height", "40"], "--height must be a multiple of 16 for FluxPipeline models, got 40"),
 ])
 def test_samplers_a_flow_pipeline_cannot_take_are_one_line_before_any_model_loads(tiny_flux_dev_path, tmp_path,
                                                                                   capsys, extra, expected):
-    from utils.evaluation import evaluate as ev
+    from utils.evaluation import cli
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--pretrained_model_name_or_path", str(tiny_flux_dev_path), "--prompts", "animals",
+        cli.main(["--pretrained_model_name_or_path", str(tiny_flux_dev_path), "--prompts", "animals",
                  "--diversity_metric", "pixel_l2", "--output_dir", str(out), *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -308,3 +316,67 @@ def test_compile_gives_the_eager_flow_rollout_and_compiles_nothing_after_warm_up
                 loss_and_grads(compiled, prompts, torch.randn_like(noise), other, negative)
     finally:
         no_grad_denoiser.close()
+
+
+# ---------------------------------------------------------------------------------------------- the run's settings
+
+
+@pytest.mark.slow
+def test_the_evaluator_renders_a_trained_schnell_lora_as_its_runs_validation_did(tiny_flux_schnell_path, tmp_path,
+                                                                                 monkeypatch):
+    """A FLUX.1-schnell LoRA trained with the family's defaults (4 steps, 256 T5 tokens, no guidance), evaluated with
+    no sampler setting given: the evaluator takes the run's recorded settings (and says so), and its images of the
+    validation prompts, from the validation's seeds, are the run's own validation images: the same rewards, the
+    same pixels. The same evaluation with FLUX's pipeline default of 512 T5 tokens gives other images."""
+    import json
+
+    from PIL import Image
+    from test_flow_train import accelerate_launch
+
+    from utils.evaluation import evaluate as ev
+    from utils.evaluation.run_settings import SETTINGS_NAME
+    from utils.run.validation import VALIDATION_LOG, to_pil
+
+    out, prompts, seed = tmp_path / "schnell", ["a red circle", "a blue square"], 3
+    result = accelerate_launch("--pretrained_model_name_or_path", str(tiny_flux_schnell_path), "--reward", "redness",
+                               "--prompts", "animals", "--height", "48", "--width", "32", "--rank", "4",
+                               "--learning_rate", "1e-2", "--max_train_steps", "1", "--seed", str(seed),
+                               "--validation_prompts", *prompts, "--num_validation_images", "2",
+                               "--output_dir", str(out), "--report_to", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / SETTINGS_NAME).read_text()) == {
+        "scheduler": "model", "num_inference_steps": 4, "eta": 0.0, "height": 48, "width": 32,
+        "max_sequence_length": 256, "true_cfg_scale": 1.0}
+    from safetensors import safe_open
+
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        modules = {key.split(".lora_")[0] for key in f.keys()}
+    card = (out / "README.md").read_text()
+    assert f"targets attention ({len(modules)} transformer modules)" in card
+    assert "| resolution | 32x48 (the model's native size is 256x256) |" in card  # FluxPipeline's 128 latents x 2
+    assert "--max_sequence_length 256" in card and "--guidance_scale" not in card
+    validation = [json.loads(line) for line in (out / VALIDATION_LOG).read_text().splitlines()]
+    run_rewards = torch.tensor(next(e for e in validation if e["phase"] == "lora" and e["step"] == 1)["rewards"])
+
+    monkeypatch.setattr(ev, "image_seed", lambda base, prompt_index, seed_index: base + seed_index)  # validation's
+    logs = []
+
+    def evaluate(**settings):
+        return ev.evaluate(str(tiny_flux_schnell_path), prompts, reward="redness", loras=[out], include_base=False,
+                           seeds_per_prompt=2, seed=seed, diversity_metric="pixel_l2", device="cpu", grid_prompts=2,
+                           log=logs.append, **settings)
+
+    evaluated = evaluate()
+    assert any("sampled as the LoRAs were trained" in line and "max_sequence_length 256" in line for line in logs)
+    rewards = torch.tensor([row["reward"] for row in evaluated.per_image])
+    torch.testing.assert_close(rewards, run_rewards, rtol=0, atol=1e-5)
+    images = evaluated.grids["schnell"]  # prompt-major, as validation renders them
+    for k in range(len(prompts)):
+        saved = Image.open(out / "validation" / f"prompt-{k}.png")  # the prompt's images side by side, enlarged
+        enlarged = [to_pil(im).resize((saved.width // 2, saved.height), Image.NEAREST) for im in images[2 * k:2 * k + 2]]
+        row = torch.cat([torch.tensor(list(im.getdata())).float().reshape(saved.height, -1, 3) for im in enlarged], 1)
+        assert (row.reshape(-1, 3) - torch.tensor(list(saved.getdata())).float()).abs().max() <= 1  # 8-bit rounding
+
+    at_512 = evaluate(max_sequence_length=512)  # what the evaluator did before it read the run's settings
+    assert (at_512.grids["schnell"] - images).abs().max() > 1e-3
+    assert (torch.tensor([row["reward"] for row in at_512.per_image]) - run_rewards).abs().max() > 1e-5

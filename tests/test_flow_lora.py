@@ -26,24 +26,26 @@ SD35_MEDIUM = {"attention_head_dim": 64, "caption_projection_dim": 1536, "dual_a
 SEQ = 16
 
 
-@pytest.mark.parametrize("family,model_class,config,attention,attention_ff", [
-    (Flux, FluxTransformer2DModel, FLUX_1_DEV, 19 * 8 + 38 * 3, 19 * 8 + 38 * 3 + 19 * 4 + 38 * 2),
-    (StableDiffusion3, SD3Transformer2DModel, SD35_MEDIUM, 24 * 7 + 23 + 13 * 4, 24 * 7 + 23 + 13 * 4 + 24 * 2 + 23 * 2),
+@pytest.mark.parametrize("family,model_class,config,attention,attention_ff,diffusers", [
+    (Flux, FluxTransformer2DModel, FLUX_1_DEV, 19 * 8 + 38 * 3, 19 * 8 + 38 * 3 + 19 * 4 + 38 * 2, 342),
+    (StableDiffusion3, SD3Transformer2DModel, SD35_MEDIUM, 24 * 7 + 23 + 13 * 4, 24 * 7 + 23 + 13 * 4 + 24 * 2 + 23 * 2,
+     191),
 ])
-def test_presets_on_the_real_configs(family, model_class, config, attention, attention_ff):
+def test_presets_on_the_real_configs(family, model_class, config, attention, attention_ff, diffusers):
     """FLUX.1-dev: 19 double blocks x 8 attention projections + 38 single blocks x (q, k, v); +ff: both streams'
     MLPs and the single blocks' proj_mlp / proj_out, never the final proj_out. SD3.5-Medium: 24 blocks x 7,
     to_add_out on 23 (the last is context-pre-only), attn2 on the 13 dual-attention blocks; +ff: both MLPs
-    (no ff_context on the last block)."""
+    (no ff_context on the last block). `diffusers`: what diffusers' DreamBooth LoRA scripts adapt by default, 342
+    on FLUX.1-dev (19 x 12 + 38 x 3) and 191 on SD3.5-Medium (`attn.` names: attn2 left alone)."""
     counts = []
-    for preset in ("attention", "attention+ff"):
+    for preset in ("attention", "attention+ff", "diffusers"):
         with torch.device("meta"):
             transformer = model_class.from_config(config)
             add_lora(transformer, rank=4, target_modules=family.target_modules([preset], config))
         names = {n.removesuffix(".lora_A") for n, _ in transformer.named_modules() if n.endswith(".lora_A")}
         assert "proj_out" not in names and "norm_out.linear" not in names  # the output layers stay the model's
         counts.append(len(names))
-    assert counts == [attention, attention_ff]
+    assert counts == [attention, attention_ff, diffusers]
 
 
 def test_flux_attention_ff_needs_the_transformer_config():

@@ -100,7 +100,7 @@ def test_upload_patterns_are_the_card_lora_and_pictures_only():
 
     for name in ("README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
                  "validation/step-40.png", "validation/prompt-0.png", "training_curves.png",
-                 "validation_before_after.png"):
+                 "validation_before_after.png", "draftplus_settings.json"):
         assert uploaded(name), name
     for name in ("checkpoint-40/pytorch_lora_weights.safetensors", "checkpoint-40/optimizer.bin", "metrics.jsonl",
                  "logs/draftplus/events.out.tfevents.1", "validation.jsonl", ".tmp-lora-x/a.safetensors"):
@@ -143,7 +143,7 @@ def test_the_card_states_the_reward_with_its_options_and_an_evaluator_command_th
     (command,) = card_commands(card.text, "bash")
     words = shlex.split(command.replace("\\\n", " "))
     assert words[:3] == ["python", "-m", "utils.evaluation"]
-    from utils.evaluation.evaluate import parse_args as evaluate_args
+    from utils.evaluation.cli import parse_args as evaluate_args
 
     parsed = evaluate_args(words[3:])  # it parses: every required argument is there
     assert (parsed.pretrained_model_name_or_path, parsed.prompts, parsed.reward, parsed.reward_options) == (
@@ -202,10 +202,11 @@ def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_l
     assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)' in body
     assert "| T5 prompt tokens | 128 |" in body
     (command,) = card_commands(body, "bash")
-    from utils.evaluation.evaluate import parse_args as evaluate_args
+    from utils.evaluation.cli import parse_args as evaluate_args
 
     parsed = evaluate_args(shlex.split(command.replace("\\\n", " "))[3:])
-    assert (parsed.scheduler, parsed.num_inference_steps, parsed.guidance_scale, parsed.eta) == ("model", 28, 3.5, 0)
+    assert (parsed.scheduler, parsed.num_inference_steps, parsed.guidance_scale, parsed.eta) == ("model", 28, 3.5, None)
+    assert (parsed.max_sequence_length, parsed.true_cfg_scale) == (128, 1.0)  # the run's, as it trained
 
 
 def test_an_sd3_card_sends_diffusers_users_to_the_plain_file(tiny_sd3_path, tmp_path):
@@ -233,3 +234,50 @@ def test_a_local_base_models_other_license_keeps_its_name(tiny_flux_dev_path, tm
     assert (card.data.license, card.data.license_name) == ("other", "flux-1-dev-non-commercial-license")
     assert card.data.license_link is None and card.data.base_model is None
     assert "License: the base model's, `flux-1-dev-non-commercial-license`;" in card.text
+
+
+def evaluator_command_of(card_text):
+    """The card's evaluate command, parsed by the evaluator's command line."""
+    from utils.evaluation.cli import parse_args as evaluate_args
+
+    (command,) = card_commands(card_text, "bash")
+    return evaluate_args(shlex.split(command.replace("\\\n", " "))[3:])
+
+
+@pytest.mark.parametrize("fixture, extra, absent", [
+    ("tiny_sd_path", ["--negative_prompt", "a dull photo", "--eta", "0.5"], ["max_sequence_length", "true_cfg_scale"]),
+    ("tiny_sd3_path", ["--negative_prompt", "a dull photo", "--max_sequence_length", "64"], ["true_cfg_scale"]),
+    ("tiny_flux_dev_path", ["--negative_prompt", "a dull photo", "--true_cfg_scale", "2"], []),
+    ("tiny_flux_schnell_path", [], ["guidance_scale", "negative_prompt"]),
+])
+def test_the_cards_evaluate_command_passes_the_runs_settings_and_none_the_family_refuses(fixture, extra, absent,
+                                                                                       request, tmp_path):
+    """The evaluator's options in the card are the ones recorded beside the LoRA (the run's sampler and its family's
+    own options): FLUX's negative prompt comes with its true CFG scale, FLUX.1-schnell gets no guidance scale, and
+    the evaluator's check of a family's options (the trainer's) passes them all."""
+    from utils.evaluation.sampling import check_family_options, denoiser_config_of
+    from utils.families import family_of
+
+    model = str(request.getfixturevalue(fixture))
+    args = make_args(model, tmp_path / "out", *extra)
+    family = args.checked.family
+    parsed = evaluator_command_of(model_card_text(args, family.pipeline_class_name, None))
+    recorded = args.checked.sampling_settings
+    assert {name: getattr(parsed, name) for name in recorded} == {
+        name: None if name == "eta" and value == 0 else value for name, value in recorded.items()}
+    for name in absent:
+        assert getattr(parsed, name) is None and name not in recorded, name
+    for name in (*family.options, "scheduler", "num_inference_steps", "height", "width"):
+        assert getattr(parsed, name) == getattr(args, name), name
+    check_family_options(family_of(model), denoiser_config_of(model), vars(parsed))  # raises if refused
+
+
+def test_the_card_names_the_native_size_and_how_many_modules_the_lora_adapts(tiny_sd_path, tmp_path):
+    native = make_args(tiny_sd_path, tmp_path / "a", "--resolution", "32")
+    other = make_args(tiny_sd_path, tmp_path / "b", "--resolution", "48")
+    assert native.checked.native_size == other.checked.native_size == 32
+    assert "| resolution | 32x32 (the model's native size) |" in model_card_text(native, "StableDiffusionPipeline",
+                                                                               None)
+    text = model_card_text(other, "StableDiffusionPipeline", None, lora_modules=12)
+    assert "| resolution | 48x48 (the model's native size is 32x32) |" in text
+    assert "targets attention (12 unet modules)" in text

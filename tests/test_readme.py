@@ -55,7 +55,7 @@ def test_the_readme_marks_the_quickstart_runnable_and_its_test_command_is_what_c
 def test_every_trainer_and_evaluator_command_in_the_readme_parses(monkeypatch):
     """The GPU recipes cannot run here; their options must exist and their values must parse."""
     import train_draftplus
-    from utils.evaluation.evaluate import parse_args as evaluate_args
+    from utils.evaluation.cli import parse_args as evaluate_args
     from utils.run import arg_checks
 
     monkeypatch.setattr(arg_checks, "check_training_args", lambda args: None)  # no model, no hub: parsing only

@@ -199,13 +199,14 @@ def test_overwrite_removes_everything_the_earlier_run_derived(tiny_sd_path, prev
     (previous / "notes.txt").write_text("mine")  # not the run's: kept
     earlier = {p.name for p in previous.iterdir()}
     assert {"validation.jsonl", "validation", "validation_before_after.png", "validation_reward.json",
-            "training_curves.png", "README.md", LORA, KOHYA, "metrics.jsonl"} <= earlier
+            "training_curves.png", "README.md", LORA, KOHYA, "metrics.jsonl", "draftplus_settings.json"} <= earlier
     result = run([sys.executable, SCRIPT, *base_args(tiny_sd_path, previous, "--max_train_steps", "1",
                                                      "--checkpointing_steps", "5", "--overwrite_output_dir",
                                                      "--no_kohya_export")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in previous.iterdir()) == sorted(
-        ["checkpoint-1", "metrics.jsonl", LORA, "training_curves.png", "README.md", "notes.txt"])
+        ["checkpoint-1", "metrics.jsonl", LORA, "draftplus_settings.json", "training_curves.png", "README.md",
+         "notes.txt"])
     assert [r["step"] for r in metrics(previous)] == [1]
     assert "## Validation" not in (previous / "README.md").read_text()
 
@@ -215,7 +216,7 @@ def test_clear_previous_run_removes_the_derived_files_and_keeps_the_users(tmp_pa
 
     out = tmp_path / "run"
     derived = ["metrics.jsonl", "validation.jsonl", "validation-until-step-20.jsonl", "validation_before_after.png",
-               "validation_reward.json", "training_curves.png", LORA, KOHYA]
+               "validation_reward.json", "training_curves.png", LORA, KOHYA, "draftplus_settings.json"]
     for name in derived:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("old")

@@ -241,6 +241,7 @@ json.dump(log, open({str(calls)!r}, "w"))
     uploaded = set(filter_repo_objects(files, allow_patterns=upload_kw["allow_patterns"],
                                        ignore_patterns=upload_kw["ignore_patterns"]))
     assert uploaded == {"README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
+                        "draftplus_settings.json",
                         "validation/step-1.png", "validation/step-2.png", "validation/prompt-0.png",
                         "validation_before_after.png", "training_curves.png"}
     assert any(f.startswith("checkpoint-") for f in files) and any(f.startswith("logs/") for f in files)

@@ -32,6 +32,10 @@ class UserError(Exception):
             self.exit_code = exit_code
 
 
+class ArgumentError(UserError, ValueError):
+    """A bad argument, or a combination of arguments that cannot work (train_draftplus.py's checks)."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (UserError, RewardError)
 
 

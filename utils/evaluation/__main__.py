@@ -1,7 +1,7 @@
-"""`python -m utils.evaluation`: evaluate LoRAs (see utils/evaluation/evaluate.py)."""
+"""`python -m utils.evaluation`: evaluate LoRAs (see utils/evaluation/cli.py and utils/evaluation/evaluate.py)."""
 
 import sys
 
-from utils.evaluation.evaluate import main
+from utils.evaluation.cli import main
 
 sys.exit(main())

@@ -17,14 +17,15 @@ files written are listed in utils/evaluation/outputs.py. Resumable: rows already
 skipped when the settings (utils/evaluation/settings.py) and the bytes of their LoRA files are the same, so an
 interrupted or extended evaluation only computes what is missing, and a LoRA retrained in place is
 evaluated again; `--overwrite` starts afresh. Every family the trainer serves (SD 1.x/2.x, SDXL, SD3/SD3.5,
-FLUX.1) is evaluated with its own pipeline; sampler settings left out are the family's (`evaluation_defaults`).
+FLUX.1) is evaluated with its own pipeline and the family's own options (`ModelFamily.options`). A sampler
+setting left out is the one the LoRAs' training run recorded beside them (utils/evaluation/run_settings.py: a
+LoRA is evaluated as it was trained, and the log says so), else the family's (`evaluation_defaults`). The
+command line is utils/evaluation/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,8 +33,7 @@ from typing import Any
 
 import torch
 
-from utils.errors import one_line_errors
-from utils.evaluation.diversity import DEFAULT_DINO_MODEL, DIVERSITY_METRICS, Diversity
+from utils.evaluation.diversity import Diversity
 from utils.evaluation.outputs import (
     ROW_FIELDS,
     Evaluation,
@@ -42,25 +42,26 @@ from utils.evaluation.outputs import (
     write_outputs,
 )
 from utils.evaluation.plan import Adapter, Variant, plan_variants
-from utils.evaluation.settings import EvalSettings, EvaluationError, cli_option, python_option
+from utils.evaluation.sampling import check_sampler, family_of_model, resolve_settings, with_family_defaults
+from utils.evaluation.settings import EvalSettings, EvaluationError, python_option
 from utils.rollout.schedulers import SCHEDULERS
 
-PROG = "python -m utils.evaluation"
-
-__all__ = ["EvalSettings", "Evaluation", "EvaluationError", "evaluate", "generate", "image_seed", "load_pipeline",
-           "main"]
+__all__ = ["EvalSettings", "Evaluation", "EvaluationError", "evaluate", "family_of_model", "generate", "image_seed",
+           "load_pipeline", "with_family_defaults"]
 
 
 def load_pipeline(model: str, scheduler: str | None = None, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, options: Mapping[str, Any] | None = None):
     """The model family's diffusers pipeline (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) with the trainer's sampler
-    choice (None: the family's evaluation default); `toy` is the built-in toy model."""
-    return load_model_family(model, scheduler, device, dtype).pipe
+    choice (None: the family's evaluation default); `toy` is the built-in toy model. `options`: the family's
+    own (`ModelFamily.options`, e.g. FLUX's max_sequence_length; the trainer's defaults for those left out)."""
+    return load_model_family(model, scheduler, device, dtype, options).pipe
 
 
 def load_model_family(model: str, scheduler: str | None = None, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32):
-    """`load_pipeline`'s pipeline, behind its `utils.families.ModelFamily` (the family's defaults and call arguments)."""
+                      dtype: torch.dtype = torch.float32, options: Mapping[str, Any] | None = None):
+    """`load_pipeline`'s pipeline, behind its `utils.families.ModelFamily` (the family's defaults and call
+    arguments: `pipeline_kwargs` passes its options to the pipeline)."""
     import diffusers
 
     from utils.families import UnsupportedModelError, family_of
@@ -69,7 +70,7 @@ def load_model_family(model: str, scheduler: str | None = None, device: torch.de
         family_class = family_of(model)
         scheduler = scheduler or family_class.evaluation_defaults(None)["scheduler"]
         check_sampler(family_class, scheduler, 0.0)
-        family = family_class.load(model, dtype=dtype)
+        family = family_class.load(model, dtype=dtype, **(options or {}))
     except UnsupportedModelError as e:
         raise EvaluationError(str(e)) from e
     except (OSError, ValueError) as e:
@@ -79,50 +80,6 @@ def load_model_family(model: str, scheduler: str | None = None, device: torch.de
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.to(device)
     return family
-
-
-def check_sampler(family, scheduler: str, eta: float, spell: Callable[[str], str] = python_option) -> None:
-    """EvaluationError when the family's pipeline cannot sample with `scheduler` (a short name) or takes no `eta`
-    (the flow-matching pipelines sample with their own sampler, which has none)."""
-    import inspect
-
-    name = SCHEDULERS[scheduler]
-    if name is not None and name not in family.rollout_schedulers:
-        raise EvaluationError(f"{spell('scheduler')} {scheduler}: {family.pipeline_class_name} models sample with "
-                              f"{' or '.join(family.rollout_schedulers)}; use {spell('scheduler')} model")
-    if eta and "eta" not in inspect.signature(family.pipeline_class().__call__).parameters:
-        raise EvaluationError(f"{spell('eta')} {eta}: {family.pipeline_class_name} takes no eta (its sampler is "
-                              f"deterministic); leave it out")
-
-
-def family_of_model(model: str):
-    """The model's family class, read from its model_index.json; None where it cannot be read (the model then
-    fails to load, with its own message)."""
-    from utils.families import UnsupportedModelError, family_of
-
-    try:
-        return family_of(model)
-    except (UnsupportedModelError, OSError, ValueError):
-        return None
-
-
-def with_family_defaults(family, model: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """`settings` with the sampler settings left out (or None) taken from the family's evaluation defaults
-    (SD/SDXL: ddim, 20 steps, guidance 7.5; SD3/FLUX: their own sampler with the trainer's steps and guidance)."""
-    from utils.families import read_denoiser_config
-
-    out = dict(settings)
-    if family is None:
-        return {k: v for k, v in out.items() if v is not None or k not in ("scheduler", "num_inference_steps",
-                                                                            "guidance_scale")}
-    try:
-        denoiser_config = read_denoiser_config(model)
-    except (OSError, ValueError):
-        denoiser_config = None
-    for key, value in family.evaluation_defaults(denoiser_config).items():
-        if out.get(key) is None:
-            out[key] = value
-    return out
 
 
 def image_seed(seed: int, prompt_index: int, seed_index: int) -> int:
@@ -305,8 +262,10 @@ def evaluate(
     """
     spec = reward if isinstance(reward, str) else getattr(reward, "spec", getattr(reward, "__name__", "custom"))
     family_class = family_of_model(model)
-    config = EvalSettings(model, tuple(prompts), reward=spec, **with_family_defaults(family_class, model, settings))
     variants = plan_variants(loras, lora_scales, aig, mixes, include_base, spell)  # checks every LoRA and control
+    resolved, from_runs = resolve_settings(model, family_class, settings,
+                                           [a.file for v in variants for a in v.adapters], spell, log)
+    config = EvalSettings(model, tuple(prompts), reward=spec, **resolved)
     if family_class is not None:
         check_sampler(family_class, config.scheduler, config.eta, spell)
     fingerprint = config.fingerprint()
@@ -314,6 +273,8 @@ def evaluate(
         record = {**config.record(), "loras": [str(p) for p in loras], "lora_scales": list(lora_scales),
                   "aig": list(aig), "mixes": [dict(m) if isinstance(m, Mapping) else list(m) for m in mixes],
                   "include_base": include_base}
+    if from_runs:
+        record = {**record, "settings_from_training_runs": from_runs}
     previous, results = Evaluation([], [], {}, []), None
     if output_dir is not None:
         check_output_dir(output_dir, spell)
@@ -330,7 +291,7 @@ def evaluate(
         from rewards import build_reward
 
         reward = build_reward(reward, device=device, **config.reward_options)
-    family = load_model_family(model, config.scheduler, device, config.torch_dtype)
+    family = load_model_family(model, config.scheduler, device, config.torch_dtype, config.family_options)
     pipe = family.pipe
     # record the size actually generated, not "default"
     resolution = config.resolution or family.default_size()
@@ -375,112 +336,3 @@ def evaluate(
         if loaded:
             pipe.unload_lora_weights()
     return out
-
-
-# ----------------------------------------------------------------------------------------- CLI
-
-
-def read_prompts(source: str) -> list[str]:
-    """Any prompt source the trainer accepts (`--prompts`): built-in sets, .txt files, datasets, tars."""
-    from utils.prompts import PromptSourceError, check_prompt_source, load_prompts
-
-    try:
-        check_prompt_source(source)
-        return load_prompts(source)
-    except PromptSourceError as e:
-        raise EvaluationError(str(e)) from e
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line. Names of settings are `EvalSettings` field names, so they pass straight through."""
-    from utils.evaluation.aig import SCHEDULE_HELP
-
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="Base pipeline: hub id, local dir, or a built-in pretrained toy: 'toy' (UNet) or 'toy-flow' (SD3).")
-    p.add_argument("--lora", nargs="*", default=[], metavar="DIR",
-                   help="LoRA dirs holding pytorch_lora_weights.safetensors (trainer outputs or checkpoint-N "
-                        "dirs); labelled by directory name.")
-    p.add_argument("--lora_scale", nargs="+", type=float, default=[], metavar="S",
-                   help="Also evaluate every --lora at these strengths (diffusers' adapter weights): rows "
-                        "NAME@scale=S.")
-    p.add_argument("--aig", nargs="+", default=[], metavar="SCHEDULE",
-                   help=f"Also evaluate every --lora under annealed importance guidance with these schedules "
-                        f"({SCHEDULE_HELP}): rows NAME@aig=SCHEDULE.")
-    p.add_argument("--mix", nargs="+", action="append", default=[], metavar="NAME=W",
-                   help="Evaluate a weighted combination of LoRAs (NAME: a --lora label or a LoRA dir), e.g. "
-                        "--mix a=0.5 b=0.5: row mix(a=0.5,b=0.5). Repeat --mix for several mixes.")
-    p.add_argument("--no_base", action="store_true", help="Skip the base model (it is evaluated by default).")
-    p.add_argument("--prompts", required=True,
-                   help="Prompt source: a .txt file (one prompt per line), or any source the trainer accepts.")
-    p.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts.")
-    p.add_argument("--seeds_per_prompt", type=int, default=4, help="Images per prompt (>= 2, for diversity).")
-    p.add_argument("--seed", type=int, default=0, help="Base seed; image (i, j) gets a seed derived from (seed, i, j).")
-    p.add_argument("--num_inference_steps", type=int, default=None,
-                   help="Sampler steps (default: 20 for SD/SDXL; 28 for SD3 and FLUX.1-dev, 4 for FLUX.1-schnell).")
-    p.add_argument("--guidance_scale", type=float, default=None,
-                   help="Classifier-free guidance scale (default 7.5 for SD/SDXL, 7.0 for SD3); FLUX.1-dev: its "
-                        "distilled guidance (default 3.5); FLUX.1-schnell takes none.")
-    p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
-    p.add_argument("--height", type=int, default=None, help="Image height (default: --resolution).")
-    p.add_argument("--width", type=int, default=None, help="Image width (default: --resolution).")
-    p.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
-                   help="Sampler ('model' = the model's own; default: ddim for SD/SDXL, as the trainer; SD3 and FLUX "
-                        "sample with their own flow-matching sampler, 'model').")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
-    p.add_argument("--negative_prompt", default=None, help="Negative prompt for every image.")
-    p.add_argument("--reward", default="redness", help="Reward spec for rewards.build_reward (e.g. redness, pickscore).")
-    p.add_argument("--reward_options", nargs="*", default=[], metavar="KEY=VALUE", help="Options for the reward.")
-    p.add_argument("--diversity_metric", default="lpips", choices=DIVERSITY_METRICS,
-                   help="lpips (AlexNet LPIPS; needs torchvision's AlexNet weights), lpips_random_backbone "
-                        "(fixed-seed random AlexNet trunk: offline stand-in, not comparable to lpips), "
-                        "pixel_l2 (RMS pixel distance), dino (1 - cosine of DINOv2 [CLS] embeddings).")
-    p.add_argument("--diversity_model", default=None,
-                   help=f"DINOv2 model for --diversity_metric dino: local dir or hub id (default {DEFAULT_DINO_MODEL}).")
-    p.add_argument("--batch_size", type=int, default=16, help="Images per pipeline call.")
-    p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="Pipeline weights dtype.")
-    p.add_argument("--grid_prompts", type=int, default=8,
-                   help="Save a labelled samples_<row>.png grid of the first N prompts per row, and all of them "
-                        "in samples.png (0: none).")
-    p.add_argument("--output_dir", default="outputs/eval", help="Where results.json/csv and the plot go.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Discard the rows already in --output_dir's results.json (default: keep and skip them).")
-    args = p.parse_args(argv)
-    if args.seeds_per_prompt < 2:
-        p.error("--seeds_per_prompt must be >= 2 (diversity compares images of the same prompt)")
-    if args.batch_size < 1:
-        p.error("--batch_size must be >= 1")
-    if args.diversity_model is not None and args.diversity_metric != "dino":
-        p.error("--diversity_model is for --diversity_metric dino")
-    return args
-
-
-def _run(args: argparse.Namespace) -> Evaluation:
-    from rewards import parse_reward_options
-
-    passed = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)
-              if f.name not in ("model", "prompts", "reward", "reward_options")}
-    record = {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite")}
-    reward_options = parse_reward_options(args.reward_options)
-    prompts = read_prompts(args.prompts)[: args.max_prompts]
-    record["prompts_used"] = len(prompts)
-    return evaluate(args.pretrained_model_name_or_path, prompts, reward=args.reward, reward_options=reward_options,
-                    loras=args.lora, lora_scales=args.lora_scale, aig=args.aig, mixes=args.mix,
-                    include_base=not args.no_base, output_dir=args.output_dir, overwrite=args.overwrite,
-                    log=print, record=record, spell=cli_option, **passed)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; a problem the user can fix ends it with one line on stderr and exit code 2."""
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see train_draftplus.main
-    args = parse_args(argv)
-    with one_line_errors(PROG):
-        result = _run(args)
-    out = Path(args.output_dir)
-    print(f"{len(result.rows)} rows in {out / 'results.json'}; plot: {out / 'reward_vs_diversity.png'}")
-    return 0
-

@@ -46,7 +46,8 @@ class EvalSettings:
     `model`: the base pipeline (hub id, local dir, or `toy`); `prompts`: the prompts, in order; `reward`:
     a spec for `rewards.build_reward` (or the name of a callable reward) with `reward_options`; image
     (prompt i, seed j) gets a seed derived from (`seed`, i, j), `seeds_per_prompt` >= 2 per prompt; the
-    sampler: `scheduler`, `num_inference_steps`, `guidance_scale`, `eta`, `negative_prompt`, size
+    sampler: `scheduler`, `num_inference_steps`, `guidance_scale`, `eta`, `negative_prompt`, the model family's
+    own options (`family_options`: {name: value} of `ModelFamily.options`, e.g. FLUX's T5 length), size
     (`resolution`, or `height` x `width`; None: the model's), `dtype`; diversity: `diversity_metric`
     (and `diversity_model` for dino). Outside the fingerprint: `batch_size` (images per pipeline call),
     `device` (None: cuda if available) and `grid_prompts` (prompts shown in the sample grids).
@@ -66,6 +67,7 @@ class EvalSettings:
     scheduler: str = "ddim"
     eta: float = 0.0
     negative_prompt: str | None = None
+    family_options: Mapping[str, Any] = field(default_factory=dict)  # the model family's own (ModelFamily.options)
     dtype: Any = "fp32"  # a torch.dtype or its name; kept as torch's name ("float32")
     diversity_metric: str = "lpips"
     diversity_model: str | None = None
@@ -83,6 +85,7 @@ class EvalSettings:
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "prompts", tuple(self.prompts))
         set_(self, "reward_options", dict(self.reward_options or {}))
+        set_(self, "family_options", dict(sorted((self.family_options or {}).items())))
         if self.seeds_per_prompt < 2:
             raise EvaluationError("seeds_per_prompt must be >= 2: diversity compares images of the same prompt")
         if not self.prompts:
@@ -116,6 +119,10 @@ class EvalSettings:
         fp["prompts_sha256"] = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
         fp["num_prompts"] = len(prompts)
         fp["reward_options"] = json.dumps(fp["reward_options"], sort_keys=True, default=str)
+        if fp["family_options"]:
+            fp["family_options"] = json.dumps(fp["family_options"], sort_keys=True, default=str)
+        else:  # a family without options (SD, SDXL): results.json written before the field existed still resume
+            del fp["family_options"]
         return fp
 
     def record(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from utils.families.model_files import (
     load_family,
     read_denoiser_config,
     read_model_index,
+    read_native_size,
 )
 from utils.families.sd3 import StableDiffusion3
 from utils.families.stable_diffusion import PromptEmbeds, StableDiffusion, StableDiffusionXL, UNetFamily
@@ -34,5 +35,5 @@ __all__ = [
     "FAMILIES", "Flux", "FlowTransformerFamily", "ModelFamily", "PromptEmbeds", "StableDiffusion",
     "StableDiffusion3", "StableDiffusionXL", "TransformerPromptEmbeds", "UNetFamily", "UnsupportedModelError",
     "classifier_free_guidance", "family_for_class_name", "family_of", "load_family", "read_denoiser_config",
-    "read_model_index",
+    "read_model_index", "read_native_size",
 ]

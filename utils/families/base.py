@@ -66,7 +66,9 @@ class ModelFamily:
     size_multiple: ClassVar[int] = 8  # image height and width: the VAE factor times the denoiser's patch size
     rollout_schedulers: ClassVar[tuple[str, ...]]  # diffusers samplers the training rollout can step
     default_scheduler: ClassVar[str]  # --scheduler when not given
-    target_presets: ClassVar[dict[str, tuple[str, ...]]]  # --lora_target_modules presets
+    # --lora_target_modules presets; `diffusers` is the default of diffusers' DreamBooth LoRA script for the family
+    target_presets: ClassVar[dict[str, tuple[str, ...]]]
+    preset_notes: ClassVar[dict[str, str]] = {}  # what a preset's names catch besides the obvious, for --help
     # Trainer options only some families take (named as their argparse dests); the others refuse them.
     options: ClassVar[tuple[str, ...]] = ()
     # The LoRA file `export_ui_lora` writes, and the tools that load it (what the model card and the end of
@@ -103,6 +105,28 @@ class ModelFamily:
         return {"scheduler": "ddim", "num_inference_steps": 20, "guidance_scale": 7.5}
 
     @classmethod
+    def native_size(cls, denoiser_config: dict | None, vae_scale_factor: int) -> int | None:
+        """The image side the model was made for, as its pipeline defaults `height` and `width` (the denoiser
+        config's `sample_size` latents times the VAE factor), from the configs alone, so the argument checks
+        know it before any weights load; None where the config does not say."""
+        size = (denoiser_config or {}).get("sample_size")
+        return size * vae_scale_factor if isinstance(size, int) else None
+
+    @classmethod
+    def vae_scale_factor_of(cls, vae_config: dict | None) -> int:
+        """The VAE's downsampling factor, as the family's pipeline computes it from `vae/config.json` (8
+        without one)."""
+        channels = (vae_config or {}).get("block_out_channels")
+        return 2 ** (len(channels) - 1) if channels else 8
+
+    @classmethod
+    def evaluation_options(cls, denoiser_config: dict | None) -> dict[str, Any]:
+        """The defaults of the family's own `options` (e.g. FLUX's T5 length): the trainer's, so a model is
+        evaluated as it trains."""
+        defaults = cls.rollout_defaults(denoiser_config)
+        return {name: defaults.get(name) for name in cls.options}
+
+    @classmethod
     def uses_guidance_scale(cls, denoiser_config: dict | None) -> bool:
         """Whether `--guidance_scale` reaches the denoiser at all."""
         return True
@@ -112,7 +136,7 @@ class ModelFamily:
         """The first trainer option (parsed `args`, before the family's defaults) this family cannot honour, as
         the one line for the user; None when it can honour them all."""
         model = f"{cls.pipeline_class_name} models"
-        for name in dict.fromkeys(option for family in FAMILIES for option in family.options):
+        for name in family_option_names():
             if getattr(args, name, None) is not None and name not in cls.options:
                 takers = " and ".join(f.pipeline_class_name for f in FAMILIES if name in f.options)
                 return f"--{name} is for {takers} models; {model} do not take it"
@@ -123,6 +147,13 @@ class ModelFamily:
             return (f"--guidance_scale does not reach this model: its {cls.denoiser_name} takes no guidance "
                     "(as FLUX.1-schnell's); leave it out")
         return None
+
+    @classmethod
+    def describe_preset(cls, preset: str) -> str:
+        """What `--lora_target_modules PRESET` adapts, as the help says it: the module names (PEFT matches a
+        name or its last dotted parts)."""
+        note = cls.preset_notes.get(preset)
+        return " ".join(cls.target_presets[preset]) + (f" ({note})" if note else "")
 
     @classmethod
     def target_modules(cls, names: Sequence[str], denoiser_config: dict | None = None) -> list[str]:
@@ -228,7 +259,9 @@ class ModelFamily:
         return weight_dtype
 
     def default_size(self) -> int:
-        return self.pipe.default_sample_size * self.vae_scale_factor
+        """`native_size` of the loaded model (the pipeline's own default where its config has no size)."""
+        return (self.native_size(dict(self.denoiser.config), self.vae_scale_factor)
+                or self.pipe.default_sample_size * self.vae_scale_factor)
 
     # ------------------------------------------------------------------ sampling with the pipeline
     def pipeline_kwargs(self) -> dict[str, Any]:
@@ -336,6 +369,27 @@ def register(family: type[ModelFamily]) -> type[ModelFamily]:
     """Class decorator: make `family` the one that trains the pipelines in its `serves`."""
     FAMILIES.append(family)
     return family
+
+
+def family_option_names() -> tuple[str, ...]:
+    """The options only some families take (every registered family's `options`), in registration order."""
+    return tuple(dict.fromkeys(option for family in FAMILIES for option in family.options))
+
+
+def target_presets_help(wrap: int | None = None) -> str:
+    """`--lora_target_modules` help on the presets: what each adapts in each registered family (lines wrapped
+    at `wrap` characters)."""
+    import textwrap
+
+    lines = []
+    for preset in dict.fromkeys(p for family in FAMILIES for p in family.target_presets):
+        by_text: dict[str, list[str]] = {}
+        for family in (f for f in FAMILIES if preset in f.target_presets):
+            by_text.setdefault(family.describe_preset(preset), []).append(family.name)
+        for text, names in by_text.items():
+            line = f"'{preset}' on {'/'.join(names)}: {text}"
+            lines += textwrap.wrap(line, wrap, subsequent_indent="    ") if wrap else [line]
+    return "\n".join(lines)
 
 
 def family_for_class_name(class_name: str) -> type[ModelFamily]:

@@ -47,9 +47,9 @@ class TransformerPromptEmbeds:
 
 
 
-# The attention projections of both streams (diffusers' FLUX and SD3 LoRA scripts), and with `+ff` the
-# feed-forward layers of both streams (the FLUX script's default adds these). Short names match every block:
-# `to_q` also adapts SD3.5's dual-attention `attn2` and FLUX's single blocks' attention.
+# The attention projections of both streams, and with `+ff` the feed-forward layers of both streams. Short
+# names match every block: `to_q` also adapts SD3.5's dual-attention `attn2` and FLUX's single blocks' attention
+# (diffusers' scripts name `attn.to_q`, which does not: each family's `diffusers` preset).
 TRANSFORMER_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
     "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",

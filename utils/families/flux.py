@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from utils.families.base import License, classifier_free_guidance, register
-from utils.families.flow import FlowTransformerFamily, TransformerPromptEmbeds
+from utils.families.flow import TRANSFORMER_TARGET_PRESETS, FlowTransformerFamily, TransformerPromptEmbeds
 
 
 @register
@@ -27,6 +27,16 @@ class Flux(FlowTransformerFamily):
     default_max_sequence_length = 512  # FluxPipeline.__call__'s
     options = (*FlowTransformerFamily.options, "true_cfg_scale")
     shard_block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    # train_dreambooth_lora_flux.py's default: `attn.` names (both streams' attention, and the single blocks'
+    # to_q to_k to_v) and the double blocks' feed-forward layers
+    target_presets = {**TRANSFORMER_TARGET_PRESETS,
+                      "diffusers": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                                    "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+                                    "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")}
+    preset_notes = {"attention": "short names: also the single blocks' to_q to_k to_v",
+                    "attention+ff": "and the single blocks' proj_mlp and proj_out",
+                    "diffusers": "train_dreambooth_lora_flux.py's default"}
+    pipeline_sample_size = 128  # FluxPipeline's default_sample_size (its transformer config has no sample_size)
     # A LoRA of FLUX.1-dev falls under its non-commercial license (schnell is Apache-2.0, its card says so).
     licenses = {"black-forest-labs/flux.1-dev": License(
         "other", "flux-1-dev-non-commercial-license",
@@ -35,6 +45,10 @@ class Flux(FlowTransformerFamily):
     def __init__(self, pipe, max_sequence_length: int | None = None, true_cfg_scale: float = 1.0) -> None:
         super().__init__(pipe, max_sequence_length)
         self.true_cfg_scale = true_cfg_scale
+
+    @classmethod
+    def native_size(cls, denoiser_config, vae_scale_factor):
+        return cls.pipeline_sample_size * vae_scale_factor
 
     @classmethod
     def uses_guidance_scale(cls, denoiser_config):

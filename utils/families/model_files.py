@@ -67,6 +67,19 @@ def read_denoiser_config(name_or_path: str, revision: str | None = None, local_o
     return _read_model_json(name_or_path, relative, revision, local_only, download)
 
 
+def read_native_size(name_or_path: str, family: type[ModelFamily], denoiser_config: dict | None,
+                     revision: str | None = None, local_only: bool = False) -> int | None:
+    """The model's native image side (`ModelFamily.native_size`) from its denoiser and VAE configs, no weights;
+    None where they cannot be read."""
+
+    def download(path: str) -> dict:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, "vae/config.json", revision=revision)).read_text())
+
+    vae_config = _read_model_json(name_or_path, "vae/config.json", revision, local_only, download)
+    return None if vae_config is None else family.native_size(denoiser_config, family.vae_scale_factor_of(vae_config))
+
 
 def family_of(name_or_path: str, revision: str | None = None) -> type[ModelFamily]:
     """The family of a local pipeline directory, a hub id, or `toy`."""

@@ -14,6 +14,7 @@ QWEN_IMAGE_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
     "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "img_mlp.net.0.proj",
                      "img_mlp.net.2"),
+    "diffusers": ("to_q", "to_k", "to_v", "to_out.0"),  # train_dreambooth_lora_qwen_image.py's default
 }
 # What only feeds the text stream's next block: the transformer outputs the image stream, so in the last block
 # these reach nothing (an adapter there never gets a gradient, which DDP refuses).
@@ -32,10 +33,21 @@ class QwenImage(FlowTransformerFamily):
     display_name = "Qwen-Image"
     name = "qwen-image"
     shard_block_classes = ("QwenImageTransformerBlock",)  # FSDP2 (--shard) wraps each
+    pipeline_sample_size = 128  # QwenImagePipeline's default_sample_size (latents; its config has none)
+
+    @classmethod
+    def native_size(cls, denoiser_config, vae_scale_factor):
+        return cls.pipeline_sample_size * vae_scale_factor
+
+    @classmethod
+    def vae_scale_factor_of(cls, vae_config):
+        """QwenImagePipeline's: 2 ** the number of the VAE's (spatial) downsamplings."""
+        return 2 ** len((vae_config or {}).get("temperal_downsample", (False,) * 3))
     hub_tag = "qwen-image"
     pipeline_class_name = "QwenImagePipeline"
     serves = ("QwenImagePipeline",)
     target_presets = QWEN_IMAGE_TARGET_PRESETS
+    preset_notes = {"diffusers": "train_dreambooth_lora_qwen_image.py's default, = attention"}
     default_max_sequence_length = 512  # QwenImagePipeline.__call__'s
     max_sequence_length_limit = 1024  # its check_inputs refuses more
     options = (*FlowTransformerFamily.options, "true_cfg_scale")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from utils.families.base import classifier_free_guidance, register
-from utils.families.flow import FlowTransformerFamily, TransformerPromptEmbeds
+from utils.families.flow import TRANSFORMER_TARGET_PRESETS, FlowTransformerFamily, TransformerPromptEmbeds
 
 
 @register
@@ -23,6 +23,18 @@ class StableDiffusion3(FlowTransformerFamily):
     default_max_sequence_length = 256  # StableDiffusion3Pipeline.__call__'s
     shard_block_classes = ("JointTransformerBlock",)  # SD3 and SD3.5 (dual attention) alike
     ui_lora_loads_in_diffusers = False  # its loader wants 'lora' in every key: the alpha tensors are refused
+    # train_dreambooth_lora_sd3.py's default: `attn.` names, so SD3.5's second attention (`attn2`) is left alone
+    target_presets = {**TRANSFORMER_TARGET_PRESETS,
+                      "diffusers": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                                    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")}
+    preset_notes = {"attention": "short names: on SD3.5 also the second attention, attn2",
+                    "attention+ff": "short names: on SD3.5 also attn2",
+                    "diffusers": "train_dreambooth_lora_sd3.py's default: attn only, not SD3.5's attn2"}
+
+    @classmethod
+    def native_size(cls, denoiser_config, vae_scale_factor):
+        # StableDiffusion3Pipeline: the transformer's sample_size, 128 where it has none
+        return super().native_size(denoiser_config, vae_scale_factor) or 128 * vae_scale_factor
 
     @classmethod
     def rollout_defaults(cls, denoiser_config):

@@ -35,10 +35,12 @@ class PromptEmbeds:
 
 
 
-# diffusers' LoRA training scripts adapt the attention projections; NeMo-Aligner adds the feed-forward layers.
+# diffusers' LoRA training scripts (train_dreambooth_lora_sdxl.py, train_text_to_image_lora.py) adapt the
+# attention projections; NeMo-Aligner adds the feed-forward layers.
 UNET_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("to_k", "to_q", "to_v", "to_out.0"),
     "attention+ff": ("to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "diffusers": ("to_k", "to_q", "to_v", "to_out.0"),
 }
 
 
@@ -50,9 +52,8 @@ class UNetFamily(ModelFamily):
     rollout_schedulers = ROLLOUT_SCHEDULERS
     default_scheduler = "ddim"
     target_presets = UNET_TARGET_PRESETS
-
-    def default_size(self) -> int:
-        return self.denoiser.config.sample_size * self.vae_scale_factor
+    preset_notes = {"attention": "self- and cross-attention of every block, as diffusers' scripts",
+                    "diffusers": "= attention"}
 
     def predict(self, denoiser, x_t, t, cond: PromptEmbeds, guidance_scale):
         """One UNet call on the [uncond, cond] batch at the (scaled) model input x_t, combined with

@@ -47,6 +47,10 @@ class ZImage(FlowTransformerFamily):
     display_name = "Z-Image / Z-Image-Turbo"
     name = "z-image"
     shard_block_classes = ("ZImageTransformerBlock",)  # FSDP2 (--shard) wraps each
+
+    @classmethod
+    def native_size(cls, denoiser_config, vae_scale_factor):
+        return 1024  # ZImagePipeline.__call__'s default height and width, whatever the VAE
     hub_tag = "z-image"
     pipeline_class_name = "ZImagePipeline"
     serves = ("ZImagePipeline",)
@@ -57,7 +61,9 @@ class ZImage(FlowTransformerFamily):
     target_presets = {
         "attention": ("to_q", "to_k", "to_v", "to_out.0"),
         "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+        "diffusers": ("to_q", "to_k", "to_v", "to_out.0"),  # train_dreambooth_lora_z_image.py's default
     }
+    preset_notes = {"diffusers": "train_dreambooth_lora_z_image.py's default, = attention"}
     # Apache-2.0, as Z-Image-Turbo's model pages (Hugging Face, ModelScope) state it; Z-Image was released
     # under the same license.
     licenses = {"tongyi-mai/z-image": License("apache-2.0"), "tongyi-mai/z-image-turbo": License("apache-2.0")}

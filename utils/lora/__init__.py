@@ -4,6 +4,7 @@ files ComfyUI and AUTOMATIC1111 load; `python -m utils.run.export` writes them f
 from utils.lora.adapters import (
     DEFAULT_TARGET_MODULES,
     GradOnlyDropout,
+    adapted_modules,
     adapters_disabled,
     add_lora,
     check_lora_targets,
@@ -24,7 +25,7 @@ from utils.lora.files import (
 
 __all__ = [
     "COMFYUI_WEIGHTS_NAME", "DEFAULT_TARGET_MODULES", "GradOnlyDropout", "KOHYA_WEIGHTS_NAME", "LORA_WEIGHTS_NAME",
-    "LoraWriteError", "adapters_disabled", "add_lora", "check_lora_targets", "comfyui_state_dict",
+    "LoraWriteError", "adapted_modules", "adapters_disabled", "add_lora", "check_lora_targets", "comfyui_state_dict",
     "expand_target_modules", "export_comfyui", "export_kohya", "inference_metadata", "kohya_state_dict",
     "load_lora_into_denoiser", "lora_state_dict", "save_lora", "unmatched_targets",
 ]

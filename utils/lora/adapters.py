@@ -101,7 +101,14 @@ def check_lora_targets(denoiser: torch.nn.Module, targets: Iterable[str]) -> Non
             layers[short] = layers.get(short, 0) + 1
     examples = ", ".join(sorted(layers, key=lambda k: -layers[k])[:10])
     raise UserError(f"--lora_target_modules: no {type(denoiser).__name__} module is named {' '.join(missing)} "
-                    f"(presets: attention, attention+ff; layer names include {examples})")
+                    f"(or a preset, which --help lists per model family; layer names include {examples})")
+
+
+def adapted_modules(denoiser: torch.nn.Module) -> list[str]:
+    """The names of the denoiser's modules that carry a LoRA adapter (what `--lora_target_modules` matched)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, module in denoiser.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
 @contextmanager

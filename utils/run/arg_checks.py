@@ -8,13 +8,15 @@ directory modules raise their own) with one line for the user, which the trainer
 `error: ...` and exit code 2. The one check that needs the denoiser, LoRA targets that match no module, is
 `utils.lora.check_lora_targets`, made when the adapters are added.
 
-The options whose default depends on the model's family (`--scheduler`, `--num_inference_steps`,
-`--guidance_scale`, `--max_sequence_length`, `--true_cfg_scale`) are filled in here, once the family is
-known, from `ModelFamily.rollout_defaults`: every later reader sees the values the run uses.
+The options whose default depends on the model (`--resolution`: its native size; `--scheduler`,
+`--num_inference_steps`, `--guidance_scale`, `--max_sequence_length`, `--true_cfg_scale`) are filled in here,
+once the family is known (`utils.run.model_checks.apply_family_defaults`, from `ModelFamily.native_size` and
+`ModelFamily.rollout_defaults`): every later reader sees the values the run uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -24,22 +26,15 @@ from typing import Any
 
 import accelerate.utils
 import torch
-from huggingface_hub import get_token
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 import utils.rollout.compile
 from rewards import validate_reward_spec
-from utils.errors import UserError, first_line
-from utils.families import (
-    ModelFamily,
-    family_for_class_name,
-    read_denoiser_config,
-    read_model_index,
-)
-from utils.hub import hub_cached, hub_offline, looks_like_path, truthy
+from utils.errors import ArgumentError
+from utils.evaluation.run_settings import sampling_settings
+from utils.families import ModelFamily, read_native_size
+from utils.hub import truthy
 from utils.lora import LORA_WEIGHTS_NAME
 from utils.prompts import load_prompts
-from utils.rollout.schedulers import scheduler_class_name
 from utils.run.checkpoints import (
     check_resume_compatible,
     checkpoint_problem,
@@ -50,6 +45,16 @@ from utils.run.checkpoints import (
     resolve_resume,
     run_config,
 )
+from utils.run.model_checks import (
+    apply_family_defaults,
+    check_denoiser_config,
+    check_hub,
+    check_model,
+    check_reward_reachable,
+    check_vae,
+    check_variant,
+    token_warning,  # noqa: F401  (the trainer's entry calls it as arg_checks.token_warning)
+)
 from utils.run.objective import describe_changes, objective_differences, objective_of
 from utils.run.output_dir import check_not_in_use, previous_run_files
 from utils.run.sharding import shard_problem
@@ -59,10 +64,6 @@ from utils.run.validation import check_validation_args, check_validation_history
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-class ArgumentError(UserError, ValueError):
-    """A bad argument, or a combination of arguments that cannot work."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class CheckedArgs:
     first_step: int  # the step the run continues from (0 on a fresh start)
     prompts: tuple[str, ...]  # the prompts of --prompts, loaded
     run_config: dict  # what each checkpoint records (utils.run.checkpoints.run_config)
+    native_size: int | None = None  # the model's own image side (ModelFamily.native_size; None: unknown)
+    # how the LoRA samples (utils.evaluation.run_settings): recorded beside it, the card's evaluate command
+    sampling_settings: dict = dataclasses.field(default_factory=dict)
     # the objective changes a resume was allowed to make, oldest first: [{"from_step", "changes"}], where
     # changes = {flag: [before, after]}; the last one is this run's when its from_step is first_step + 1
     objective_changes: tuple[dict, ...] = ()
@@ -97,8 +101,8 @@ def check_numbers(args: Any) -> None:
         if not ok:
             raise ArgumentError(message)
 
-    for name in ("resolution", "height", "width"):
-        need(getattr(args, name) > 0 and getattr(args, name) % 8 == 0,
+    for name in ("resolution", "height", "width"):  # None: the model's native size (model_checks)
+        need(getattr(args, name) is None or getattr(args, name) > 0 and getattr(args, name) % 8 == 0,
              f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
     need(args.num_inference_steps is None or args.num_inference_steps >= 1, "--num_inference_steps must be at least 1")
     need(args.truncation_steps >= 1, f"--truncation_steps must be at least 1, got {args.truncation_steps}")
@@ -134,13 +138,6 @@ def check_numbers(args: Any) -> None:
     need(args.max_nonfinite_steps >= 1, f"--max_nonfinite_steps must be at least 1, got {args.max_nonfinite_steps}")
     need(args.true_cfg_scale is None or args.true_cfg_scale >= 1,
          f"--true_cfg_scale must be >= 1 (1: off), got {args.true_cfg_scale}")
-
-
-def check_rollout_length(args: Any) -> None:
-    """K <= T, once T is known (the family's default when not given)."""
-    if not args.truncation_steps <= args.num_inference_steps:
-        raise ArgumentError(f"--truncation_steps must be between 1 and --num_inference_steps "
-                            f"({args.num_inference_steps}), got {args.truncation_steps}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,141 +286,6 @@ def check_objective(args: Any, resume_from: str | None, first_step: int,
     return (*history, {"from_step": first_step + 1, "changes": changes})
 
 
-# ----------------------------------------------------------------------------------------------
-# Model variant, reward models, hub
-# ----------------------------------------------------------------------------------------------
-def check_model(name: str, revision: str | None, scheduler: str | None,
-                env: Mapping[str, str] = os.environ) -> tuple[type[ModelFamily], str]:
-    """The model exists (locally, in the hub cache, or on a reachable hub), its family is one we train, and
-    the sampler `--scheduler` names (None: the family's default) can serve the rollout. Returns the family
-    and the sampler's class; reads `model_index.json` alone (from the hub if it must), no weights."""
-    if name != "toy" and os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "model_index.json")):
-            raise ArgumentError(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
-    elif name != "toy":
-        if looks_like_path(name):
-            raise ArgumentError(f"model path {name!r} does not exist")
-        try:
-            validate_repo_id(name)
-        except HFValidationError:
-            raise ArgumentError(f"model {name!r} is neither a local directory nor a valid hub id") from None
-    index = read_model_index(name, revision, local_only=True)
-    if index is None and hub_offline(env):
-        raise ArgumentError(f"model {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE "
-                            "is set; point --pretrained_model_name_or_path at a local copy (a directory saved "
-                            "with save_pretrained)")
-    if index is None:
-        check_on_hub(name, revision)
-        try:
-            index = read_model_index(name, revision)
-        except (OSError, ValueError) as e:  # gated, or the connection failed since
-            raise ArgumentError(f"could not read {name!r}'s model_index.json from the hub ({first_line(e)}); "
-                                "point --pretrained_model_name_or_path at a local copy") from None
-    family = family_for_class_name(index.get("_class_name", "?"))
-    model_scheduler = (index.get("scheduler") or [None, None])[1]
-    return family, scheduler_class_name(scheduler or family.default_scheduler, model_scheduler,
-                                        family.rollout_schedulers)
-
-
-def check_denoiser_config(name: str, revision: str | None) -> dict | None:
-    """The denoiser's config.json (no weights), which the LoRA presets and rollout defaults of some families
-    read; None where it cannot be read (the families then use what holds for most of their models)."""
-    try:
-        return read_denoiser_config(name, revision)
-    except (OSError, ValueError) as e:  # not on the hub, no network, gated
-        raise ArgumentError(f"could not read the denoiser config of {name!r} ({first_line(e)}); point "
-                            "--pretrained_model_name_or_path at a local copy") from None
-
-
-def apply_family_defaults(args: Any, family: type[ModelFamily], denoiser_config: dict | None) -> None:
-    """Fill in the options the user left out whose defaults are the family's, and refuse the options the
-    family does not take (one line each, before any model loads)."""
-    if (problem := family.option_problem(args, denoiser_config)) is not None:
-        raise ArgumentError(problem)
-    if args.scheduler is None:
-        args.scheduler = family.default_scheduler
-    for name, value in family.rollout_defaults(denoiser_config).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    check_rollout_length(args)
-
-
-def check_on_hub(name: str, revision: str | None) -> None:
-    """The model is on the hub, asked once (no retries): a mistyped id or revision, or a hub that cannot be
-    reached, is told at once instead of after the downloader's retries (about 25 s) and a traceback."""
-    import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        huggingface_hub.HfApi().model_info(name, revision=revision, timeout=20)
-    except GatedRepoError:
-        return  # its files need a login; reading model_index.json says so
-    except RepositoryNotFoundError:
-        raise ArgumentError(f"model {name!r} is not on the hub (no such repository, or a private one this login "
-                            "cannot see): check the id, or log in with `hf auth login`") from None
-    except RevisionNotFoundError:
-        raise ArgumentError(f"model {name!r} has no revision {revision!r} on the hub; check --revision") from None
-    except Exception as e:  # the connection (httpx errors are no OSError), a server error
-        raise ArgumentError(f"could not reach the hub to look up model {name!r} ({type(e).__name__}: "
-                            f"{first_line(e)}); check the connection, or point --pretrained_model_name_or_path "
-                            "at a local copy") from None
-
-
-def check_vae(name: str) -> None:
-    if os.path.isdir(name):
-        if not any(os.path.isfile(os.path.join(name, sub, "config.json")) for sub in ("", "vae")):
-            raise ArgumentError(f"--pretrained_vae_model_name_or_path {name!r} holds no VAE config.json")
-    elif name.startswith(("/", ".", "~")):
-        raise ArgumentError(f"--pretrained_vae_model_name_or_path {name!r} does not exist")
-
-
-def check_variant(model: str, variant: str | None, family: type[ModelFamily]) -> None:
-    denoiser = os.path.join(model, family.denoiser_name)
-    if variant and os.path.isdir(denoiser) and not any(f".{variant}." in name for name in os.listdir(denoiser)):
-        raise ArgumentError(f"--variant {variant}: {denoiser} has no {variant} weights (files named *.{variant}.*); "
-                            "drop --variant to load the default weights")
-
-
-def check_reward_reachable(spec: str, options: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> None:
-    """The weights of every model-backed part of the reward (its `model=` and `head=`, given or
-    default) are local, or on the hub when the hub can be reached. Processors and tokenizers follow
-    the model and are checked when the reward loads."""
-    from rewards import model_references
-
-    for reference in model_references(spec, options):
-        _check_reward_ref(reference.label, reference.key, reference.value, env)
-
-
-def _check_reward_ref(label: str, key: str, text: str, env: Mapping[str, str]) -> None:
-    if os.path.exists(os.path.expanduser(text)):
-        return
-    repo, sep, _ = text.partition(":")
-    if not sep and looks_like_path(text) or sep and looks_like_path(repo):
-        raise ArgumentError(f"reward {label!r}: {key}={text!r} does not exist")
-    repo = repo if sep else text
-    if repo.count("/") == 1 and hub_offline(env) and not hub_cached(repo):
-        raise ArgumentError(
-            f"reward {label!r} needs {key} {text!r} from the hub, which is not in the local cache, and HF_HUB_OFFLINE "
-            f"is set; point at a local copy with --reward_options {label}.{key}=/path/to/local/copy")
-
-
-def check_hub(args: Any, env: Mapping[str, str] = os.environ) -> None:
-    if not args.push_to_hub:
-        return
-    if hub_offline(env):
-        raise ArgumentError("--push_to_hub needs the hub, and HF_HUB_OFFLINE is set")
-    if not (args.hub_token or get_token()):
-        raise ArgumentError("--push_to_hub needs a hub token: run `hf auth login` (or set HF_TOKEN)")
-
-
-def token_warning(args: Any) -> str | None:
-    if args.hub_token is None:
-        return None
-    return ("warning: a token given with --hub_token is visible to other users of this machine (process list, "
-            "shell history); prefer `hf auth login` or HF_TOKEN. It is never written to logs, trackers, cards "
-            "or checkpoints")
-
-
 def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> CheckedArgs:
     """Every check of the command line, in the order a user would want to hear them (the cheap ones first,
     loading the prompts last), and what they found."""
@@ -436,7 +298,8 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     validate_reward_spec(args.reward, **args.reward_options)
     family, scheduler = check_model(args.pretrained_model_name_or_path, args.revision, args.scheduler, env)
     denoiser_config = check_denoiser_config(args.pretrained_model_name_or_path, args.revision)
-    apply_family_defaults(args, family, denoiser_config)
+    native_size = read_native_size(args.pretrained_model_name_or_path, family, denoiser_config, args.revision)
+    apply_family_defaults(args, family, denoiser_config, native_size)
     if args.pretrained_vae_model_name_or_path is not None:
         check_vae(args.pretrained_vae_model_name_or_path)
     check_launch(env)
@@ -462,7 +325,10 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     objective_changes = check_objective(args, resume_from, first_step, objective)
     if args.validation_prompts and (problem := check_validation_history(args, first_step)):
         raise ArgumentError(problem)
-    config = run_config(args, lora_targets, fingerprint, objective, objective_changes)
+    sampling = sampling_settings(args, family, denoiser_config)
+    # a checkpoint records how its LoRA samples, for the evaluator (utils.evaluation.run_settings)
+    config = {**run_config(args, lora_targets, fingerprint, objective, objective_changes), "sampling": sampling}
     return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
                        lora_targets=lora_targets, resume_from=resume_from, first_step=first_step,
-                       prompts=tuple(prompts), run_config=config, objective_changes=objective_changes)
+                       prompts=tuple(prompts), run_config=config, objective_changes=objective_changes,
+                       native_size=native_size, sampling_settings=sampling)

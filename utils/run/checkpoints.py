@@ -23,10 +23,10 @@ import torch
 from accelerate.logging import get_logger
 
 from utils.errors import EXIT_RUN_FAILED, UserError
+from utils.evaluation.run_settings import RUN_CONFIG_NAME  # the evaluator reads it too
 from utils.lora import LORA_WEIGHTS_NAME, load_lora_into_denoiser, save_lora
 from utils.run.guards import any_rank, ensure_finite_weights
 
-RUN_CONFIG_NAME = "draftplus_run.json"
 # Attributes of the parsed arguments that are never recorded (checkpoints, trackers): the hub token is a
 # secret, and `checked` holds what the argument check found (classes, prompts), not an argument.
 NOT_RECORDED = frozenset({"hub_token", "checked"})

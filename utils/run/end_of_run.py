@@ -16,6 +16,8 @@ def finish_run(args, accelerator, models, validation, repo_id: str | None, step:
     """Write everything besides the LoRA and the checkpoints; returns the summary to print.
     `objective_changes`: what resumes changed of the objective (for the card)."""
     from utils.evaluation.plan import file_sha256
+    from utils.evaluation.run_settings import write_settings
+    from utils.lora import adapted_modules
     from utils.run.model_card import ValidationSummary, push_to_hub, save_model_card
     from utils.run.plots import plot_training_curves
 
@@ -27,6 +29,8 @@ def finish_run(args, accelerator, models, validation, repo_id: str | None, step:
         ui_lora = models.family.export_ui_lora(lora_file)
         lines.append(f"LoRA for {models.family.ui_lora_tools}: {ui_lora}")
     lines.append(f"metrics: {out / METRICS_NAME}")
+    # beside the LoRA, how it samples: the evaluator uses these unless told otherwise
+    lines.append(f"sampler settings: {write_settings(out, args.checked.sampling_settings)}")
 
     summary = None
     if validation is not None:
@@ -53,7 +57,8 @@ def finish_run(args, accelerator, models, validation, repo_id: str | None, step:
     card = save_model_card(out, args, models.family.pipeline_class_name, repo_id, summary,
                            ui_lora=ui_lora.name if ui_lora is not None else None,
                            curves=curves.name if curves is not None else None,
-                           mixed_precision=accelerator.mixed_precision, objective_changes=objective_changes)
+                           mixed_precision=accelerator.mixed_precision, objective_changes=objective_changes,
+                           lora_modules=len(adapted_modules(models.raw_denoiser)))
     lines.append(f"model card: {card}")
     if args.push_to_hub:
         push_to_hub(out, repo_id, args.hub_token, args.logging_dir)

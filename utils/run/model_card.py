@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.evaluation.run_settings import SETTINGS_NAME, sampling_settings
 from utils.families import ModelFamily, family_for_class_name
 from utils.families.base import License
 from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
@@ -28,9 +29,9 @@ from utils.run.plots import CURVES_NAME
 from utils.run.validation import BEFORE_AFTER_NAME, VALIDATION_DIR
 
 CARD_NAME = "README.md"
-# What --push_to_hub uploads: the card, the LoRA (every format) and the pictures; never checkpoints,
-# tracker logs or the metrics files.
-HUB_ALLOW_PATTERNS = [CARD_NAME, LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME, f"{VALIDATION_DIR}/*.png",
+# What --push_to_hub uploads: the card, the LoRA (every format), its sampler settings (for the evaluator) and
+# the pictures; never checkpoints, tracker logs or the metrics files.
+HUB_ALLOW_PATTERNS = [CARD_NAME, LORA_WEIGHTS_NAME, SETTINGS_NAME, KOHYA_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME, f"{VALIDATION_DIR}/*.png",
                       BEFORE_AFTER_NAME, CURVES_NAME]
 BASE_TAGS = ["lora", "diffusers", "diffusers-training", "text-to-image", "draftplus"]
 
@@ -163,21 +164,25 @@ def reward_spec_text(spec: str, options: Mapping[str, object], paths: CardPaths)
     return text
 
 
-def evaluate_command(args, base: BaseModel, lora_dir: str, paths: CardPaths) -> str:
+def run_sampling_settings(args, family: type[ModelFamily]) -> dict:
+    """How the run sampled (`utils.evaluation.run_settings.sampling_settings`), as the argument check recorded
+    it beside the LoRA; worked out again for arguments that did not go through it."""
+    checked = getattr(args, "checked", None)
+    return dict(checked.sampling_settings) if checked is not None else sampling_settings(args, family, None)
+
+
+def evaluate_command(args, base: BaseModel, lora_dir: str, paths: CardPaths, settings: Mapping[str, object]) -> str:
     """The evaluator's command line for this LoRA, with the training run's model, prompts, reward and
-    sampler, so that it measures what the LoRA was trained for."""
+    sampler (`settings`, the ones recorded beside the LoRA: none its family refuses), so that it measures what
+    the LoRA was trained for."""
     words = ["python -m utils.evaluation", f"--pretrained_model_name_or_path {shlex.quote(base.name)}",
              f"--prompts {shlex.quote(paths.text(str(args.prompts)))}", "--max_prompts 8", "--seeds_per_prompt 4",
              f"--reward {shlex.quote(paths.text(args.reward))}"]
     if args.reward_options:
         words.append("--reward_options " + " ".join(shlex.quote(paths.text(f"{k}={show_value(v)}"))
                                                    for k, v in args.reward_options.items()))
-    words += [f"--scheduler {args.scheduler}", f"--num_inference_steps {args.num_inference_steps}",
-              f"--guidance_scale {show_value(args.guidance_scale)}", f"--height {args.height}", f"--width {args.width}"]
-    if args.eta:
-        words.append(f"--eta {show_value(args.eta)}")
-    if args.negative_prompt:
-        words.append(f"--negative_prompt {shlex.quote(args.negative_prompt)}")
+    words += [f"--{name} {shlex.quote(show_value(value))}" for name, value in settings.items()
+              if value is not None and not (name == "eta" and value == 0)]  # eta 0: every sampler's default
     words += [f"--lora {shlex.quote(lora_dir)}", "--lora_scale 0.25 0.5 0.75", "--aig linear power_2",
               f"--output_dir {shlex.quote(lora_dir.rstrip('/') + '-eval')}"]
     lines, line = [], ""
@@ -190,14 +195,25 @@ def evaluate_command(args, base: BaseModel, lora_dir: str, paths: CardPaths) -> 
     return "\n".join([*lines, line])
 
 
+def describe_size(width: int, height: int, native_size: int | None) -> str:
+    """`1024x1024 (the model's native size)`, or how the size differs from it."""
+    if native_size is None:
+        return f"{width}x{height}"
+    if width == height == native_size:
+        return f"{width}x{height} (the model's native size)"
+    return f"{width}x{height} (the model's native size is {native_size}x{native_size})"
+
+
 def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validation: ValidationSummary | None = None,
                     ui_lora: str | None = None, curves: str | None = None, mixed_precision: str | None = None,
-                    objective_changes: Sequence[Mapping] = (), start: str | os.PathLike | None = None) -> str:
+                    objective_changes: Sequence[Mapping] = (), start: str | os.PathLike | None = None,
+                    lora_modules: int | None = None) -> str:
     """The card: YAML metadata (huggingface_hub's ModelCardData) and a body with no placeholders.
     `ui_lora`: the name of the file written for ComfyUI and AUTOMATIC1111 (None: none was written);
     `mixed_precision`: what the run used (accelerate's resolved setting; default `args.mixed_precision`);
     `objective_changes`: what resumes changed ([{from_step, changes}], utils/run/objective.py); `start`: the
-    directory the run started in (default: the current one), which local paths are written relative to."""
+    directory the run started in (default: the current one), which local paths are written relative to;
+    `lora_modules`: how many denoiser modules the LoRA adapts (None: not counted)."""
     from huggingface_hub import ModelCardData
 
     paths = CardPaths(start)
@@ -216,7 +232,8 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     lora_source = repo_id or local_lora
     reward = reward_spec_text(args.reward, args.reward_options, paths)
     prompts = paths.text(str(args.prompts))
-    evaluate = evaluate_command(args, base, repo_id.split("/")[-1] if repo_id else local_lora, paths)
+    evaluate = evaluate_command(args, base, repo_id.split("/")[-1] if repo_id else local_lora, paths,
+                                run_sampling_settings(args, family))
 
     if base.kind == "hub":
         base_text = f"[{base.name}](https://huggingface.co/{base.name})"
@@ -260,7 +277,9 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
 
     lines += ["## Files", "", "| file | loads in |", "| --- | --- |",
               f"| `{LORA_WEIGHTS_NAME}` | diffusers: `pipe.load_lora_weights(...)` (its metadata carries the LoRA "
-              "config, alpha included) |"]
+              "config, alpha included) |",
+              f"| `{SETTINGS_NAME}` | draftplus's evaluator: the sampler settings the LoRA was trained with, used for "
+              "every one it is not given |"]
     if ui_lora:
         loads_in, why = family.ui_lora_card(ui_lora)
         lines += [f"| `{ui_lora}` | {loads_in} |", "", why, ""]
@@ -332,9 +351,11 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         ("gradient through the last K steps", show_value(args.truncation_steps)),
         ("DRaFT-LV samples", show_value(args.lv_samples) if args.lv_samples else "off"),
         ("decoded latent", args.final_latent),
-        ("resolution", f"{args.width}x{args.height}"),
+        ("resolution", describe_size(args.width, args.height, getattr(getattr(args, "checked", None), "native_size",
+                                                                      None))),
         ("LoRA", f"rank {args.rank}, alpha {show_value(lora_alpha)}, dropout {show_value(args.lora_dropout)}, targets "
-                 f"{' '.join(args.lora_target_modules)}"),
+                 f"{' '.join(args.lora_target_modules)}"
+                 + (f" ({lora_modules} {family.denoiser_name} modules)" if lora_modules is not None else "")),
         ("mixed precision", str(mixed_precision or args.mixed_precision or "no")),
         ("seed", show_value(args.seed)),
     ]

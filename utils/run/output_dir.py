@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.evaluation.run_settings import SETTINGS_NAME
 from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from utils.run.model_card import CARD_NAME, is_draftplus_card
 from utils.run.plots import CURVES_NAME
@@ -39,7 +40,7 @@ LOCK_NAME = ".draftplus.lock"
 METRICS_NAME = "metrics.jsonl"
 # Everything a run derives in its --output_dir besides checkpoint-N/ and the tracker logs: what
 # --overwrite_output_dir removes, so that nothing of the earlier run is read or shown as the new one's.
-RUN_FILES = (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME, METRICS_NAME, VALIDATION_LOG, BEFORE_AFTER_NAME,
+RUN_FILES = (LORA_WEIGHTS_NAME, SETTINGS_NAME, KOHYA_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME, METRICS_NAME, VALIDATION_LOG, BEFORE_AFTER_NAME,
              VALIDATION_REWARD_NAME, CURVES_NAME)
 RUN_FILE_PATTERNS = (EARLIER_LOG_PATTERN.format(step="*"),)
 RUN_DIRS = (VALIDATION_DIR,)

@@ -96,15 +96,22 @@ def load_family(name_or_path: str, **kwargs) -> ModelFamily:
 
 def family_of_lora_file(lora_file: str | os.PathLike) -> type[ModelFamily]:
     """The family whose LoRA files look like `lora_file` (every key under its denoiser's component, `unet.` or
-    `transformer.`); of several such families, the first registered. For the exports, which families of one
-    denoiser component share; give the model (`family_of`) where it is known."""
+    `transformer.`), where the families that fit all write the same UI export (SD and SDXL, SD3 and FLUX.1):
+    the first registered of them. UnsupportedModelError where none fits, or where those that fit export
+    differently: then only the model can say (`family_of`)."""
     from safetensors import safe_open
 
     from utils.families.base import FAMILIES
 
     with safe_open(str(lora_file), framework="pt") as f:
         keys = list(f.keys())
-    for family in FAMILIES:
-        if keys and all(k.startswith(family.denoiser_name + ".") for k in keys):
-            return family
-    raise UnsupportedModelError(f"{lora_file} is not a draftplus LoRA (its keys name no denoiser component)")
+    fits = [family for family in FAMILIES
+            if keys and all(k.startswith(family.denoiser_name + ".") for k in keys)]
+    if not fits:
+        raise UnsupportedModelError(f"{lora_file} is not a draftplus LoRA (its keys name no denoiser component)")
+    exports = {(family.export_ui_lora.__func__, family.ui_lora_name) for family in fits}
+    if len(exports) > 1:
+        names = ", ".join(family.display_name for family in fits)
+        raise UnsupportedModelError(f"{lora_file} could be a LoRA of {names}, whose files differ: give the model "
+                                    "it was trained on (--model)")
+    return fits[0]

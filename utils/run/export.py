@@ -4,8 +4,8 @@
 
 writes, next to each `pytorch_lora_weights.safetensors`, the file `train_draftplus.py` writes at the end of
 training unless `--no_kohya_export`: for checkpoints, and for runs trained without it. The model's family
-decides the format (`--model`; without it, the LoRA's keys: `unet.` or `transformer.`): an SD/SDXL (UNet) LoRA
-becomes `pytorch_lora_weights_kohya.safetensors` (kohya's format, for AUTOMATIC1111, ComfyUI, SD.Next,
+decides the format (`--model`; without it, the base model a checkpoint of the run recorded, else the LoRA's
+keys, where they leave no doubt): a UNet LoRA becomes `pytorch_lora_weights_kohya.safetensors` (kohya's format, for AUTOMATIC1111, ComfyUI, SD.Next,
 InvokeAI); a flow-transformer LoRA becomes `pytorch_lora_weights_comfyui.safetensors` (diffusers' keys with a
 per-module alpha tensor, for ComfyUI).
 """
@@ -15,6 +15,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+def recorded_base_model(directory: Path) -> str | None:
+    """The base model the run that wrote `directory` (an output directory or one of its checkpoints) trained on,
+    as its checkpoints record it; None where none is recorded or the model's files are not where it was."""
+    from utils.families import read_model_index
+    from utils.run.checkpoints import read_run_config
+
+    for checkpoint in [directory, *sorted(directory.glob("checkpoint-*"))]:
+        model = (read_run_config(str(checkpoint)) or {}).get("base_model")
+        if model and read_model_index(model, local_only=True) is not None:
+            return model
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for lora in args.lora:
         try:
             lora_file = lora_file_of(lora)
-            family = family_of(args.model) if args.model else family_of_lora_file(lora_file)
+            model = args.model or recorded_base_model(lora_file.parent)
+            family = family_of(model) if model else family_of_lora_file(lora_file)
             print(family.export_ui_lora(lora_file, args.output))
         except (OSError, ValueError, SafetensorError, UserError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -186,6 +186,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Checkpoint the graded denoiser steps and the VAE decoder (memory flat in K).")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    g.add_argument("--estimate_memory", action="store_true",
+                   help="Print the estimated peak GPU memory of one training step of this command line, per\n"
+                        "process, by part, and exit without training: traced on the CPU under fake tensors,\n"
+                        "from the model's configs alone (no weights, no GPU). See docs/memory.md.")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the rollout's no-grad denoiser calls (the T-K prefix and the adapters-off\n"
                         "reference; CUDA graphs on GPUs); the graded steps stay eager. Opt-in: the first steps\n"
@@ -334,6 +338,11 @@ def save_final_lora(accelerator: Accelerator, args: argparse.Namespace, models: 
 @one_line_errors(PROG)
 def main(args: argparse.Namespace) -> None:
     checked: arg_checks.CheckedArgs = args.checked
+    if args.estimate_memory:  # before anything loads or is written
+        from utils.memory import estimate_memory, render
+
+        print(render(estimate_memory(args, checked)))
+        return
     preemption = Preemption().install()  # before training: a signal exits at once, releasing the lock
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,

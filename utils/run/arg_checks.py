@@ -423,6 +423,18 @@ def token_warning(args: Any) -> str | None:
             "or checkpoints")
 
 
+def estimate_checked_args(args: Any, family: type[ModelFamily], scheduler: str,
+                          denoiser_config: dict | None) -> CheckedArgs:
+    """What `--estimate_memory` needs of the checks: the family, the sampler, the LoRA's targets. The run it sizes
+    is for another machine: its GPU, bitsandbytes, reward weights, prompts and output directory are not here."""
+    try:
+        lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
+    except ValueError as e:
+        raise ArgumentError(f"--lora_target_modules: {e}") from None
+    return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
+                       lora_targets=lora_targets, resume_from=None, first_step=0, prompts=(), run_config={})
+
+
 def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> CheckedArgs:
     """Every check of the command line, in the order a user would want to hear them (the cheap ones first,
     loading the prompts last), and what they found."""
@@ -436,6 +448,8 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     family, scheduler = check_model(args.pretrained_model_name_or_path, args.revision, args.scheduler, env)
     denoiser_config = check_denoiser_config(args.pretrained_model_name_or_path, args.revision)
     apply_family_defaults(args, family, denoiser_config)
+    if getattr(args, "estimate_memory", False):  # sizes the run for another machine: no weights, device or files
+        return estimate_checked_args(args, family, scheduler, denoiser_config)
     if args.pretrained_vae_model_name_or_path is not None:
         check_vae(args.pretrained_vae_model_name_or_path)
     check_launch(env)

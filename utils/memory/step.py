@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from utils.memory.autocast import CudaAutocastPolicy
+from utils.memory.autocast import cuda_autocast_policy
 from utils.memory.trace import MemoryTrace
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 
@@ -83,7 +83,7 @@ def traced_step(trace: MemoryTrace, models: Models, reward_fn: torch.nn.Module, 
     register_weights(trace, models, reward_fn, lora_params, optimizer)
     device = noise.device.type
     tracing = contextlib.nullcontext() if trace.active else trace  # the estimate traces its setup too
-    with tracing, phase_hooks(trace, models, reward_fn, lora_params), CudaAutocastPolicy(device):
+    with tracing, phase_hooks(trace, models, reward_fn, lora_params), cuda_autocast_policy(device):
         with trace.in_phase(PROMPTS), torch.autocast(device, dtype=autocast_dtype or torch.float32,
                                                      enabled=autocast_dtype is not None):
             loss, _, _ = draftplus_step(models, reward_fn, prompts, noise, config, kl_coeff, negative_prompt)

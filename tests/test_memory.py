@@ -8,8 +8,8 @@ import torch
 
 import train_draftplus
 from rewards import build_reward
-from utils.memory import estimate_memory, render
 from utils.memory import estimate as estimate_module
+from utils.memory import estimate_memory, render
 from utils.memory.build import ESTIMATE_PROMPT
 from utils.memory.estimate import prepare_training, rollout_config
 from utils.memory.parts import adam8bit_bytes, nf4_linears, nf4_parts
@@ -39,6 +39,7 @@ def real_trace(args) -> MemoryTrace:
 
 @pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_flux_dev_path"])
 @pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.slow  # builds and traces models: tens of seconds
 def test_estimate_is_what_a_real_step_allocates(fixture, checkpointing, request):
     path = request.getfixturevalue(fixture)
     args = estimate_args(path, "--resolution", "32", *(["--gradient_checkpointing"] if checkpointing else []))
@@ -51,9 +52,10 @@ def test_estimate_is_what_a_real_step_allocates(fixture, checkpointing, request)
     assert estimate.peak.phase == real.peak.phase
     for label in (weights_label(args.checked.family.denoiser_name), weights_label("vae"), LORA, OPTIMISER):
         assert held[label] == real.peak.held[label]
-    assert held[GRADED] > 0
+    assert estimate.phase_peaks[GRADED] > 0
 
 
+@pytest.mark.slow  # builds and traces models: tens of seconds
 def test_checkpointing_and_size_move_the_estimate(tiny_sd_path):
     def total(*extra):
         args = estimate_args(tiny_sd_path, *extra)
@@ -67,6 +69,7 @@ def test_checkpointing_and_size_move_the_estimate(tiny_sd_path):
     assert larger.held()[weights_label("unet")] == plain.held()[weights_label("unet")]
 
 
+@pytest.mark.slow  # builds and traces models: tens of seconds
 def test_a_second_copy_of_the_denoiser_moves_the_estimate(tiny_sd_path, monkeypatch):
     args = estimate_args(tiny_sd_path, "--resolution", "32")
     before = estimate_memory(args, args.checked)
@@ -96,6 +99,7 @@ def test_nf4_and_8bit_parts_follow_bitsandbytes_formats():
     assert nf4_linears(model) == [model[0]]
 
 
+@pytest.mark.slow  # builds and traces models: tens of seconds
 def test_use_8bit_adam_replaces_the_traced_state(tiny_sd_path):
     args = estimate_args(tiny_sd_path, "--resolution", "32", "--use_8bit_adam")
     estimate = estimate_memory(args, args.checked)
@@ -104,6 +108,7 @@ def test_use_8bit_adam_replaces_the_traced_state(tiny_sd_path):
     assert any("8-bit" in note for note in estimate.notes)
 
 
+@pytest.mark.slow  # builds and traces models: tens of seconds
 def test_estimate_memory_flag_prints_and_trains_nothing(tiny_sd_path, tmp_path, capsys):
     out = tmp_path / "run"
     args = estimate_args(tiny_sd_path, "--resolution", "32", "--output_dir", str(out))
@@ -122,3 +127,35 @@ def test_report_names_what_does_not_fit():
     estimate = MemoryEstimate(Peak(30 * 10**9, GRADED, {weights_label("transformer"): 30 * 10**9}), {GRADED: 30 * 10**9})
     text = render(estimate)
     assert "24 GB: does not fit" in text and "48 GB: fits" in text
+
+
+def test_reward_from_architecture_scores_on_the_rewards_own_code_path():
+    from transformers import CLIPConfig
+
+    from rewards.pickscore import PickScoreReward
+
+    tiny = {"projection_dim": 16,
+            "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "max_position_embeddings": 77, "vocab_size": 99},
+            "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "patch_size": 14, "image_size": 224}}
+    reward = PickScoreReward.from_architecture(CLIPConfig(**tiny), dtype=torch.float32, gradient_checkpointing=True)
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    scores = reward(images, ["a cat", "a dog"])
+    assert scores.shape == (2,) and scores.dtype == torch.float32
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in reward.parameters())
+    # PickScore's published network: CLIP ViT-H/14 (a 1280-wide, 32-layer image tower, 1024-d embeddings)
+    config = PickScoreReward.architecture()
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers, config.projection_dim) == \
+        (1280, 32, 1024)
+
+
+def test_rewards_without_an_architecture_are_named_not_counted():
+    from rewards import build_reward_from_architectures
+
+    reward, notes = build_reward_from_architectures("redness")
+    assert notes == [] and reward(torch.rand(1, 3, 8, 8), ["x"]).shape == (1,)
+    reward, notes = build_reward_from_architectures("redness=1,aesthetic=0.1")
+    assert len(notes) == 1 and "aesthetic" in notes[0] and "not counted" in notes[0]

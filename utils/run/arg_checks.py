@@ -427,12 +427,17 @@ def estimate_checked_args(args: Any, family: type[ModelFamily], scheduler: str,
                           denoiser_config: dict | None) -> CheckedArgs:
     """What `--estimate_memory` needs of the checks: the family, the sampler, the LoRA's targets. The run it sizes
     is for another machine: its GPU, bitsandbytes, reward weights, prompts and output directory are not here."""
+    return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
+                       lora_targets=lora_targets_of(args, family, denoiser_config), resume_from=None, first_step=0,
+                       prompts=(), run_config={})
+
+
+def lora_targets_of(args: Any, family: type[ModelFamily], denoiser_config: dict | None) -> tuple[str, ...]:
+    """`--lora_target_modules` with the family's presets expanded."""
     try:
-        lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
+        return tuple(family.target_modules(args.lora_target_modules, denoiser_config))
     except ValueError as e:
         raise ArgumentError(f"--lora_target_modules: {e}") from None
-    return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
-                       lora_targets=lora_targets, resume_from=None, first_step=0, prompts=(), run_config={})
 
 
 def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> CheckedArgs:
@@ -460,10 +465,7 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     if args.pretrained_model_name_or_path != "toy" and os.path.isdir(args.pretrained_model_name_or_path):
         check_variant(args.pretrained_model_name_or_path, args.variant, family)
     check_reward_reachable(args.reward, args.reward_options, env)
-    try:
-        lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
-    except ValueError as e:
-        raise ArgumentError(f"--lora_target_modules: {e}") from None
+    lora_targets = lora_targets_of(args, family, denoiser_config)
     fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, denoiser_config)
     resume_from, first_step = check_resume(args, lora_targets, fingerprint)
     if args.compile and (reason := utils.rollout.compile.compile_unsupported_reason()):

@@ -84,23 +84,29 @@ def render(rows: dict[str, dict]) -> str:
              "benchmarks/results/memory_calibration.md compares the estimator with the GPU measurements there are.",
              "", "Setting: 1024 px (512 for SD1.5), bf16 weights, batch 1, K=1, LoRA rank 4 (attention), gradient "
              "checkpointing, PickScore (fp32), AdamW, the family's rollout defaults. GB = 1e9 bytes; the CUDA "
-             "context (~0.5 GB) and allocator fragmentation come on top.", "",
+             "context (~0.5 GB) and allocator fragmentation come on top. 'Without text encoders': the peak less the "
+             "text encoders' weights, which a run that keeps them off the GPU between prompt encodings (or encodes "
+             "its prompts once, ahead) would not hold at the peak (it comes after the encoding); the trainer has no "
+             "such option yet.", "",
              "| recipe | peak (GB) | goal (GB) | " + " | ".join(f"fits {gb} GB" for gb in CEILINGS_GB)
-             + " | weights (GB) | peak during | computed, not traced |",
-             "|---|---|---|" + "---|" * len(CEILINGS_GB) + "---|---|---|"]
+             + " | weights (GB) | text encoders (GB) | without text encoders (GB) | peak during "
+             "| computed, not traced |",
+             "|---|---|---|" + "---|" * len(CEILINGS_GB) + "---|---|---|---|---|"]
     for recipe in RECIPES:
         row = rows.get(recipe.name)
         goal = str(recipe.goal_gb or "")
         if row is None or row["status"] != "estimated":
             lines.append(f"| {recipe.name} | {row['status'] if row else 'not run'} | {goal} |"
-                         + " |" * len(CEILINGS_GB) + " | | |")
+                         + " |" * len(CEILINGS_GB) + " | | | | |")
             continue
         peak = row["peak_bytes"]
         weights = sum(v for k, v in row["held_bytes"].items() if k.startswith("weights: "))
+        encoders = sum(v for k, v in row["held_bytes"].items() if k.startswith("weights: text_encoder"))
         computed = "; ".join(part["label"] for part in row["computed"]) or "-"
         lines.append(f"| {recipe.name} | {peak / 1e9:.1f} | {goal} | "
                      + " | ".join("yes" if peak <= gb * 1e9 else "no" for gb in CEILINGS_GB)
-                     + f" | {weights / 1e9:.1f} | {row['peak_phase']} | {computed} |")
+                     + f" | {weights / 1e9:.1f} | {encoders / 1e9:.1f} | {(peak - encoders) / 1e9:.1f} | "
+                     f"{row['peak_phase']} | {computed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,13 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", default=None, help="Recipes to (re)estimate; the others' rows are kept.")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--merge", nargs="*", default=[], help="Other runs' memory_table.json whose rows to take in.")
+    p.add_argument("--render", action="store_true", help="Only rewrite memory_table.md from the JSON.")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "memory_table.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
+    for other in args.merge:
+        rows.update(json.loads(Path(other).read_text())["rows"])
+    path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (out / "memory_table.md").write_text(render(rows))
     for recipe in RECIPES:
-        if args.only and recipe.name not in args.only:
+        if args.render or args.only and recipe.name not in args.only:
             continue
         print(f"{recipe.name} ...", flush=True)
         rows[recipe.name] = {"command": "train_draftplus.py " + " ".join(command(recipe)),

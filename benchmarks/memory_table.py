@@ -40,9 +40,12 @@ RECIPES = (
     Recipe("SD1.5", "sd15", resolution=512),
     Recipe("SDXL", "sdxl", 24),
     Recipe("SD3.5-Medium", "sd35-medium", 24),
+    Recipe("SD3.5-Medium, text encoders offloaded", "sd35-medium", 24, extra=("--offload_text_encoders",)),
     Recipe("SD3.5-Large", "sd35-large"),
     Recipe("FLUX.1-dev bf16", "flux1-dev", 80),
     Recipe("FLUX.1-dev nf4", "flux1-dev", 24, extra=("--quantize_base", "nf4")),
+    Recipe("FLUX.1-dev nf4, text encoders offloaded, reward bf16", "flux1-dev", 24,
+           extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16")),
     Recipe("FLUX.1-schnell", "flux1-schnell"),
     Recipe("FLUX.2-klein 4B", "flux2-klein-4b", 24),
     Recipe("FLUX.2-klein 9B", "flux2-klein-9b"),
@@ -86,8 +89,8 @@ def render(rows: dict[str, dict]) -> str:
              "checkpointing, PickScore (fp32), AdamW, the family's rollout defaults. GB = 1e9 bytes; the CUDA "
              "context (~0.5 GB) and allocator fragmentation come on top. 'Without text encoders': the peak less the "
              "text encoders' weights, which a run that keeps them off the GPU between prompt encodings (or encodes "
-             "its prompts once, ahead) would not hold at the peak (it comes after the encoding); the trainer has no "
-             "such option yet.", "",
+             "its prompts once, ahead) would not hold at the peak (it comes after the encoding): "
+             "`--offload_text_encoders`.", "",
              "| recipe | peak (GB) | goal (GB) | " + " | ".join(f"fits {gb} GB" for gb in CEILINGS_GB)
              + " | weights (GB) | text encoders (GB) | without text encoders (GB) | peak during "
              "| computed, not traced |",

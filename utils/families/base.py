@@ -267,8 +267,12 @@ class ModelFamily:
         (`utils.rollout.parametrisation`)."""
         raise NotImplementedError
 
+    # Where the prompts are encoded and the rollout runs when the text encoders live elsewhere between encodings
+    # (the trainer's --offload_text_encoders sets it); None: where the text encoders are.
+    execution_device: torch.device | None = None
+
     def _device(self) -> torch.device:
-        return self.text_encoders[0].device
+        return self.execution_device or self.text_encoders[0].device
 
     @staticmethod
     def _negatives(prompts: Sequence[str], negative_prompt: str) -> list[str] | None:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from utils.memory.parts import ComputedPart, adam8bit_bytes, nf4_linears, nf4_parts
-from utils.memory.step import OPTIMISER, traced_step
-from utils.memory.trace import MemoryTrace, Peak
+from utils.memory.step import OPTIMISER, PROMPTS, traced_step
+from utils.memory.trace import MemoryTrace, Peak, storage_bytes
 from utils.rollout.loop import Models, RolloutConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,11 +32,12 @@ class MemoryEstimate:
     computed: list[ComputedPart] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    floor: int = 0  # a peak no computed part lowers (the prompt encoding's, when the text encoders are offloaded)
 
     @property
     def total(self) -> int:
         """The estimated peak in bytes: the traced peak with the computed parts."""
-        return self.peak.total + sum(part.bytes for part in self.computed)
+        return max(self.peak.total + sum(part.bytes for part in self.computed), self.floor)
 
     def held(self) -> dict[str, int]:
         """What the peak holds, by part (computed parts under their own labels, corrections included)."""
@@ -113,6 +114,13 @@ def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
             traced_step(trace, models, reward, lora_params, optimizer, [ESTIMATE_PROMPT] * args.train_batch_size,
                         noise, rollout_config(args), kl_coeff=args.kl_coeff, negative_prompt=args.negative_prompt,
                         autocast_dtype=dtype if dtype != torch.float32 else None, max_grad_norm=args.max_grad_norm)
+    floor = 0
+    if getattr(args, "offload_text_encoders", False):  # on the GPU for the prompt encoding only
+        encoders = sum(storage_bytes(t.untyped_storage()) for m in family.text_encoders
+                       for t in (*m.parameters(), *m.buffers()))
+        floor = trace.phase_peaks.get(PROMPTS, 0) + sum(part.bytes for part in computed)
+        computed.append(ComputedPart("text encoders (offloaded)", -encoders,
+                                     "--offload_text_encoders: on the GPU only while they encode the prompts"))
     if args.quantize_base:
         notes.append("the NF4 denoiser is computed, not traced (bitsandbytes runs on CUDA only)")
     if args.use_8bit_adam:
@@ -123,4 +131,4 @@ def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
                 "gradient_checkpointing": args.gradient_checkpointing, "reward": args.reward,
                 "reward_dtype": args.reward_dtype, "rank": args.rank, "quantize_base": args.quantize_base,
                 "use_8bit_adam": args.use_8bit_adam}
-    return MemoryEstimate(trace.peak, dict(trace.phase_peaks), computed, notes, settings)
+    return MemoryEstimate(trace.peak, dict(trace.phase_peaks), computed, notes, settings, floor)

@@ -4,7 +4,7 @@ each phase of the step, and the cards it fits, against the 24, 48 and 80 GB ceil
 from __future__ import annotations
 
 from utils.memory.estimate import MemoryEstimate
-from utils.memory.step import GRADIENTS, LORA, OPTIMISER, PHASES
+from utils.memory.step import GRADIENTS, LORA, OPTIMISER, PHASES, PROMPTS
 
 CEILINGS_GB = (24, 48, 80)
 GIB = 2**30
@@ -42,7 +42,9 @@ def render(estimate: MemoryEstimate) -> str:
     lines += [f"  {k:<{width}}  {gib(v):>8}" for k, v in part_rows(estimate)]
     lines += ["", "Peak during each phase (GiB):"]
     computed = sum(p.bytes for p in estimate.computed)
-    lines += [f"  {k:<{width}}  {gib(v + computed):>8}" for k, v in estimate.phase_peaks.items() if k in PHASES]
+    # The prompt encoding's peak with offloaded text encoders is the floor, which holds them.
+    lines += [f"  {k:<{width}}  {gib(estimate.floor if k == PROMPTS and estimate.floor else v + computed):>8}"
+              for k, v in estimate.phase_peaks.items() if k in PHASES]
     if estimate.computed:
         lines += ["", "Computed, not traced:"] + [f"  {p.label}: {gib(p.bytes)} GiB ({p.how})" for p in estimate.computed]
     if estimate.notes:

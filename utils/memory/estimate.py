@@ -119,7 +119,7 @@ def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
         encoders = sum(storage_bytes(t.untyped_storage()) for m in family.text_encoders
                        for t in (*m.parameters(), *m.buffers()))
         floor = trace.phase_peaks.get(PROMPTS, 0) + sum(part.bytes for part in computed)
-        computed.append(ComputedPart("text encoders (offloaded)", -encoders,
+        computed.append(ComputedPart("weights: text_encoders (offloaded)", -encoders,
                                      "--offload_text_encoders: on the GPU only while they encode the prompts"))
     if args.quantize_base:
         notes.append("the NF4 denoiser is computed, not traced (bitsandbytes runs on CUDA only)")

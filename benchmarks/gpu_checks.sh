@@ -27,6 +27,9 @@
 #                          sample / StableDiffusion3Pipeline.__call__ (benchmarks/flow_memory.py)
 #   flux_nf4_mem   ~4 min  as sd35m_mem at FLUX.1-dev size with the transformer in 4-bit NF4: peak against 24 GB
 #   flux_mem       ~4 min  as sd35m_mem at FLUX.1-dev size, bf16: peak against 80 GB
+#                          (every memory stage also runs the estimator, train_draftplus.py --estimate_memory, for its
+#                          setting: results/memory_estimate_*.txt beside the measurement; python -m
+#                          benchmarks.memory_calibration compares them once the measurements are in results/)
 #                          (these three need their own device call: bash benchmarks/gpu_checks.sh "$OUT" sd35m_mem
 #                          flux_nf4_mem flux_mem)
 #
@@ -136,12 +139,27 @@ train_toy() {  # train_toy TIMEOUT RUN ARGS...: the quickstart's run on GPU; res
 }
 
 
-stage_sd15() { speed "$1" sd15 --sd15 --batch_sizes 4 --steps 50 10 --sections timing peak; }
+# estimate NAME CONFIGS ARGS...: the memory estimator (train_draftplus.py --estimate_memory, on this machine's CPU) for
+# the setting a memory stage measures, beside its measurement: results/memory_estimate_NAME.txt.
+estimate() {
+  local name=$1 configs=$2
+  shift 2
+  (( DRY_RUN )) && return
+  timeout 300 python3 train_draftplus.py --pretrained_model_name_or_path "benchmarks/model_configs/$configs" \
+    --estimate_memory --mixed_precision bf16 --reward pickscore --report_to none "$@" \
+    > "$RES/memory_estimate_$name.txt" 2>&1 && head -n 1 "$RES/memory_estimate_$name.txt"
+}
+stage_sd15() {
+  speed "$1" sd15 --sd15 --batch_sizes 4 --steps 50 10 --sections timing peak
+  estimate sd15_ckpt sd15 --resolution 512 --reward_dtype bf16 --num_inference_steps 50 --gradient_checkpointing
+  estimate sd15 sd15 --resolution 512 --reward_dtype bf16 --num_inference_steps 50
+}
 stage_sd15_b1() { speed "$1" sd15_b1 --sd15 --batch_sizes 1 --steps 50 10 --sections timing; }
 stage_sd15_mem() { speed "$1" sd15_mem --sd15 --batch_sizes 4 --steps 50 --sections memory profile; }
 stage_sdxl_mem() {
   speed "$1" sdxl_mem --sdxl --batch_sizes 1 --steps 50 --sides train pipeline --gradient_checkpointing \
     --warmup 1 --sections peak timing
+  estimate sdxl_ckpt sdxl --resolution 1024 --reward_dtype bf16 --num_inference_steps 50 --gradient_checkpointing
 }
 stage_sdxl() { speed "$1" sdxl --sdxl --batch_sizes 1 --steps 50 10 --sections timing; }
 stage_train() {
@@ -155,9 +173,13 @@ stage_train() {
   (( end - SECONDS > 30 )) && train_toy "$(( end - SECONDS ))" kl0.003 --kl_coeff 0.003 "${GPU_TRAIN[@]}"
 }
 stage_train_compile() { train_toy "$1" kl0.01_compile --kl_coeff 0.01 "${GPU_TRAIN[@]}" --compile; }
-stage_sd35m_mem() { flow "$1" sd35m_mem --model sd35m; }
-stage_flux_nf4_mem() { flow "$1" flux_nf4_mem --model flux1dev --quantize_base nf4; }
-stage_flux_mem() { flow "$1" flux_mem --model flux1dev; }
+FLOW_ESTIMATE=(--resolution 1024 --reward_dtype bf16 --gradient_checkpointing)  # flow_memory.py's setting
+stage_sd35m_mem() { flow "$1" sd35m_mem --model sd35m; estimate sd35m sd35-medium "${FLOW_ESTIMATE[@]}"; }
+stage_flux_nf4_mem() {
+  flow "$1" flux_nf4_mem --model flux1dev --quantize_base nf4
+  estimate flux_nf4 flux1-dev "${FLOW_ESTIMATE[@]}" --quantize_base nf4
+}
+stage_flux_mem() { flow "$1" flux_mem --model flux1dev; estimate flux flux1-dev "${FLOW_ESTIMATE[@]}"; }
 
 run_stage sd15 200 360
 run_stage train 90 150

@@ -26,6 +26,7 @@ _PUBLIC = {
     "RewardSpecError": "rewards.errors:RewardSpecError",
     "WeightedSumReward": "rewards.combine:WeightedSumReward",
     "build_reward": "rewards.build:build_reward",
+    "build_reward_from_architectures": "rewards.build:build_reward_from_architectures",
     "list_rewards": "rewards.catalogue:list_rewards",
     "looks_like_path": "rewards.files:looks_like_path",
     "model_references": "rewards.references:model_references",

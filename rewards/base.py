@@ -66,6 +66,22 @@ class Reward(nn.Module):
             ):
                 raise RewardSpecError(f"option {key}={value!r} must be a number")
 
+    @classmethod
+    def architecture(cls, **options: Any) -> Any | None:
+        """The published architecture of the reward's network (a transformers config), known without its
+        weights or any file: a memory estimate builds the network from it under fake tensors. `options`: the
+        reward's options (a reward whose size depends on one reads it). None: a reward without a network, or
+        one whose architecture this class cannot name."""
+        return None
+
+    @classmethod
+    def from_architecture(cls, config: Any, dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
+                          **options: Any) -> Reward:
+        """The reward scoring with a network built from `config` (`architecture`) with fresh weights, reading
+        no file: what a memory estimate traces (its weights then fake), on the same code path as the loaded
+        reward. A reward that gives an architecture without this is counted by its weights alone."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from its architecture")
+
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

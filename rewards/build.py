@@ -104,3 +104,42 @@ def build_reward(
         reward = WeightedSumReward(parts).freeze()
     reward.spec = spec  # type: ignore[attr-defined]  # for logs / model cards
     return reward
+
+
+
+def _mean_colour(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return images.float().mean((1, 2, 3))
+
+
+def build_reward_from_architectures(
+    spec: str, dtype: torch.dtype | None = None, **options: Any
+) -> tuple[Reward, list[str]]:
+    """The reward a spec describes with every model-backed part built from its published architecture
+    (`Reward.architecture`, `Reward.from_architecture`: no weights or files read), for a memory estimate that
+    runs it under fake tensors; model-free parts built as `build_reward` builds them. Returns the reward and a
+    line for each part it could not build so (that part's memory is then counted in part, or not at all)."""
+    built, notes = [], []
+    for part in resolve_parts(spec, options):
+        factory, label = part.factory, part.item.label
+        is_class = inspect.isclass(factory) and issubclass(factory, Reward)
+        config = factory.architecture(**part.options) if is_class else None
+        reward: Reward
+        if config is not None:
+            try:
+                reward = factory.from_architecture(config, dtype=dtype, **part.options)
+            except NotImplementedError:
+                from transformers import AutoModel
+
+                reward = FunctionReward(_mean_colour, name=label)
+                reward.network = AutoModel.from_config(config, dtype=dtype)  # its weights, counted
+                notes.append(f"reward {label!r}: its weights from its architecture; its activations not traced")
+        elif is_class and not factory.file_options:  # model-free: nothing to load
+            reward = _build_part(part, None, dtype)
+        else:
+            reward = FunctionReward(_mean_colour, name=label)
+            notes.append(f"reward {label!r}: no architecture known; its weights and activations are not counted")
+        reward.name = label
+        built.append((label, part.item.weight, reward.freeze()))
+    if len(built) == 1 and built[0][1] == 1.0:
+        return built[0][2], notes
+    return WeightedSumReward(built).freeze(), notes

@@ -58,6 +58,21 @@ def _load_vision_tower(cls: Any, model: str, what: str, dtype: torch.dtype) -> A
         hf_logging.set_verbosity(verbosity)
 
 
+class ContextTokenizer:
+    """Stands in for a CLIP tokenizer where there are no tokenizer files (`from_architecture`): every prompt is
+    a full context of `model_max_length` tokens, the most the text tower reads."""
+
+    def __init__(self, model_max_length: int) -> None:
+        self.model_max_length = model_max_length
+
+    def __call__(self, prompts: Sequence[str], max_length: int | None = None, **_: Any) -> Any:
+        from transformers import BatchEncoding
+
+        shape = (len(prompts), min(max_length or self.model_max_length, self.model_max_length))
+        return BatchEncoding({"input_ids": torch.ones(shape, dtype=torch.long),
+                              "attention_mask": torch.ones(shape, dtype=torch.long)})
+
+
 class CLIPFamilyReward(TextCachedReward):
     """Base for rewards built on `transformers.CLIPModel`; subclasses define `score`.
 
@@ -79,6 +94,9 @@ class CLIPFamilyReward(TextCachedReward):
     file_options = ("model",)
     #: The official processor when it does not live with the model (None: the model's own repo).
     default_processor: str | None = None
+
+    #: The published network's CLIPConfig arguments (`architecture`); None: not known to this class.
+    architecture_config: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -114,6 +132,37 @@ class CLIPFamilyReward(TextCachedReward):
             self.model.to(device)
         if gradient_checkpointing:
             checkpoint_layers(vision.encoder.layers)
+
+    @classmethod
+    def architecture(cls, **options: Any) -> Any | None:
+        from transformers import CLIPConfig
+
+        return None if cls.architecture_config is None else CLIPConfig(**cls.architecture_config)
+
+    @classmethod
+    def from_architecture(cls, config: Any, dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
+                          **options: Any) -> CLIPFamilyReward:
+        """The reward on a CLIPModel (or its image tower) built from `config`, CLIP's image processing (224 px,
+        OpenAI mean and std: the processors of every CLIP reward here), and a full-context stand-in tokenizer."""
+        from transformers import CLIPModel, CLIPVisionModelWithProjection
+
+        reward = cls.__new__(cls)
+        TextCachedReward.__init__(reward, int(options.get("cache_size", 1024)))
+        reward.model_id = f"{cls.name} architecture"
+        reward.compute_dtype = resolve_dtype(dtype)
+        reward.preprocess_config = ImagePreprocessConfig()
+        if cls.needs_text:
+            reward.model = CLIPModel._from_config(config, dtype=reward.compute_dtype)
+            reward.tokenizer = ContextTokenizer(config.text_config.max_position_embeddings)
+        else:
+            vision = config.vision_config
+            vision.projection_dim = config.projection_dim
+            reward.model = CLIPVisionModelWithProjection._from_config(vision, dtype=reward.compute_dtype)
+            reward.tokenizer = None
+        reward.freeze()
+        if gradient_checkpointing:
+            checkpoint_layers(reward.model.vision_model.encoder.layers)
+        return reward
 
     # -- embeddings ---------------------------------------------------------------------------
 

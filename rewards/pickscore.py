@@ -25,6 +25,15 @@ class PickScoreReward(CLIPFamilyReward):
     score_range = "~18-24"
     what = "PickScore"
     default_processor = PICKSCORE_PROCESSOR
+    # yuvalkirstain/PickScore_v1's config.json: OpenCLIP ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-b79K's).
+    architecture_config = {
+        "projection_dim": 1024,
+        "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                        "num_attention_heads": 16, "max_position_embeddings": 77, "vocab_size": 49408,
+                        "hidden_act": "gelu"},
+        "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                          "num_attention_heads": 16, "patch_size": 14, "image_size": 224, "hidden_act": "gelu"},
+    }
 
     def __init__(
         self,

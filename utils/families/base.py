@@ -304,6 +304,10 @@ class ModelFamily:
         (`utils.rollout.parametrisation`)."""
         raise NotImplementedError
 
+    # Where the prompts are encoded and the rollout runs when the text encoders live elsewhere between encodings
+    # (the trainer's --offload_text_encoders sets it); None: where the text encoders are.
+    execution_device: torch.device | None = None
+
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """The rollout's latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], differentiable, as the family's
         pipeline decodes them (`utils.rollout.loop.decode`: scaling and shift factors, or latents_mean/std)."""
@@ -312,7 +316,7 @@ class ModelFamily:
         return decode(vae, latents)
 
     def _device(self) -> torch.device:
-        return self.text_encoders[0].device
+        return self.execution_device or self.text_encoders[0].device
 
     @staticmethod
     def _negatives(prompts: Sequence[str], negative_prompt: str) -> list[str] | None:

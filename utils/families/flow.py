@@ -155,5 +155,5 @@ class FlowTransformerFamily(ModelFamily):
         raise NotImplementedError
 
     def _device(self) -> torch.device:
-        return self.pipe.text_encoder.device
+        return self.execution_device or self.pipe.text_encoder.device
 

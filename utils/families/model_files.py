@@ -81,6 +81,27 @@ def read_native_size(name_or_path: str, family: type[ModelFamily], denoiser_conf
     return None if vae_config is None else family.native_size(denoiser_config, family.vae_scale_factor_of(vae_config))
 
 
+def read_component_config(name_or_path: str, component: str, revision: str | None = None) -> dict | None:
+    """A pipeline component's config (`<component>/config.json`, a scheduler's `scheduler_config.json`), read as
+    `read_model_index` reads the index: no weights. The memory estimate builds the models from these."""
+    for name in ("config.json", "scheduler_config.json"):
+        relative = f"{component}/{name}"
+
+        def download(path: str, relative: str = relative) -> dict | None:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                return json.loads(Path(hf_hub_download(path, relative, revision=revision)).read_text())
+            except EntryNotFoundError:
+                return None
+
+        if (config := _read_model_json(name_or_path, relative, revision, False, download)) is not None:
+            return config
+    return None
+
+
+
 def family_of(name_or_path: str, revision: str | None = None) -> type[ModelFamily]:
     """The family of a local pipeline directory, a hub id, or `toy`."""
     index = read_model_index(name_or_path, revision)

@@ -286,6 +286,23 @@ def check_objective(args: Any, resume_from: str | None, first_step: int,
     return (*history, {"from_step": first_step + 1, "changes": changes})
 
 
+def estimate_checked_args(args: Any, family: type[ModelFamily], scheduler: str, denoiser_config: dict | None,
+                          native_size: int | None) -> CheckedArgs:
+    """What `--estimate_memory` needs of the checks: the family, the sampler, the LoRA's targets. The run it sizes
+    is for another machine: its GPU, bitsandbytes, reward weights, prompts and output directory are not here."""
+    return CheckedArgs(family=family, scheduler=scheduler, family_options={k: getattr(args, k) for k in family.options},
+                       lora_targets=lora_targets_of(args, family, denoiser_config), resume_from=None, first_step=0,
+                       prompts=(), run_config={}, native_size=native_size)
+
+
+def lora_targets_of(args: Any, family: type[ModelFamily], denoiser_config: dict | None) -> tuple[str, ...]:
+    """`--lora_target_modules` with the family's presets expanded."""
+    try:
+        return tuple(family.target_modules(args.lora_target_modules, denoiser_config))
+    except ValueError as e:
+        raise ArgumentError(f"--lora_target_modules: {e}") from None
+
+
 def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> CheckedArgs:
     """Every check of the command line, in the order a user would want to hear them (the cheap ones first,
     loading the prompts last), and what they found."""
@@ -300,6 +317,8 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     denoiser_config = check_denoiser_config(args.pretrained_model_name_or_path, args.revision)
     native_size = read_native_size(args.pretrained_model_name_or_path, family, denoiser_config, args.revision)
     apply_family_defaults(args, family, denoiser_config, native_size)
+    if getattr(args, "estimate_memory", False):  # sizes the run for another machine: no weights, device or files
+        return estimate_checked_args(args, family, scheduler, denoiser_config, native_size)
     if args.pretrained_vae_model_name_or_path is not None:
         check_vae(args.pretrained_vae_model_name_or_path)
     check_launch(env)
@@ -312,10 +331,7 @@ def check_training_args(args: Any, env: Mapping[str, str] = os.environ) -> Check
     if args.pretrained_model_name_or_path != "toy" and os.path.isdir(args.pretrained_model_name_or_path):
         check_variant(args.pretrained_model_name_or_path, args.variant, family)
     check_reward_reachable(args.reward, args.reward_options, env)
-    try:
-        lora_targets = tuple(family.target_modules(args.lora_target_modules, denoiser_config))
-    except ValueError as e:
-        raise ArgumentError(f"--lora_target_modules: {e}") from None
+    lora_targets = lora_targets_of(args, family, denoiser_config)
     fingerprint = denoiser_fingerprint(args.pretrained_model_name_or_path, denoiser_config)
     resume_from, first_step = check_resume(args, lora_targets, fingerprint)
     if args.compile and (reason := utils.rollout.compile.compile_unsupported_reason()):

@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
 from utils.errors import UserError, fail, first_line, one_line_errors, say
-from utils.families import FAMILIES
-from utils.families.base import target_presets_help
+from utils.families.help import family_list, target_presets_help
 from utils.lora import LoraWriteError, adapted_modules, add_lora, lora_state_dict, save_lora
 from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
@@ -65,11 +64,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         fail(PROG, f"{message} (--help lists the options)")
-
-
-def family_list(option: str | None = None) -> str:
-    """The registered families (those taking trainer option `option`), as `--help` names them."""
-    return ", ".join(f.display_name for f in FAMILIES if option is None or option in f.options)
 
 
 @one_line_errors(PROG)

@@ -43,7 +43,7 @@ def test_the_diffusers_preset_adapts_the_modules_diffusers_script_adapts(fixture
 
 def test_the_help_says_what_each_preset_adapts_per_family():
     from utils.families import FAMILIES
-    from utils.families.base import target_presets_help
+    from utils.families.help import target_presets_help
 
     text = target_presets_help()
     for family in FAMILIES:

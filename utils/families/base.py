@@ -364,7 +364,6 @@ class ModelFamily:
         return export_kohya(lora_file, output_file)
 
 
-
 # The registered families, in the order `--help` and error messages list them (filled by `register`).
 FAMILIES: list[type[ModelFamily]] = []
 
@@ -378,22 +377,6 @@ def register(family: type[ModelFamily]) -> type[ModelFamily]:
 def family_option_names() -> tuple[str, ...]:
     """The options only some families take (every registered family's `options`), in registration order."""
     return tuple(dict.fromkeys(option for family in FAMILIES for option in family.options))
-
-
-def target_presets_help(wrap: int | None = None) -> str:
-    """`--lora_target_modules` help on the presets: what each adapts in each registered family (lines wrapped
-    at `wrap` characters)."""
-    import textwrap
-
-    lines = []
-    for preset in dict.fromkeys(p for family in FAMILIES for p in family.target_presets):
-        by_text: dict[str, list[str]] = {}
-        for family in (f for f in FAMILIES if preset in f.target_presets):
-            by_text.setdefault(family.describe_preset(preset), []).append(family.name)
-        for text, names in by_text.items():
-            line = f"'{preset}' on {'/'.join(names)}: {text}"
-            lines += textwrap.wrap(line, wrap, subsequent_indent="    ") if wrap else [line]
-    return "\n".join(lines)
 
 
 def family_for_class_name(class_name: str) -> type[ModelFamily]:

@@ -16,14 +16,16 @@ import pytest  # noqa: E402
 
 
 def _tiny_pipeline_fixture(name: str, builder: str, doc: str, **kwargs):
-    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.tiny_models.<builder>` saves (seed 0)."""
+    """A session fixture `name`: the path of the tiny random pipeline `utils.toys.tiny_models.<builder>` saves (seed 0);
+    `builder` may name another module of utils.toys: `tiny_flux2.build_random_flux2_pipeline`."""
 
     def fixture(tmp_path_factory) -> Path:
         # Imported on first use: a test that needs no pipeline loads no diffusers.
-        from utils.toys import tiny_models
+        import importlib
 
+        module, _, function = builder.rpartition(".")
         path = tmp_path_factory.mktemp(name)
-        getattr(tiny_models, builder)(path, seed=0, **kwargs)
+        getattr(importlib.import_module(f"utils.toys.{module or 'tiny_models'}"), function)(path, seed=0, **kwargs)
         return path
 
     fixture.__doc__ = doc
@@ -46,3 +48,10 @@ tiny_flux_dev_path = _tiny_pipeline_fixture(
 tiny_flux_schnell_path = _tiny_pipeline_fixture(
     "tiny_flux_schnell_path", "build_random_flux_pipeline",
     "A tiny random FluxPipeline like FLUX.1-schnell: no guidance embedding, a fixed shift.", guidance_embeds=False)
+tiny_flux2_dev_path = _tiny_pipeline_fixture(
+    "tiny_flux2_dev_path", "tiny_flux2.build_random_flux2_pipeline",
+    "A tiny random Flux2Pipeline like FLUX.2 [dev]: Mistral3 text encoder, a guidance embedding (VAE factor 2 x 2x2 "
+    "patches: 48x32 images are 12x8 latents).")
+tiny_flux2_klein_path = _tiny_pipeline_fixture(
+    "tiny_flux2_klein_path", "tiny_flux2.build_random_flux2_klein_pipeline",
+    "A tiny random Flux2KleinPipeline like FLUX.2 [klein] base: Qwen3 text encoder, classifier-free guidance.")

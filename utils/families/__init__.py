@@ -4,7 +4,7 @@
 (no weights) and picks its family. Importing the package registers every family.
 """
 
-from utils.families import flux, sd3, stable_diffusion  # noqa: F401  (each registers its families)
+from utils.families import flux, flux2, sd3, stable_diffusion  # noqa: F401  (each registers its families)
 from utils.families.base import (
     FAMILIES,
     ModelFamily,

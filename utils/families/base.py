@@ -121,6 +121,12 @@ class ModelFamily:
         return None
 
     @classmethod
+    def denoiser_config_with(cls, denoiser_config: dict, model_index: dict) -> dict:
+        """The denoiser config the class-level answers read (`read_denoiser_config`), with any fact of the
+        pipeline's `model_index.json` they need, under keys starting with `_` (not the resume fingerprint's)."""
+        return denoiser_config
+
+    @classmethod
     def target_modules(cls, names: Sequence[str], denoiser_config: dict | None = None) -> list[str]:
         """`--lora_target_modules` with presets expanded to PEFT module names; other names kept, in order."""
         from utils.lora import expand_target_modules
@@ -225,6 +231,12 @@ class ModelFamily:
 
     def default_size(self) -> int:
         return self.pipe.default_sample_size * self.vae_scale_factor
+
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The rollout's latents -> images in [0, 1], differentiable, as the family's pipeline decodes them."""
+        from utils.rollout.loop import decode
+
+        return decode(vae, latents)
 
     # ------------------------------------------------------------------ sampling with the pipeline
     def pipeline_kwargs(self) -> dict[str, Any]:

@@ -85,6 +85,11 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
+    return decode_normalised(vae, latents)
+
+
+def decode_normalised(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the VAE's decoder takes them -> images in [0, 1], differentiable."""
     # An fp32 VAE under mixed precision was upcast on purpose (SDXL's VAE overflows in fp16):
     # autocast would put its convolutions back in half precision.
     upcast = vae.dtype == torch.float32 and torch.is_autocast_enabled(latents.device.type)
@@ -155,7 +160,7 @@ def rollout(
             out.eps_ref.append(_reference_eps(models, steps, x_t, i, cond, config.guidance_scale))
         latents = next_latents(prediction, i, latents, x_t)
     with record_function("draftplus/vae_decode"):
-        out.images, out.latents = decode(models.vae, latents), latents
+        out.images, out.latents = models.family.decode(models.vae, latents), latents
     return out
 
 
@@ -178,7 +183,7 @@ def _lv_graded_step(models: Models, steps, cond, x0: torch.Tensor, config: Rollo
         out.eps_ref.append(_reference_eps(models, steps, x_t, last, cond, config.guidance_scale))
     with record_function("draftplus/vae_decode"):
         out.latents = steps.to_x0(prediction, x_t, last)
-        out.images = decode(models.vae, out.latents)
+        out.images = models.family.decode(models.vae, out.latents)
     return out
 
 

@@ -159,8 +159,6 @@ class Validation:
 
         The pipeline denoises; the latents are decoded as the rollout decodes them (outside autocast
         when the VAE was upcast), so validation and training images agree in precision."""
-        from utils.rollout.loop import decode
-
         args, family = self.args, self.models.family  # its pipeline's denoiser is the raw LoRA denoiser
         family.pipe.scheduler = self.models.scheduler.__class__.from_config(self.models.scheduler.config)  # own one
         images, rewards = [], []
@@ -173,7 +171,7 @@ class Validation:
                                                     num_inference_steps=args.num_inference_steps,
                                                     guidance_scale=args.guidance_scale, eta=args.eta,
                                                     height=args.height, width=args.width)
-                    batch = decode(self.models.vae, latents)
+                    batch = family.decode(self.models.vae, latents)
                 rewards.append(self.reward_fn(batch, [prompt] * len(batch)).detach().float().cpu())
             images.append(batch.float().cpu())
         return Rendered(torch.cat(images), torch.cat(rewards))

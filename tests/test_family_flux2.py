@@ -1,0 +1,246 @@
+"""FLUX.2 [dev] and [klein] (tiny random pipelines): the rollout's images are the pipelines' own, bit for bit (square
+and non-square; [dev]'s distilled guidance, [klein] base's classifier-free guidance with the empty or a negative
+prompt, unguided, and a step-distilled [klein]); a hand-written DRaFT+ step gives the same LoRA gradient; the
+presets, defaults and one-line refusals; the LoRA in the pipelines and the ComfyUI file; a training run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+from lora_fixtures import randomise_lora_B
+
+from utils.families import load_family, read_denoiser_config
+from utils.families.flux2 import Flux2, Flux2Klein
+from utils.lora import add_lora
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step, rollout
+
+PROMPTS = ["a red circle", "a blue square"]
+SEQ = 96  # [dev]'s system message is ~75 tokens of the tiny tokenizer: the prompt must fit after it
+NEGATIVE = "a green triangle"
+
+
+def load(path, distilled=False):
+    family = load_family(str(path), max_sequence_length=SEQ)
+    if distilled:  # a step-distilled [klein]: the same weights, the pipeline's flag
+        family.pipe.register_to_config(is_distilled=True)
+    for module in (family.vae, family.denoiser, *family.text_encoders):
+        module.requires_grad_(False)  # frozen, as the trainer has them
+    return family
+
+
+def models_of(family):
+    scheduler = type(family.pipe.scheduler).from_config(family.pipe.scheduler.config)  # the rollout's own
+    return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
+                  scheduler=scheduler)
+
+
+def noise_for(family, height=48, width=32, seed=0):
+    return torch.randn(family.latent_shape(len(PROMPTS), height, width), generator=torch.Generator().manual_seed(seed))
+
+
+def mean_red(images, prompts):
+    return images[:, 0].mean(dim=(1, 2))
+
+
+def add_random_lora(family, preset="attention+ff", seed=1):
+    params = add_lora(family.denoiser, rank=4, lora_alpha=8,
+                      target_modules=family.target_modules([preset], family.denoiser.config))
+    randomise_lora_B(family.denoiser, seed=seed)
+    return params
+
+
+# name -> (fixture, distilled, guidance_scale, negative prompt)
+CASES = {
+    "dev": ("tiny_flux2_dev_path", False, 4.0, ""),
+    "klein-cfg": ("tiny_flux2_klein_path", False, 4.0, ""),
+    "klein-cfg-negative": ("tiny_flux2_klein_path", False, 3.0, NEGATIVE),
+    "klein-unguided": ("tiny_flux2_klein_path", False, 1.0, ""),
+    "klein-distilled": ("tiny_flux2_klein_path", True, 4.0, ""),  # the pipeline ignores the guidance
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("height,width", [(48, 32), (32, 32)])
+def test_rollout_images_equal_the_pipelines(case, height, width, request):
+    """Same noise, sigmas (the empirical mu), conditioning and denoiser calls: the pipeline's images, bit for bit,
+    with --final_latent sample."""
+    fixture, distilled, guidance, negative = CASES[case]
+    family = load(request.getfixturevalue(fixture), distilled)
+    noise = noise_for(family, height, width)
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=guidance, final_latent="sample")
+    with torch.no_grad():
+        out = rollout(models_of(family), family.encode_prompts(PROMPTS, negative, config.guided), noise, config,
+                      with_reference=False)
+        extra = {}
+        if negative:  # Flux2KleinPipeline takes the negative prompt as embeddings only
+            extra["negative_prompt_embeds"] = family.pipe.encode_prompt([negative] * 2, max_sequence_length=SEQ)[0]
+        expected = family.pipe(prompt=PROMPTS, latents=noise.clone(), height=height, width=width,
+                               num_inference_steps=3, guidance_scale=guidance, max_sequence_length=SEQ,
+                               output_type="pt", **extra).images
+    assert out.images.shape == (2, 3, height, width)
+    torch.testing.assert_close(out.images, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flux2_dev_path", "tiny_flux2_klein_path"])
+def test_validation_latents_are_the_pipelines_from_the_rollouts_noise(fixture, request):
+    """`sample_latents` (validation) hands the rollout's noise to the pipeline, with the negative prompt as the
+    pipeline takes it, and returns [B, C, h, w] latents: the rollout's own ([dev] returns tokens, [klein] the VAE's
+    input; the pipeline encodes the prompt once, the rollout per image: rounding apart)."""
+    family = load(request.getfixturevalue(fixture))
+    negative = NEGATIVE if isinstance(family, Flux2Klein) else ""
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    latents = family.sample_latents(PROMPTS[0], generators, negative_prompt=negative, num_inference_steps=3,
+                                    guidance_scale=3.0, height=48, width=32)
+    noise = torch.cat([torch.randn(family.latent_shape(1, 48, 32), generator=torch.Generator().manual_seed(s))
+                       for s in (3, 4)])
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=3.0, final_latent="sample")
+    with torch.no_grad():
+        out = rollout(models_of(family), family.encode_prompts([PROMPTS[0]] * 2, negative, True), noise, config,
+                      with_reference=False)
+    torch.testing.assert_close(latents, out.latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(family.decode(family.vae, latents), out.images, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------- a hand-written DRaFT+ step (no family code)
+
+
+def hand_flux2_step(pipe, noise, steps, guidance, kl_coeff, guided):
+    """FLUX.2 DRaFT+ by hand: tokens and 4-axis ids, the empirical shift, a no-grad Euler prefix, a graded last
+    step (CFG on the empty prompt for [klein] base, the guidance input for [dev]), x0 decoded through the batch
+    norm and the 2x2 patches, the penalty on the implied noises of the adapters-on and -off velocities."""
+    tr, vae = pipe.transformer, pipe.vae
+    b, c, h, w = noise.shape
+    embeds = pipe.encode_prompt(PROMPTS, max_sequence_length=SEQ)[0]
+    empty = pipe.encode_prompt(["", ""], max_sequence_length=SEQ)[0] if guided else None
+    txt_ids = torch.zeros(b, embeds.shape[1], 4, dtype=torch.long)
+    txt_ids[..., 3] = torch.arange(embeds.shape[1])
+    img_ids = torch.zeros(h, w, 4, dtype=torch.long)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None, :]
+    img_ids = img_ids.reshape(1, h * w, 4).expand(b, -1, -1)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(sigmas=[1 - i / steps for i in range(steps)], mu=compute_empirical_mu(h * w, steps))
+    guide = torch.full((b,), guidance) if tr.config.guidance_embeds else None
+
+    def call(x, t, text):
+        return tr(hidden_states=x, timestep=t.expand(b) / 1000, guidance=guide, encoder_hidden_states=text,
+                  txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+    def v_at(x, t):
+        v = call(x, t, embeds)
+        return call(x, t, empty) + guidance * (v - call(x, t, empty)) if guided else v
+
+    x = noise.flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        for t in scheduler.timesteps[:-1]:
+            x = scheduler.step(v_at(x, t), t, x).prev_sample
+    t, sigma = scheduler.timesteps[-1], scheduler.sigmas[-2]
+    v = v_at(x, t)
+    with torch.no_grad():
+        tr.disable_adapters()
+        v_ref = v_at(x, t)
+        tr.enable_adapters()
+    penalty = (v - v_ref).mul(1 - sigma).pow(2).mean()
+    x0 = (x - sigma * v).transpose(1, 2).reshape(b, c, h, w)
+    x0 = x0 * (vae.bn.running_var + vae.config.batch_norm_eps).sqrt().view(1, -1, 1, 1) \
+        + vae.bn.running_mean.view(1, -1, 1, 1)
+    x0 = x0.view(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+    images = vae.decode(x0).sample
+    return -mean_red((images / 2 + 0.5).clamp(0, 1), PROMPTS).mean() + kl_coeff * penalty
+
+
+@pytest.mark.parametrize("fixture,guidance,guided", [("tiny_flux2_dev_path", 4.0, False),
+                                                      ("tiny_flux2_klein_path", 3.0, True)])
+def test_lora_gradient_equals_a_hand_written_flux2_draftplus_step(fixture, guidance, guided, request):
+    family = load(request.getfixturevalue(fixture))
+    params = add_random_lora(family)
+    noise = noise_for(family)
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=guidance)
+    loss, _, penalty = draftplus_step(models_of(family), mean_red, PROMPTS, noise, config, kl_coeff=0.5)
+    assert penalty > 0  # the LoRA moved the prediction
+    grads = torch.autograd.grad(loss, params)
+    assert all(g.abs().sum() > 0 for g in grads)
+    hand_loss = hand_flux2_step(family.pipe, noise, 3, guidance, 0.5, guided)
+    torch.testing.assert_close(loss, hand_loss, rtol=1e-5, atol=1e-6)
+    for g, h in zip(grads, torch.autograd.grad(hand_loss, params), strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
+
+
+def test_k2_and_draft_lv_give_gradients_and_shapes(tiny_flux2_klein_path):
+    family = load(tiny_flux2_klein_path)
+    params = add_random_lora(family, preset="attention")
+    for config, images, graded in ((RolloutConfig(num_inference_steps=3, guidance_scale=3.0, truncation_steps=2), 2, 2),
+                                   (RolloutConfig(num_inference_steps=3, guidance_scale=3.0, lv_samples=2), 4, 1)):
+        cond = family.encode_prompts(PROMPTS, "", config.guided)
+        out = rollout(models_of(family), cond, noise_for(family), config, generator=torch.Generator().manual_seed(0))
+        assert out.images.shape == (images, 3, 48, 32) and len(out.eps) == len(out.eps_ref) == graded
+        grads = torch.autograd.grad(out.images[:, 0].mean(), params)
+        assert all(g.abs().sum() > 0 for g in grads)
+
+
+# ------------------------------------------------------------- presets, defaults, refusals
+
+# The transformers' configs as diffusers' conversion script writes them (scripts/convert_flux2_to_diffusers.py).
+REAL = {"flux2-dev": {"num_layers": 8, "num_single_layers": 48}, "klein-4b": {"num_layers": 5, "num_single_layers": 20}}
+
+
+@pytest.mark.parametrize("model", list(REAL))
+def test_the_attention_preset_is_diffusers_scripts_default(model):
+    """train_dreambooth_lora_flux2*.py: to_k/q/v, to_out.0, to_qkv_mlp_proj and every single block's attn.to_out."""
+    single = [f"single_transformer_blocks.{i}.attn.to_out" for i in range(REAL[model]["num_single_layers"])]
+    assert Flux2.target_modules(["attention"], REAL[model]) == ["to_k", "to_q", "to_v", "to_out.0",
+                                                                 "to_qkv_mlp_proj", *single]
+    with pytest.raises(ValueError, match="num_single_layers"):
+        Flux2Klein.target_modules(["attention"], None)
+
+
+def test_the_presets_adapt_the_linear_layers_they_name(tiny_flux2_dev_path):
+    family = load(tiny_flux2_dev_path)
+    add_random_lora(family)
+    adapted = {n.split(".lora_A")[0] for n, _ in family.denoiser.named_parameters() if "lora_A" in n}
+    expected = {f"transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                                      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                                      "attn.to_add_out", "ff.linear_in", "ff.linear_out",
+                                                      "ff_context.linear_in", "ff_context.linear_out")}
+    expected |= {f"single_transformer_blocks.{i}.attn.{m}" for i in (0, 1) for m in ("to_qkv_mlp_proj", "to_out")}
+    assert adapted == expected
+
+
+def test_defaults_and_distillation_come_from_the_models_files(tiny_flux2_dev_path, tiny_flux2_klein_path, tmp_path):
+    """The pipelines' own steps, guidance and sequence length; a step-distilled [klein] (`is_distilled` in its
+    model_index.json) runs 4 steps and takes neither guidance nor a negative prompt."""
+    dev = read_denoiser_config(str(tiny_flux2_dev_path))
+    assert Flux2.rollout_defaults(dev) == {"num_inference_steps": 50, "guidance_scale": 4.0,
+                                           "max_sequence_length": 512}
+    base = read_denoiser_config(str(tiny_flux2_klein_path))
+    assert base["_is_distilled"] is False and Flux2Klein.uses_guidance_scale(base)
+    assert Flux2Klein.rollout_defaults(base)["num_inference_steps"] == 50
+    distilled_path = tmp_path / "klein-distilled"
+    shutil.copytree(tiny_flux2_klein_path, distilled_path)
+    index = json.loads((distilled_path / "model_index.json").read_text())
+    (distilled_path / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    distilled = read_denoiser_config(str(distilled_path))
+    assert Flux2Klein.rollout_defaults(distilled)["num_inference_steps"] == 4
+    assert not Flux2Klein.uses_guidance_scale(distilled)
+    assert load(distilled_path).is_distilled
+
+
+@pytest.mark.parametrize("fixture,flags,expected", [
+    ("tiny_flux2_dev_path", ["--negative_prompt", "blurry"], "--negative_prompt does not reach Flux2Pipeline models"),
+    ("tiny_flux2_dev_path", ["--height", "40"], "--height must be a multiple of 16"),
+    ("tiny_flux2_klein_path", ["--true_cfg_scale", "2"], "--true_cfg_scale is for FluxPipeline models"),
+    ("tiny_flux2_klein_path", ["--max_sequence_length", "600"], "--max_sequence_length must be between 1 and 512"),
+])
+def test_options_a_flux2_pipeline_cannot_honour_are_one_line(fixture, flags, expected, request, tmp_path, capsys):
+    import train_draftplus
+
+    model = request.getfixturevalue(fixture)
+    with pytest.raises(SystemExit) as exit_info:
+        train_draftplus.parse_args(["--pretrained_model_name_or_path", str(model), "--reward", "redness",
+                                    "--output_dir", str(tmp_path / "out"), "--height", "48", "--width", "32",
+                                    "--report_to", "none", *flags])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from lora_fixtures import randomise_lora_B
 
@@ -244,3 +244,87 @@ def test_options_a_flux2_pipeline_cannot_honour_are_one_line(fixture, flags, exp
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], lines
+
+
+# ------------------------------------------------------------- the model card's license
+
+
+@pytest.mark.parametrize("hub_id,family,expected", [
+    ("black-forest-labs/FLUX.2-dev", "Flux2Pipeline",
+     ("other", "flux-dev-non-commercial-license", "https://huggingface.co/black-forest-labs/FLUX.2-dev/blob/main/LICENSE.txt")),
+    ("black-forest-labs/FLUX.2-klein-9B", "Flux2KleinPipeline",
+     ("other", "flux-non-commercial-license",
+      "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md")),
+    ("black-forest-labs/FLUX.2-klein-4B", "Flux2KleinPipeline", ("apache-2.0", None, None)),
+])
+def test_the_card_names_the_base_models_license(hub_id, family, expected, tiny_flux2_klein_path, tmp_path,
+                                                monkeypatch):
+    """The base model's card is not on disk here: its license is named as its hub repository declares it."""
+    import huggingface_hub
+    from test_model_card import make_args, parse
+
+    from utils.lora import COMFYUI_WEIGHTS_NAME
+    from utils.run.model_card import model_card_text
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = make_args(tiny_flux2_klein_path, tmp_path / "out", "--height", "48", "--width", "32")
+    args.pretrained_model_name_or_path = hub_id
+    card = parse(model_card_text(args, family, "me/lora", ui_lora=COMFYUI_WEIGHTS_NAME))
+    assert (card.data.license, card.data.license_name, card.data.license_link) == expected
+    assert card.data.base_model == hub_id and "flux2" in card.data.tags
+    assert f"{family}.from_pretrained(\"{hub_id}\", dtype=torch.bfloat16)" in card.text
+
+
+# ------------------------------------------------------------- training, as a user runs it, and everything after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture,pipeline_class,flags", [
+    ("tiny_flux2_klein_path", Flux2KleinPipeline, ["--guidance_scale", "3", "--negative_prompt", "a blue square",
+                                                   "--max_sequence_length", "32"]),
+    ("tiny_flux2_dev_path", Flux2Pipeline, ["--max_sequence_length", str(SEQ), "--lora_target_modules", "attention"]),
+])
+def test_flux2_trains_and_its_lora_loads_in_the_pipeline_comfyui_and_the_evaluator(fixture, pipeline_class, flags,
+                                                                                  request, tmp_path):
+    """accelerate launch, 2 steps with live validation: rewards and the penalty logged, the LoRA loads into the
+    family's diffusers pipeline at its alpha and changes its images, the ComfyUI file has every module's alpha,
+    the card names the pipeline; the evaluator's LoRA row (and its AIG and scale rows) runs on it."""
+    from safetensors.torch import load_file
+    from test_flow_train import accelerate_launch, base_args, metrics
+
+    from utils.evaluation import evaluate as ev
+    from utils.lora import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+
+    model, out = request.getfixturevalue(fixture), tmp_path / "run"
+    result = accelerate_launch(*base_args(model, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                          "--validation_prompts", "a red circle", "--num_validation_images", "1",
+                                          "--validation_steps", "2", *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2] and all(0 <= m["reward"] <= 1 for m in logged)
+    assert logged[1]["kl_penalty"] > 0
+    assert json.loads((out / "validation_reward.json").read_text())["step"] == 2
+
+    pipe = pipeline_class.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", height=48, width=32, num_inference_steps=3, max_sequence_length=32,
+                  output_type="pt")
+    before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    config = next(iter(pipe.transformer.peft_config.values()))
+    assert (config.r, config.lora_alpha) == (4, 8)
+    assert (pipe(generator=torch.Generator().manual_seed(0), **kwargs).images - before).abs().max() > 1e-4
+
+    plain, comfy = load_file(out / LORA_WEIGHTS_NAME), load_file(out / COMFYUI_WEIGHTS_NAME)
+    modules = {k.removesuffix(".lora_A.weight") for k in plain if k.endswith(".lora_A.weight")}
+    assert any(".single_transformer_blocks.0.attn.to_out" in m for m in modules)
+    assert {k.removesuffix(".alpha") for k in comfy if k.endswith(".alpha")} == modules
+    assert all(float(v) == 8.0 for k, v in comfy.items() if k.endswith(".alpha"))
+    assert pipeline_class.__name__ in (out / "README.md").read_text()
+
+    evaluation = ev.evaluate(str(model), ["a red circle"], reward="redness", loras=[out], lora_scales=[0],
+                             aig=["linear"], num_inference_steps=3, height=48, width=32, seeds_per_prompt=2,
+                             diversity_metric="pixel_l2", device="cpu")
+    rows = {r["model"]: r["reward_mean"] for r in evaluation.rows}
+    assert rows[f"{out.name}@scale=0"] == pytest.approx(rows["base"], abs=1e-6)
+    assert abs(rows[out.name] - rows["base"]) > 1e-6

@@ -188,8 +188,10 @@ class Flux2Klein(Flux2Family):
     no_negative_reason = ": a step-distilled [klein] runs no classifier-free guidance"
     _non_commercial = License("other", "flux-non-commercial-license",
                               "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md")
-    # The 4B models are Apache-2.0 (their cards say so); the 9B ones are under the FLUX Non-Commercial License.
-    licenses = {"black-forest-labs/flux.2-klein-9b": _non_commercial,
+    # As their hub repositories declare them: the 4B models Apache-2.0, the 9B ones the FLUX Non-Commercial License.
+    licenses = {"black-forest-labs/flux.2-klein-4b": License("apache-2.0"),
+                "black-forest-labs/flux.2-klein-base-4b": License("apache-2.0"),
+                "black-forest-labs/flux.2-klein-9b": _non_commercial,
                 "black-forest-labs/flux.2-klein-base-9b": _non_commercial}
 
     @classmethod

@@ -328,3 +328,71 @@ def test_flux2_trains_and_its_lora_loads_in_the_pipeline_comfyui_and_the_evaluat
     rows = {r["model"]: r["reward_mean"] for r in evaluation.rows}
     assert rows[f"{out.name}@scale=0"] == pytest.approx(rows["base"], abs=1e-6)
     assert abs(rows[out.name] - rows["base"]) > 1e-6
+
+
+# ------------------------------------------------------------- --compile and AIG
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_klein_rollout_and_compiles_nothing_after_warm_up(tiny_flux2_klein_path):
+    """[klein] base's two passes per step (prompt, then negative prompt) through the compiled no-grad wrapper
+    (`aot_eager`): the eager rewards, penalty and gradients; two graphs (adapters on and off), none later."""
+    from test_flow_downstream import loss_and_grads
+
+    from utils.rollout.compile import compile_no_grad_denoiser, compiled_graph_count, no_new_graphs
+
+    family = load(tiny_flux2_klein_path)
+    add_random_lora(family, preset="attention")
+    eager = models_of(family)
+    no_grad_denoiser = compile_no_grad_denoiser(family.denoiser, family.vae, backend="aot_eager")
+    compiled = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
+                      scheduler=eager.scheduler, no_grad_denoiser=no_grad_denoiser)
+    noise = noise_for(family)
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=3.0)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            before = compiled_graph_count()
+            r_c, p_c, g_c = loss_and_grads(compiled, PROMPTS, noise, config, NEGATIVE)
+            assert compiled_graph_count() - before == 2  # one per adapter state
+            r_e, p_e, g_e = loss_and_grads(eager, PROMPTS, noise, config, NEGATIVE)
+            torch.testing.assert_close(r_c, r_e, rtol=0, atol=1e-5)
+            torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=0)
+            assert p_e > 0 and ((g_c - g_e).norm() / g_e.norm()).item() < 1e-4
+            with no_new_graphs("FLUX.2 training samples after warm-up"):
+                other = RolloutConfig(num_inference_steps=4, guidance_scale=3.0, truncation_steps=2)
+                loss_and_grads(compiled, PROMPTS, torch.randn_like(noise), other, NEGATIVE)
+    finally:
+        no_grad_denoiser.close()
+
+
+def test_aig_base_and_lora_schedules_reproduce_the_klein_pipeline_exactly(tiny_flux2_klein_path, tmp_path):
+    """AIG's weight is found from the pipeline's current step (its transformer sees t / 1000), for both of a
+    guided step's calls: `base` and `lora` are the plain pipelines, bit for bit; `linear` lies between."""
+    from lora_fixtures import save_random_lora
+
+    from utils.evaluation.aig import annealed_guidance, schedule_weights
+
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_flux2_klein_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        with torch.no_grad():
+            return pipe(prompt=PROMPTS, height=48, width=32, num_inference_steps=3, guidance_scale=3.0,
+                        max_sequence_length=32, generator=[torch.Generator().manual_seed(k) for k in range(2)],
+                        output_type="pt").images
+
+    base = images()
+    pipe.load_lora_weights(str(save_random_lora(tiny_flux2_klein_path, tmp_path / "lora", rank=4, alpha=8,
+                                                strength=8.0)))
+    lora = images()
+    assert (lora - base).abs().max() > 1e-3  # the LoRA matters, so the checks below can fail
+    with annealed_guidance(pipe, "base") as aig:
+        assert torch.equal(images(), base)
+    assert aig.weights_used == [(i, 3, 0.0) for i in range(3) for _ in range(2)]  # prompt and negative passes
+    with annealed_guidance(pipe, "lora"):
+        assert torch.equal(images(), lora)
+    with annealed_guidance(pipe, "linear") as aig:
+        middle = images()
+    assert [w for _, _, w in aig.weights_used][::2] == schedule_weights("linear", 3)
+    gap = (lora - base).abs().mean()
+    assert 0.01 * gap < (middle - base).abs().mean() < gap

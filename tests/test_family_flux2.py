@@ -31,6 +31,16 @@ def load(path, distilled=False):
     return family
 
 
+_SHARED = {}
+
+
+def shared(path):
+    """The family of `path`, loaded once for the tests that change nothing in it (loading is much of their time)."""
+    if str(path) not in _SHARED:
+        _SHARED[str(path)] = load(path)
+    return _SHARED[str(path)]
+
+
 def models_of(family):
     scheduler = type(family.pipe.scheduler).from_config(family.pipe.scheduler.config)  # the rollout's own
     return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
@@ -62,13 +72,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("height,width", [(48, 32), (32, 32)])
+@pytest.mark.parametrize("case,height,width", [(case, 48, 32) for case in CASES] +  # non-square: every case
+                         [("dev", 32, 32), ("klein-cfg", 32, 32)])
 def test_rollout_images_equal_the_pipelines(case, height, width, request):
     """Same noise, sigmas (the empirical mu), conditioning and denoiser calls: the pipeline's images, bit for bit,
     with --final_latent sample."""
     fixture, distilled, guidance, negative = CASES[case]
-    family = load(request.getfixturevalue(fixture), distilled)
+    path = request.getfixturevalue(fixture)
+    family = load(path, distilled) if distilled else shared(path)
     noise = noise_for(family, height, width)
     config = RolloutConfig(num_inference_steps=3, guidance_scale=guidance, final_latent="sample")
     with torch.no_grad():
@@ -89,7 +100,7 @@ def test_validation_latents_are_the_pipelines_from_the_rollouts_noise(fixture, r
     """`sample_latents` (validation) hands the rollout's noise to the pipeline, with the negative prompt as the
     pipeline takes it, and returns [B, C, h, w] latents: the rollout's own ([dev] returns tokens, [klein] the VAE's
     input; the pipeline encodes the prompt once, the rollout per image: rounding apart)."""
-    family = load(request.getfixturevalue(fixture))
+    family = shared(request.getfixturevalue(fixture))
     negative = NEGATIVE if isinstance(family, Flux2Klein) else ""
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     latents = family.sample_latents(PROMPTS[0], generators, negative_prompt=negative, num_inference_steps=3,
@@ -168,6 +179,7 @@ def test_lora_gradient_equals_a_hand_written_flux2_draftplus_step(fixture, guida
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_k2_and_draft_lv_give_gradients_and_shapes(tiny_flux2_klein_path):
     family = load(tiny_flux2_klein_path)
     params = add_random_lora(family, preset="attention")
@@ -208,7 +220,8 @@ def test_the_presets_adapt_the_linear_layers_they_name(tiny_flux2_dev_path):
     assert adapted == expected
 
 
-def test_defaults_and_distillation_come_from_the_models_files(tiny_flux2_dev_path, tiny_flux2_klein_path, tmp_path):
+def test_defaults_and_distillation_come_from_the_models_files(tiny_flux2_dev_path, tiny_flux2_klein_path, tmp_path,
+                                                              capsys):
     """The pipelines' own steps, guidance and sequence length; a step-distilled [klein] (`is_distilled` in its
     model_index.json) runs 4 steps and takes neither guidance nor a negative prompt."""
     dev = read_denoiser_config(str(tiny_flux2_dev_path))
@@ -225,6 +238,19 @@ def test_defaults_and_distillation_come_from_the_models_files(tiny_flux2_dev_pat
     assert Flux2Klein.rollout_defaults(distilled)["num_inference_steps"] == 4
     assert not Flux2Klein.uses_guidance_scale(distilled)
     assert load(distilled_path).is_distilled
+    capsys.readouterr()  # the loading's progress bars
+    import train_draftplus
+
+    for flags, expected in ((["--guidance_scale", "4"], "--guidance_scale does not reach this model"),
+                            (["--negative_prompt", "blurry"], "--negative_prompt does not reach Flux2KleinPipeline")):
+        with pytest.raises(SystemExit):
+            train_draftplus.parse_args(["--pretrained_model_name_or_path", str(distilled_path), "--reward", "redness",
+                                        "--output_dir", str(tmp_path / "out"), "--resolution", "32", *flags])
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert expected in line
+    args = train_draftplus.parse_args(["--pretrained_model_name_or_path", str(distilled_path), "--reward", "redness",
+                                       "--output_dir", str(tmp_path / "out"), "--resolution", "32"])
+    assert (args.num_inference_steps, args.guidance_scale, args.max_sequence_length) == (4, 1.0, 512)
 
 
 @pytest.mark.parametrize("fixture,flags,expected", [
@@ -232,6 +258,9 @@ def test_defaults_and_distillation_come_from_the_models_files(tiny_flux2_dev_pat
     ("tiny_flux2_dev_path", ["--height", "40"], "--height must be a multiple of 16"),
     ("tiny_flux2_klein_path", ["--true_cfg_scale", "2"], "--true_cfg_scale is for FluxPipeline models"),
     ("tiny_flux2_klein_path", ["--max_sequence_length", "600"], "--max_sequence_length must be between 1 and 512"),
+    pytest.param("tiny_flux2_klein_path", ["--quantize_base", "nf4"],
+                 "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="what a CPU-only machine refuses")),
 ])
 def test_options_a_flux2_pipeline_cannot_honour_are_one_line(fixture, flags, expected, request, tmp_path, capsys):
     import train_draftplus
@@ -365,6 +394,7 @@ def test_compile_gives_the_eager_klein_rollout_and_compiles_nothing_after_warm_u
         no_grad_denoiser.close()
 
 
+@pytest.mark.slow
 def test_aig_base_and_lora_schedules_reproduce_the_klein_pipeline_exactly(tiny_flux2_klein_path, tmp_path):
     """AIG's weight is found from the pipeline's current step (its transformer sees t / 1000), for both of a
     guided step's calls: `base` and `lora` are the plain pipelines, bit for bit; `linear` lies between."""

@@ -81,7 +81,11 @@ class Flux2Family(FlowTransformerFamily):
         from diffusers import Flux2Pipeline
 
         batch, channels, height, width = x_t.shape
-        tokens = Flux2Pipeline._pack_latents(x_t)
+        tokens = Flux2Pipeline._pack_latents(x_t)  # a view of x_t, as the pipeline passes it
+        if not torch.is_grad_enabled():
+            # A view of a latent that requires grad (K > 1) still says so without autograd: --compile's no-grad
+            # graphs guard on it and would compile a second time.
+            tokens = tokens.detach()
         img_ids = Flux2Pipeline._prepare_latent_ids(x_t).to(x_t.device)
         guidance = None
         if self.has_guidance_embedding:

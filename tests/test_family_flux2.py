@@ -95,6 +95,29 @@ def test_rollout_images_equal_the_pipelines(case, height, width, request):
     torch.testing.assert_close(out.images, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture,guidance", [("tiny_flux2_dev_path", 4.0), ("tiny_flux2_klein_path", 3.0)])
+def test_bf16_rollout_latents_equal_the_pipelines(fixture, guidance, request):
+    """In bf16 too (the timestep cast to the latents' dtype before / 1000, as the pipelines do). [klein] returns
+    the VAE's input: compared there, after the rollout's own batch-norm and patch undoing."""
+    from diffusers import Flux2Pipeline
+
+    family = load_family(str(request.getfixturevalue(fixture)), dtype=torch.bfloat16, max_sequence_length=SEQ)
+    noise = noise_for(family).bfloat16()
+    config = RolloutConfig(num_inference_steps=3, guidance_scale=guidance, final_latent="sample")
+    with torch.no_grad():
+        out = rollout(models_of(family), family.encode_prompts(PROMPTS, "", config.guided), noise, config,
+                      with_reference=False)
+        expected = family.pipe(prompt=PROMPTS, latents=noise.clone(), height=48, width=32, num_inference_steps=3,
+                               guidance_scale=guidance, max_sequence_length=SEQ, output_type="latent").images
+    assert out.latents.dtype == torch.bfloat16
+    if isinstance(family, Flux2Klein):
+        mean, std = family._batch_norm(family.vae, out.latents)
+        assert torch.equal(Flux2Pipeline._unpatchify_latents(out.latents * std + mean), expected)
+    else:
+        assert torch.equal(out.latents.flatten(2).transpose(1, 2), expected)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_flux2_dev_path", "tiny_flux2_klein_path"])
 def test_validation_latents_are_the_pipelines_from_the_rollouts_noise(fixture, request):
     """`sample_latents` (validation) hands the rollout's noise to the pipeline, with the negative prompt as the

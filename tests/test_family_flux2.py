@@ -449,3 +449,59 @@ def test_aig_base_and_lora_schedules_reproduce_the_klein_pipeline_exactly(tiny_f
     assert [w for _, _, w in aig.weights_used][::2] == schedule_weights("linear", 3)
     gap = (lora - base).abs().mean()
     assert 0.01 * gap < (middle - base).abs().mean() < gap
+
+
+# ------------------------------------------------------------- multi-process and resume
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_with_compile_trains_klein(tiny_flux2_klein_path, tmp_path):
+    """Real DDP over gloo, the no-grad transformer calls compiled (`aot_eager`), [klein] base's guided two passes
+    per step: each rank its own prompts, both ranks end with the same LoRA."""
+    import os
+    import subprocess
+    import sys
+
+    from test_flow_train import ROOT, SCRIPT, base_args, metrics
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "true", "DRAFTPLUS_COMPILE_BACKEND": "aot_eager"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29537", SCRIPT, *base_args(tiny_flux2_klein_path, out, "--max_train_steps", "2",
+                                                         "--checkpointing_steps", "2", "--compile", "--guidance_scale",
+                                                         "3", "--max_sequence_length", "32")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Num processes: 2" in result.stderr and [m["step"] for m in metrics(out)] == [1, 2]
+    assert all(abs(m["reward_by_process"][0] - m["reward_by_process"][1]) > 1e-6 for m in metrics(out))
+    digests = {line.split("LoRA weights digest ")[1].split()[0] for line in result.stderr.splitlines()
+               if "LoRA weights digest" in line}
+    assert len(digests) == 1  # logged by both ranks, equal
+
+
+@pytest.mark.slow
+def test_a_resumed_flux2_run_ends_where_an_uninterrupted_one_does(tiny_flux2_dev_path, tmp_path):
+    from safetensors.torch import load_file
+    from test_flow_train import accelerate_launch, base_args, metrics
+
+    def run(out, *extra):
+        result = accelerate_launch(*base_args(tiny_flux2_dev_path, out, "--max_train_steps", "3",
+                                              "--checkpointing_steps", "1", "--max_sequence_length", str(SEQ), *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight)
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in
+                                                   (straight / "metrics.jsonl").read_text().splitlines()[:2]))
+    second = run(resumed, "--resume_from_checkpoint", "latest")
+    assert "checkpoint-2" in second.stdout + second.stderr
+    assert [m["step"] for m in metrics(resumed)] == [1, 2, 3]
+    assert metrics(resumed)[2]["reward"] == pytest.approx(metrics(straight)[2]["reward"], rel=1e-5)
+    lora, lora_resumed = (load_file(d / "pytorch_lora_weights.safetensors") for d in (straight, resumed))
+    assert lora.keys() == lora_resumed.keys()
+    for key in lora:
+        torch.testing.assert_close(lora_resumed[key], lora[key], rtol=1e-4, atol=1e-6)

@@ -54,3 +54,10 @@ tiny_qwen_image_path = _tiny_pipeline_fixture(
 tiny_z_image_path = _tiny_pipeline_fixture(
     "tiny_z_image_path", "tiny_z_image.build_random_z_image_pipeline",
     "A tiny random ZImagePipeline with Z-Image-Turbo's scheduler (VAE factor 2: 48x32 images are 24x16 latents).")
+tiny_flux2_dev_path = _tiny_pipeline_fixture(
+    "tiny_flux2_dev_path", "tiny_flux2.build_random_flux2_pipeline",
+    "A tiny random Flux2Pipeline like FLUX.2 [dev]: Mistral3 text encoder, a guidance embedding (VAE factor 2 x 2x2 "
+    "patches: 48x32 images are 12x8 latents).")
+tiny_flux2_klein_path = _tiny_pipeline_fixture(
+    "tiny_flux2_klein_path", "tiny_flux2.build_random_flux2_klein_pipeline",
+    "A tiny random Flux2KleinPipeline like FLUX.2 [klein] base: Qwen3 text encoder, classifier-free guidance.")

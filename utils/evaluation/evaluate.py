@@ -107,7 +107,8 @@ def generate(
     generators = [torch.Generator(gen_device).manual_seed(image_seed(seed, i, j)) for i, j in pairs]
     out = pipe(
         prompt=[prompts[i] for i, _ in pairs],
-        negative_prompt=None if negative_prompt is None else [negative_prompt] * len(pairs),
+        # Only when given: some pipelines (FLUX.2's) take no negative prompt argument at all.
+        **({} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(pairs)}),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         height=height,

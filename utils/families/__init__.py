@@ -11,6 +11,7 @@ from utils.families import sd3  # noqa: F401
 from utils.families import flux  # noqa: F401
 from utils.families import qwen_image  # noqa: F401
 from utils.families import z_image  # noqa: F401
+from utils.families import flux2  # noqa: F401
 # isort: on
 from utils.families.base import (
     FAMILIES,

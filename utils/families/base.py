@@ -156,6 +156,12 @@ class ModelFamily:
         return " ".join(cls.target_presets[preset]) + (f" ({note})" if note else "")
 
     @classmethod
+    def denoiser_config_with(cls, denoiser_config: dict, model_index: dict) -> dict:
+        """The denoiser config the class-level answers read (`read_denoiser_config`), with any fact of the
+        pipeline's `model_index.json` they need, under keys starting with `_` (not the resume fingerprint's)."""
+        return denoiser_config
+
+    @classmethod
     def target_modules(cls, names: Sequence[str], denoiser_config: dict | None = None) -> list[str]:
         """`--lora_target_modules` with presets expanded to PEFT module names; other names kept, in order."""
         from utils.lora import expand_target_modules
@@ -263,6 +269,12 @@ class ModelFamily:
         return (self.native_size(dict(self.denoiser.config), self.vae_scale_factor)
                 or self.pipe.default_sample_size * self.vae_scale_factor)
 
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The rollout's latents -> images in [0, 1], differentiable, as the family's pipeline decodes them."""
+        from utils.rollout.loop import decode
+
+        return decode(vae, latents)
+
     # ------------------------------------------------------------------ sampling with the pipeline
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The pipeline's `__call__` arguments that the family's own trainer options set (none for the UNets)."""
@@ -307,13 +319,6 @@ class ModelFamily:
     # Where the prompts are encoded and the rollout runs when the text encoders live elsewhere between encodings
     # (the trainer's --offload_text_encoders sets it); None: where the text encoders are.
     execution_device: torch.device | None = None
-
-    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        """The rollout's latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], differentiable, as the family's
-        pipeline decodes them (`utils.rollout.loop.decode`: scaling and shift factors, or latents_mean/std)."""
-        from utils.rollout.loop import decode
-
-        return decode(vae, latents)
 
     def _device(self) -> torch.device:
         return self.execution_device or self.text_encoders[0].device

@@ -121,11 +121,15 @@ class FlowTransformerFamily(ModelFamily):
 
         noise = randn_tensor(self.latent_shape(len(generators), height, width), generator=list(generators),
                              device=self._device(), dtype=torch.float32)
-        latents = self.pipe(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=len(generators),
+        latents = self.pipe(prompt=prompt, num_images_per_prompt=len(generators),
                             latents=self.to_pipeline_latents(noise), num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, height=height, width=width, output_type="latent",
-                            **self.pipeline_kwargs()).images
+                            **self.negative_prompt_kwargs(negative_prompt), **self.pipeline_kwargs()).images
         return self.from_pipeline_latents(latents, height, width)
+
+    def negative_prompt_kwargs(self, negative_prompt: str) -> dict:
+        """The pipeline's `__call__` arguments for `negative_prompt` ("" means none)."""
+        return {"negative_prompt": negative_prompt or None}
 
     def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] latents as the pipeline's `__call__` takes them."""

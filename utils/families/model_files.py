@@ -55,16 +55,18 @@ def read_denoiser_config(name_or_path: str, revision: str | None = None, local_o
     if index is None:
         return None
     try:
-        relative = f"{family_for_class_name(index.get('_class_name', '?')).denoiser_name}/config.json"
+        family = family_for_class_name(index.get('_class_name', '?'))
     except UnsupportedModelError:
         return None
+    relative = f"{family.denoiser_name}/config.json"
 
     def download(path: str) -> dict:
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(path, relative, revision=revision)).read_text())
 
-    return _read_model_json(name_or_path, relative, revision, local_only, download)
+    config = _read_model_json(name_or_path, relative, revision, local_only, download)
+    return None if config is None else family.denoiser_config_with(config, index)
 
 
 def read_native_size(name_or_path: str, family: type[ModelFamily], denoiser_config: dict | None,

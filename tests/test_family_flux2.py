@@ -279,7 +279,7 @@ def test_defaults_and_distillation_come_from_the_models_files(tiny_flux2_dev_pat
 @pytest.mark.parametrize("fixture,flags,expected", [
     ("tiny_flux2_dev_path", ["--negative_prompt", "blurry"], "--negative_prompt does not reach Flux2Pipeline models"),
     ("tiny_flux2_dev_path", ["--height", "40"], "--height must be a multiple of 16"),
-    ("tiny_flux2_klein_path", ["--true_cfg_scale", "2"], "--true_cfg_scale is for FluxPipeline models"),
+    ("tiny_flux2_klein_path", ["--true_cfg_scale", "2"], "Flux2KleinPipeline models do not take it"),
     ("tiny_flux2_klein_path", ["--max_sequence_length", "600"], "--max_sequence_length must be between 1 and 512"),
     pytest.param("tiny_flux2_klein_path", ["--quantize_base", "nf4"],
                  "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU",

@@ -221,7 +221,7 @@ def test_a_z_image_run_fills_in_the_pipelines_defaults(tiny_z_image_path, tmp_pa
                                   "or > 1, got 0.5"),
     (["--cfg_truncation", "1.5"], "--cfg_truncation must be in [0, 1]"),
     (["--cfg_normalization", "-1"], "--cfg_normalization must be >= 0"),
-    (["--true_cfg_scale", "2"], "--true_cfg_scale is for FluxPipeline models; ZImagePipeline models do not take it"),
+    (["--true_cfg_scale", "2"], "--true_cfg_scale is for FluxPipeline and QwenImagePipeline models; ZImagePipeline models do not take it"),
     (["--resolution", "40"], "--resolution must be a multiple of 16 for ZImagePipeline models"),
     (["--quantize_base", "nf4"], "--quantize_base nf4 (bitsandbytes 4-bit) needs a CUDA GPU"),
 ])

@@ -395,8 +395,7 @@ def main(args: argparse.Namespace) -> None:
         sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
                                         sharding.reshard_after_forward(accelerator))
     if args.gradient_checkpointing:
-        models.denoiser.enable_gradient_checkpointing()
-        models.vae.enable_gradient_checkpointing()
+        logger.info(f"Gradient checkpointing: {', '.join(models.family.enable_gradient_checkpointing())}")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     reward_options = {**args.reward_options, **({"gradient_checkpointing": True}

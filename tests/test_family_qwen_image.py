@@ -430,3 +430,13 @@ def test_two_process_gloo_run_with_compile_trains_qwen_image(tiny_qwen_image_pat
     digests = {line.split("LoRA weights digest ")[1].split()[0] for line in result.stderr.splitlines()
                if "LoRA weights digest" in line}
     assert len(digests) == 1 and (out / LORA_WEIGHTS_NAME).is_file()
+
+
+def test_gradient_checkpointing_leaves_out_the_vae_its_class_cannot_checkpoint(tiny_qwen_image_path, tiny_sd_path):
+    """AutoencoderKLQwenImage refuses gradient checkpointing: --gradient_checkpointing checkpoints the transformer
+    and decodes without; a UNet family checkpoints both."""
+    qwen = load_family(str(tiny_qwen_image_path), max_sequence_length=SEQ)
+    assert qwen.enable_gradient_checkpointing() == ["transformer"]
+    assert qwen.denoiser.gradient_checkpointing and not getattr(qwen.vae, "gradient_checkpointing", False)
+    sd = load_family(str(tiny_sd_path))
+    assert sd.enable_gradient_checkpointing() == ["unet", "vae"]

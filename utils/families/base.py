@@ -229,6 +229,16 @@ class ModelFamily:
         """The denoiser's base weights are quantized (`--quantize_base`): they cannot be cast or moved."""
         return bool(getattr(self.denoiser, "is_quantized", False))
 
+    def enable_gradient_checkpointing(self) -> list[str]:
+        """`--gradient_checkpointing`: the denoiser's blocks, and the VAE decoder's where its class supports it
+        (Qwen-Image's video VAE does not: it decodes without). Returns the components checkpointed."""
+        done = [self.denoiser_name]
+        self.denoiser.enable_gradient_checkpointing()
+        if getattr(self.vae, "_supports_gradient_checkpointing", False):
+            self.vae.enable_gradient_checkpointing()
+            done.append("vae")
+        return done
+
     @property
     def vae(self) -> torch.nn.Module:
         return self.pipe.vae

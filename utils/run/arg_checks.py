@@ -15,6 +15,7 @@ known, from `ModelFamily.rollout_defaults`: every later reader sees the values t
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
@@ -53,6 +54,7 @@ from utils.run.checkpoints import (
 from utils.run.objective import describe_changes, objective_differences, objective_of
 from utils.run.output_dir import check_not_in_use, previous_run_files
 from utils.run.validation import check_validation_args, check_validation_history
+from utils.toys.toy import TOYS
 
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules we do not take)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -96,9 +98,8 @@ def check_numbers(args: Any) -> None:
         if not ok:
             raise ArgumentError(message)
 
-    for name in ("resolution", "height", "width"):
-        need(getattr(args, name) > 0 and getattr(args, name) % 8 == 0,
-             f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
+    for name in ("resolution", "height", "width"):  # the multiple they must be is the family's (option_problem)
+        need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
     need(args.num_inference_steps is None or args.num_inference_steps >= 1, "--num_inference_steps must be at least 1")
     need(args.truncation_steps >= 1, f"--truncation_steps must be at least 1, got {args.truncation_steps}")
     need(args.lv_samples >= 0, "--lv_samples must be >= 0")
@@ -299,7 +300,10 @@ def check_model(name: str, revision: str | None, scheduler: str | None,
     if name != "toy" and os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")):
             raise ArgumentError(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
-    elif name != "toy":
+    elif name not in TOYS:
+        if "/" not in name and (near := difflib.get_close_matches(name, TOYS, n=1)):  # no hub id, a typo
+            raise ArgumentError(f"model {name!r} is neither a local directory nor a built-in toy; did you mean "
+                                f"{near[0]!r}?")
         if looks_like_path(name):
             raise ArgumentError(f"model path {name!r} does not exist")
         try:

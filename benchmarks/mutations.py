@@ -109,8 +109,8 @@ MUTATIONS = (
     Mutation("lora_dropout_saved", "the LoRA file records its training dropout: `pipe.load_lora_weights` renders "
              "with dropout on",
              "utils/lora/files.py",
-             '{**config, "lora_dropout": 0.0}',
-             "config",
+             ',\n                  "lora_dropout": 0.0}',
+             "}",
              ("tests/test_family.py::test_a_lora_trained_with_dropout_renders_without_it_in_diffusers",)),
     Mutation("lv_final_sample_accepted", "DRaFT-LV accepts --final_latent sample, and silently decodes x0",
              "utils/rollout/loop.py",
@@ -139,6 +139,31 @@ MUTATIONS = (
              "    path = str(TOYS[name_or_path].assets_dir) if name_or_path in TOYS else name_or_path",
              "    path = resolve_model_path(name_or_path)",
              ("tests/test_family.py::test_the_toys_family_is_read_without_building_it",)),
+    Mutation("comfyui_text_stream_dropped", "the ComfyUI export of SD3/FLUX drops the text stream's modules "
+             "(add_*_proj, to_add_out): ComfyUI renders half the LoRA",
+             "utils/lora/exports.py",
+             "    out = dict(state_dict)\n",
+             '    out = {k: v for k, v in state_dict.items() if ".add_" not in k and ".to_add_out." not in k}\n',
+             ("tests/test_comfyui.py::test_the_comfyui_file_is_the_diffusers_file_plus_the_real_alpha_of_every_module",)),
+    Mutation("sd3_dynamic_shift_height_twice", "SD3's dynamic shift counts the image's tokens as height x height "
+             "(a non-square image gets another schedule than the pipeline's)",
+             "utils/families/sd3.py",
+             'kwargs["mu"] = calculate_shift((latent_size[0] // patch) * (latent_size[1] // patch),',
+             'kwargs["mu"] = calculate_shift((latent_size[0] // patch) * (latent_size[0] // patch),',
+             ("tests/test_flow_rollout.py::test_sd3_dynamic_shift_sigmas_are_the_pipelines_on_a_non_square_image",)),
+    Mutation("max_sequence_length_not_objective", "a resume of a flow model with another --max_sequence_length "
+             "accepted silently (the T5 prompt length is no part of the recorded objective)",
+             "utils/run/objective.py",
+             '    "max_sequence_length": "--max_sequence_length",\n',
+             "",
+             ("tests/test_resume_checks.py::test_a_flow_resume_with_another_flow_only_setting_is_refused",)),
+    Mutation("resume_at_max_steps_refused", "a resume from the checkpoint at exactly --max_train_steps refused "
+             "(the boundary of the step check)",
+             "utils/run/arg_checks.py",
+             "    if args.max_train_steps < step:",
+             "    if args.max_train_steps <= step:",
+             ("tests/test_resume_checks.py::"
+              "test_a_resume_at_exactly_max_train_steps_is_accepted_and_one_below_refused",)),
 )
 
 

@@ -26,6 +26,7 @@ from typing import NoReturn
 # `python -m accelerate.commands.launch`).
 _ACCELERATE_LAUNCH = ((b"accelerate", b"launch"), (b"accelerate-launch",), (b"-m", b"accelerate.commands.launch"))
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _AGENT_WAIT_S = 30.0  # how long a worker other than the local first waits for the agent's end
 
 
@@ -54,6 +55,15 @@ def elastic_agent_pid() -> int | None:
     return parent if "TORCHELASTIC_RUN_ID" in os.environ and parent > 1 else None
 
 
+def signal_me_when_parent_dies(signum: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `signum` when the parent exits (0: nothing; Linux only)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+    return False
+
+
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -66,6 +76,7 @@ def end_launcher(elastic: bool = True) -> None:
     others wait until it is gone (so that it never sees one of them fail first)."""
     _flush()
     if (launcher := accelerate_launcher_pid()) is not None:
+        signal_me_when_parent_dies(0)  # we end it: no SIGTERM back (the trainer may have asked for one)
         with contextlib.suppress(OSError):
             os.kill(launcher, signal.SIGTERM)
     elif elastic and (agent := elastic_agent_pid()) is not None:

@@ -37,22 +37,13 @@ import torch
 
 from utils.errors import is_first_process
 from utils.launchers import accelerate_launcher_pid
+from utils.launchers import signal_me_when_parent_dies as _signal_me_when_parent_dies
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def exit_code(signum: int) -> int:
     return 128 + signum
-
-
-def _signal_me_when_parent_dies(signum: int) -> bool:
-    """prctl(PR_SET_PDEATHSIG): the kernel sends `signum` when the parent exits (Linux only)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
-    return False
 
 
 def _say(message: str) -> None:

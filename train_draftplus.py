@@ -23,6 +23,14 @@ import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# isort: split
+# First, before the slow imports: a Ctrl-C while they run is one line and exit 130 (utils/launchers.py).
+from utils.launchers import quiet_interrupt_while_starting, refusals_end_the_launcher
+
+if __name__ == "__main__":  # not when a test imports us
+    quiet_interrupt_while_starting("train_draftplus.py")
+
+# isort: split
 import diffusers
 import torch
 import transformers
@@ -515,4 +523,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    # A refusal under accelerate launch or torchrun is our one line, not the launcher's traceback too. Once the
+    # processes run apart (main), torchrun's agent must stay: it is what stops the other workers.
+    with refusals_end_the_launcher():
+        parsed = parse_args()
+    with refusals_end_the_launcher(elastic=False):
+        main(parsed)

@@ -5,7 +5,7 @@ fragment (which must occur exactly once, so the list cannot silently go stale) i
 tracked files, runs the tests that should catch it, and records whether they failed.
 
     python -m benchmarks.mutations                      # all mutations -> benchmarks/results/mutations.md/.json
-    python -m benchmarks.mutations --only reward_sign   # one of them
+    python -m benchmarks.mutations --only reward_sign   # one of them (its row in the results is updated)
 
 Exit status 1 if any mutation survives (or no longer applies).
 """
@@ -102,15 +102,15 @@ MUTATIONS = (
              ("tests/test_rollout.py::test_lora_gradient_equals_a_hand_written_nemo_style_step",)),
     Mutation("lora_dropout_left_on", "PEFT's LoRA dropout kept as created, in training mode: it perturbs the no-grad "
              "prefix, the reference and every validation image",
-             "utils/lora/",
+             "utils/lora/adapters.py",
              "    _grad_only_dropout(denoiser)\n",
              "",
              ("tests/test_rollout.py::test_lora_dropout_acts_in_the_graded_calls_only",)),
     Mutation("lora_dropout_saved", "the LoRA file records its training dropout: `pipe.load_lora_weights` renders "
              "with dropout on",
-             "utils/lora/",
-             '{**config, "lora_dropout": 0.0}',
-             "config",
+             "utils/lora/files.py",
+             ',\n                  "lora_dropout": 0.0}',
+             "}",
              ("tests/test_family.py::test_a_lora_trained_with_dropout_renders_without_it_in_diffusers",)),
     Mutation("lv_final_sample_accepted", "DRaFT-LV accepts --final_latent sample, and silently decodes x0",
              "utils/rollout/loop.py",
@@ -124,7 +124,7 @@ MUTATIONS = (
              "return x_t.float() + self.sigmas[i] * prediction",
              ("tests/test_flow_rollout.py::test_reference_is_the_guided_prediction_of_the_adapters_off_transformer",)),
     Mutation("flux_timestep_unscaled", "FLUX's transformer called with the timestep in [0, 1000] instead of [0, 1]",
-             "utils/families/",
+             "utils/families/flux.py",
              "timestep = t.expand(batch).to(x_t.dtype) / 1000",
              "timestep = t.expand(batch).to(x_t.dtype)",
              ("tests/test_flow_rollout.py::test_rollout_images_equal_the_pipelines",)),
@@ -135,10 +135,35 @@ MUTATIONS = (
              "(x0.float() + sigma * noise.float())",
              ("tests/test_flow_rollout.py::test_draft_lv_renoises_x0_to_the_last_sigma",)),
     Mutation("toy_built_for_its_family", "reading the toy's family builds (trains) the toy",
-             "utils/families/",
+             "utils/families/model_files.py",
              "    path = str(TOYS[name_or_path].assets_dir) if name_or_path in TOYS else name_or_path",
              "    path = resolve_model_path(name_or_path)",
              ("tests/test_family.py::test_the_toys_family_is_read_without_building_it",)),
+    Mutation("comfyui_text_stream_dropped", "the ComfyUI export of SD3/FLUX drops the text stream's modules "
+             "(add_*_proj, to_add_out): ComfyUI renders half the LoRA",
+             "utils/lora/exports.py",
+             "    out = dict(state_dict)\n",
+             '    out = {k: v for k, v in state_dict.items() if ".add_" not in k and ".to_add_out." not in k}\n',
+             ("tests/test_comfyui.py::test_the_comfyui_file_is_the_diffusers_file_plus_the_real_alpha_of_every_module",)),
+    Mutation("sd3_dynamic_shift_height_twice", "SD3's dynamic shift counts the image's tokens as height x height "
+             "(a non-square image gets another schedule than the pipeline's)",
+             "utils/families/sd3.py",
+             'kwargs["mu"] = calculate_shift((latent_size[0] // patch) * (latent_size[1] // patch),',
+             'kwargs["mu"] = calculate_shift((latent_size[0] // patch) * (latent_size[0] // patch),',
+             ("tests/test_flow_rollout.py::test_sd3_dynamic_shift_sigmas_are_the_pipelines_on_a_non_square_image",)),
+    Mutation("max_sequence_length_not_objective", "a resume of a flow model with another --max_sequence_length "
+             "accepted silently (the T5 prompt length is no part of the recorded objective)",
+             "utils/run/objective.py",
+             '    "max_sequence_length": "--max_sequence_length",\n',
+             "",
+             ("tests/test_resume_checks.py::test_a_flow_resume_with_another_flow_only_setting_is_refused",)),
+    Mutation("resume_at_max_steps_refused", "a resume from the checkpoint at exactly --max_train_steps refused "
+             "(the boundary of the step check)",
+             "utils/run/arg_checks.py",
+             "    if args.max_train_steps < step:",
+             "    if args.max_train_steps <= step:",
+             ("tests/test_resume_checks.py::"
+              "test_a_resume_at_exactly_max_train_steps_is_accepted_and_one_below_refused",)),
 )
 
 
@@ -179,6 +204,14 @@ def run_mutation(mutation: Mutation, scratch: Path) -> dict:
         path.write_text(original)
 
 
+def merged_with_earlier(rows: list[dict], path: Path) -> list[dict]:
+    """A run of some mutations (--only) updates their rows and keeps the earlier rows of the others, so the
+    results file always covers the whole list; rows of mutations no longer in the list are dropped."""
+    earlier = {r["name"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    fresh = {r["name"]: r for r in rows}
+    return [fresh.get(m.name) or earlier[m.name] for m in MUTATIONS if m.name in fresh or m.name in earlier]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mutations", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", default=None, help="Names of the mutations to run (default: all).")
@@ -201,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ran, rows = rows, merged_with_earlier(rows, out / "mutations.json")
     (out / "mutations.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["# Mutation check", "", "`python -m benchmarks.mutations`: one-line bugs planted in a scratch copy; "
              "each must make the listed tests fail (which all pass on the unmutated copy first).", "",
@@ -211,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     caught = sum(r["status"] == "caught" for r in rows)
     lines += ["", f"{caught} of {len(rows)} mutations caught."]
     (out / "mutations.md").write_text("\n".join(lines) + "\n")
-    return 0 if caught == len(rows) else 1
+    return 0 if all(r["status"] == "caught" for r in ran) else 1
 
 
 if __name__ == "__main__":

@@ -7,13 +7,14 @@ import torch
 
 
 def save_random_lora(pipeline_dir, out_dir, *, rank: int = 4, alpha: float = 4, seed: int = 1,
-                     strength: float = 20.0, zero: bool = False) -> Path:
+                     strength: float = 20.0, zero: bool = False, targets=None) -> Path:
     """A LoRA on the denoiser's attention projections (the UNet's, or the transformer's of SD3/FLUX) of the
     pipeline in `pipeline_dir`, written as `out_dir/pytorch_lora_weights.safetensors` with LoRA metadata (so
     alpha != rank survives).
 
     Both A and B are random (init_lora_weights=False), and B is scaled by `strength` so the tiny
-    model's images visibly change; `zero` gives B = 0, a LoRA that is exactly the base model."""
+    model's images visibly change; `zero` gives B = 0, a LoRA that is exactly the base model. `targets`: PEFT
+    target modules (default: the four attention projections of the image stream)."""
     import diffusers
     from peft import LoraConfig
 
@@ -25,7 +26,7 @@ def save_random_lora(pipeline_dir, out_dir, *, rank: int = 4, alpha: float = 4, 
     torch.manual_seed(seed)
     denoiser = getattr(diffusers, class_name).from_pretrained(pipeline_dir, subfolder=family.denoiser_name)
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian" if zero else False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                    target_modules=list(targets or ["to_q", "to_k", "to_v", "to_out.0"])))
     if not zero:
         with torch.no_grad():
             for name, p in denoiser.named_parameters():

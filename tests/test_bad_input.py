@@ -31,6 +31,10 @@ BAD_INPUTS = {
     "unknown reward": (["--reward", "nosuchreward"], "nosuchreward"),
     "resolution not multiple of 8": (["--resolution", "30"], "multiple of 8"),
     "height not multiple of 8": (["--height", "36"], "--height"),
+    "resolution 0": (["--resolution", "0"], "--resolution must be positive, got 0"),
+    "a built-in toy's name mistyped": (["--pretrained_model_name_or_path", "toy-flw"],
+                                      "model 'toy-flw' is neither a local directory nor a built-in toy; "
+                                      "did you mean 'toy-flow'?"),
     "K larger than T": (["--truncation_steps", "4"], "--truncation_steps"),
     "DRaFT-LV with the final sample": (["--lv_samples", "2", "--final_latent", "sample"],
                                       "--lv_samples decodes its step's x0 prediction; leave --final_latent at x0"),
@@ -224,6 +228,17 @@ def test_command_line_bad_input_one_error_line_exit_2_no_output_dir(extra, expec
     assert len(errors) == 1 and errors[0].startswith("train_draftplus.py: error:") and expected in errors[0], errors
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "new").exists()  # the run created its directory for the lock, and removed it
+
+
+@pytest.mark.parametrize("size", [33, 40])
+def test_a_flow_model_states_its_own_size_rule_first(size, tiny_sd3_path, tmp_path, capsys):
+    """33 and 40 alike are refused with the family's rule (16), not a generic multiple of 8 first."""
+    import train_draftplus
+
+    with pytest.raises(SystemExit):
+        train_draftplus.parse_args(base_args(tiny_sd3_path, tmp_path / "out") + ["--resolution", str(size)])
+    assert capsys.readouterr().err.strip() == (f"train_draftplus.py: error: --resolution must be a multiple of 16 "
+                                               f"for StableDiffusion3Pipeline models, got {size}")
 
 
 def test_argparse_errors_are_one_line_too(capsys):

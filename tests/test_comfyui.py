@@ -6,6 +6,8 @@ ComfyUI reads no safetensors metadata: without the alpha tensors its FLUX and SD
 not part of this repository, so these tests hold the file to what was measured: every module, its real alpha,
 the diffusers tensors unchanged)."""
 
+import json
+
 import pytest
 import torch
 from lora_fixtures import save_random_lora
@@ -21,15 +23,19 @@ SEQ = 16
 @pytest.mark.parametrize("fixture", ["tiny_flux_dev_path", "tiny_sd3_path"])
 def test_the_comfyui_file_is_the_diffusers_file_plus_the_real_alpha_of_every_module(fixture, request, tmp_path):
     path = request.getfixturevalue(fixture)
-    lora = save_random_lora(path, tmp_path / "run", rank=4, alpha=8)  # alpha != rank: must be carried over
     family = family_of(str(path))
+    # the family's fullest preset: both streams' attention (the text stream's add_*_proj, to_add_out) and MLPs
+    config = json.loads((path / "transformer" / "config.json").read_text())
+    targets = family.target_modules(["attention+ff"], config)
+    lora = save_random_lora(path, tmp_path / "run", rank=4, alpha=8, targets=targets)  # alpha != rank: carried over
     written = family.export_ui_lora(lora / LORA_WEIGHTS_NAME)  # what the trainer calls at the end of a run
     assert written == lora / COMFYUI_WEIGHTS_NAME == lora / family.ui_lora_name
 
     plain, comfy = load_file(lora / LORA_WEIGHTS_NAME), load_file(written)
     modules = {k.removesuffix(".lora_A.weight") for k in plain if k.endswith(".lora_A.weight")}
     alphas = {k.removesuffix(".alpha"): v for k, v in comfy.items() if k.endswith(".alpha")}
-    assert len(modules) > 4 and alphas.keys() == modules
+    assert alphas.keys() == modules
+    assert {m.rsplit(".", 1)[-1] for m in modules} >= {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
     assert all(v.dtype == torch.float32 and v.ndim == 0 and float(v) == 8.0 for v in alphas.values())
     assert {k for k in comfy if not k.endswith(".alpha")} == plain.keys()
     assert all(torch.equal(comfy[k], v) for k, v in plain.items())

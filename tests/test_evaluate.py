@@ -13,7 +13,7 @@ from PIL import Image
 from utils.evaluation import cli as evaluator_cli
 from utils.evaluation import evaluate as ev
 from utils.evaluation.diversity import Diversity, DiversityError
-from utils.evaluation.outputs import plot_reward_vs_diversity, plot_series
+from utils.evaluation.outputs import plot_reward_vs_diversity, plot_series, standard_errors
 
 PROMPTS = ["a red circle", "a blue square"]
 FAST = {"num_inference_steps": 2, "guidance_scale": 3.0}
@@ -108,6 +108,9 @@ def test_lpips_download_failure_is_one_clear_line(tmp_path, monkeypatch):
 def test_bad_inputs_fail_before_loading_models(tmp_path):
     with pytest.raises(ev.EvaluationError, match="has no pytorch_lora_weights.safetensors"):
         ev.evaluate(str(tmp_path / "no-model"), PROMPTS, loras=[tmp_path], diversity_metric="pixel_l2")
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(ev.EvaluationError, match=f"^LoRA '{missing}' does not exist$"):
+        ev.evaluate(str(tmp_path / "no-model"), PROMPTS, loras=[missing], diversity_metric="pixel_l2")
     with pytest.raises(ev.EvaluationError, match="seeds_per_prompt"):
         ev.evaluate(str(tmp_path / "no-model"), PROMPTS, seeds_per_prompt=1)
     with pytest.raises(ev.EvaluationError, match="unknown diversity metric"):
@@ -375,14 +378,20 @@ def test_plot_puts_each_kind_of_control_in_its_own_series(tmp_path):
             row("mix(a=0.5,b=0.5)", "mix", 0.45, 0.25, lora="a+b")]
     series = {s["name"]: s for s in plot_series(rows)}
     assert list(series) == ["base", "LoRA", "a: LoRA scale", "a: AIG", "LoRA mix"]
-    assert [r["model"] for r in series["LoRA"]["rows"]] == ["a", "b"]
+    assert [r["model"] for r in series["LoRA"]["rows"]] == ["b"]  # a: the sweep's scale-1 point, not a hidden circle
     # the scale sweep runs base (0) -> 0.5 -> a (1) -> 1.5, as a line
     assert [float(r["lora_scale"]) for r in series["a: LoRA scale"]["rows"]] == [0, 0.5, 1, 1.5]
     assert series["a: LoRA scale"]["line"] and not series["a: AIG"]["line"]
     assert [r["model"] for r in series["LoRA mix"]["rows"]] == ["mix(a=0.5,b=0.5)"]
-    plot_reward_vs_diversity(rows, tmp_path / "plot.png")
+    assert plot_reward_vs_diversity(rows, tmp_path / "plot.png") == list(series)  # the legend: the series drawn
     with Image.open(tmp_path / "plot.png") as plot:
         assert plot.format == "PNG"
+
+
+def test_the_plots_error_bars_are_the_standard_errors_of_each_rows_means():
+    row = {"reward_std": 0.2, "num_images": 16, "diversity_std": 0.06, "num_prompts": 4}
+    assert standard_errors(row) == pytest.approx((0.06 / 2, 0.2 / 4))
+    assert standard_errors({"reward_std": "0.2", "num_images": "4"}) == pytest.approx((0.0, 0.1))  # csv; no diversity
 
 
 # ----------------------------------------------------------------------------- dino diversity

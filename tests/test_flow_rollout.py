@@ -120,6 +120,29 @@ def test_sigma_schedules_are_the_pipelines(tiny_flux_dev_path, tiny_sd3_path):
     torch.testing.assert_close(scheduler.timesteps, scheduler.sigmas[:-1] * 1000)
 
 
+def test_sd3_dynamic_shift_sigmas_are_the_pipelines_on_a_non_square_image(tiny_sd3_path):
+    """An SD3 model whose scheduler shifts by the image's token count (use_dynamic_shifting): mu from height x
+    width patches, as StableDiffusion3Pipeline computes it (a non-square size tells height from width)."""
+    sd3 = load(tiny_sd3_path)
+    sd3.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        sd3.pipe.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    ours = copy.deepcopy(sd3.pipe.scheduler)
+    sd3.set_timesteps(ours, 4, LATENT)
+    seen = []
+
+    def capture(pipe, step, t, kwargs):
+        seen.append(pipe.scheduler.sigmas.clone())
+        return kwargs
+
+    with torch.no_grad():
+        sd3.pipe(PROMPTS[:1], height=HEIGHT, width=WIDTH, num_inference_steps=4, max_sequence_length=SEQ,
+                 output_type="latent", callback_on_step_end=capture)
+    square = copy.deepcopy(sd3.pipe.scheduler)
+    sd3.set_timesteps(square, 4, (LATENT[0], LATENT[0]))
+    assert not torch.allclose(square.sigmas, seen[0])  # the token count moves the schedule
+    torch.testing.assert_close(ours.sigmas, seen[0])
+
+
 def guidance_seen(family, guidance_scale):
     seen = []
     hook = family.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("guidance")), with_kwargs=True)

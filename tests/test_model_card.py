@@ -1,9 +1,16 @@
 """utils/run/model_card.py: a complete card (no placeholders, the right base model, YAML that parses)."""
 
+import json
+import os
+import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from lora_fixtures import save_random_lora
 
 import train_draftplus
 from utils.lora import KOHYA_WEIGHTS_NAME
@@ -72,7 +79,7 @@ def test_toy_card_says_where_the_toy_lives_and_names_no_hub_id(tmp_path):
     assert "toy" not in (card.data.to_dict().get("base_model") or "")
     assert 'from_pretrained("toy")' not in card.text
     assert "built-in toy model" in card.text and "assets/toy" in card.text
-    assert 'from_pretrained("assets/toy")' in card.text
+    assert 'from_pretrained(resolve_model_path("toy"))' in card.text
     assert 'load_lora_weights("out")' in card.text  # no repo: the local output dir, by name only
     assert str(tmp_path) not in card.text
     assert "## Validation" not in card.text  # no validation prompts: no made-up figures
@@ -281,3 +288,26 @@ def test_the_card_names_the_native_size_and_how_many_modules_the_lora_adapts(tin
     text = model_card_text(other, "StableDiffusionPipeline", None, lora_modules=12)
     assert "| resolution | 48x48 (the model's native size is 32x32) |" in text
     assert "targets attention (12 unet modules)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("toy", ["toy", "toy-flow"])
+def test_every_python_snippet_of_a_toys_card_runs_offline(toy, tmp_path):
+    """The card's snippets, run in order as one script from the directory the training ran in (the draftplus
+    repository on the path), offline: load the toy and the LoRA, render, turn the LoRA down, render with AIG."""
+    from utils.toys.toy import resolve_model_path
+
+    model = resolve_model_path(toy)
+    class_name = json.loads((Path(model) / "model_index.json").read_text())["_class_name"]
+    args = make_args(toy, tmp_path / "out")  # before the LoRA is there (the run's output dir is checked)
+    save_random_lora(model, tmp_path / "out")
+    card = parse(model_card_text(args, class_name, None, start=tmp_path))
+    assert card.data.base_model is None and "huggingface.co/toy" not in card.content
+    snippets = re.findall(r"```python\n(.*?)```", card.text, re.S)
+    assert len(snippets) == 3
+    script = "\n".join(snippets) + "\nassert pipe.get_active_adapters() == ['draftplus']\nimage.save('aig.png')\n"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "aig.png").is_file()

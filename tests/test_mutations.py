@@ -11,6 +11,7 @@ from benchmarks.mutations import MUTATIONS, ROOT
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.name for m in MUTATIONS])
 def test_mutation_anchor_occurs_once(mutation):
+    assert (ROOT / mutation.file).is_file(), f"{mutation.file}: name the module file, not its folder"
     assert (ROOT / mutation.file).read_text().count(mutation.old) == 1
     assert mutation.old != mutation.new
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -87,7 +88,10 @@ def plot_series(rows: Sequence[dict]) -> list[dict]:
     series = []
     if "base" in by_label:
         series.append({"name": "base", "control": "base", "rows": [by_label["base"]], "line": False})
-    plain = [row for row in rows if control[row["model"]] == "lora"]
+    # A LoRA whose scale is swept is drawn as the sweep's scale-1 point: a circle of its own there would hide
+    # under the sweep's marker, a legend entry with nothing to see.
+    swept = {_lora_of(row) for row in rows if control[row["model"]] == "scale"}
+    plain = [row for row in rows if control[row["model"]] == "lora" and row["model"] not in swept]
     if plain:
         series.append({"name": "LoRA", "control": "lora", "rows": plain, "line": False})
     for kind, title in (("scale", "LoRA scale"), ("aig", "AIG")):
@@ -116,13 +120,26 @@ def _point_label(row: dict, control: str) -> str:
     return row["model"]
 
 
-def plot_reward_vs_diversity(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """Diversity on x, mean reward on y; every kind of control its own series (see `plot_series`):
-    the base model a black star, plain LoRAs circles, LoRA-scale sweeps lines, AIG schedules
-    triangles, mixes diamonds.
+def standard_errors(row: dict) -> tuple[float, float]:
+    """(diversity, reward) standard errors of a row's means: its std over prompts (diversity) and over images
+    (reward), over the square root of their number; 0 for rows written without them."""
+    def se(std: object, n: object) -> float:
+        try:
+            return float(std) / math.sqrt(int(n)) if int(n) > 0 else 0.0
+        except (TypeError, ValueError):
+            return 0.0
 
-    No error bars: every row sees the same prompts and seeds, so the between-prompt spread (in the
-    tables as reward_std) would dwarf the paired differences that matter here.
+    return se(row.get("diversity_std"), row.get("num_prompts")), se(row.get("reward_std"), row.get("num_images"))
+
+
+def plot_reward_vs_diversity(rows: Sequence[dict], path: str | os.PathLike) -> list[str]:
+    """Diversity on x, mean reward on y, each point with its standard errors (`standard_errors`); every kind
+    of control its own series (see `plot_series`): the base model a black star, plain LoRAs circles,
+    LoRA-scale sweeps lines, AIG schedules triangles, mixes diamonds.
+
+    The bars are each row's own uncertainty: the between-prompt spread is large next to the gaps between
+    rows. Every row sees the same prompts and seeds, so the paired differences are surer than the bars
+    suggest (per_prompt.csv holds them). Returns the legend's entries.
     """
     import matplotlib
 
@@ -135,12 +152,13 @@ def plot_reward_vs_diversity(rows: Sequence[dict], path: str | os.PathLike) -> N
     for k, s in enumerate(plot_series(rows)):
         is_base = s["control"] == "base"
         xs, ys = [r["diversity"] for r in s["rows"]], [r["reward_mean"] for r in s["rows"]]
-        ax.plot(xs, ys, ("-" if s["line"] else "") + markers[s["control"]], label=s["name"],
-                color="black" if is_base else colors(k % 10), markersize=16 if is_base else 7,
-                zorder=3 if is_base else 2, alpha=0.9)
+        xerr, yerr = zip(*(standard_errors(r) for r in s["rows"]), strict=True)
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=("-" if s["line"] else "") + markers[s["control"]],
+                    label=s["name"], color="black" if is_base else colors(k % 10), markersize=16 if is_base else 7,
+                    zorder=3 if is_base else 2, alpha=0.9, elinewidth=0.8, capsize=2)
         for row in s["rows"]:
-            if s["line"] and row.get("control") in ("base", "lora", None):
-                continue  # the sweep's ends are labelled by their own series
+            if s["line"] and row.get("control") in ("base", None):
+                continue  # the base model is labelled by its own series
             ax.annotate(_point_label(row, s["control"]), (row["diversity"], row["reward_mean"]),
                         textcoords="offset points", xytext=(5, 5), fontsize=7,
                         fontweight="bold" if is_base else "normal")
@@ -149,10 +167,11 @@ def plot_reward_vs_diversity(rows: Sequence[dict], path: str | os.PathLike) -> N
     ax.set_ylabel(f"mean reward ({first['reward']})")
     ax.set_title(f"reward vs diversity ({first['num_prompts']} prompts x {first['seeds_per_prompt']} seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    legend = ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return [text.get_text() for text in legend.get_texts()]
 
 
 # ----------------------------------------------------------------------------------------- sample grids

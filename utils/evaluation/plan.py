@@ -78,6 +78,8 @@ def lora_label_and_file(path: str | os.PathLike) -> tuple[str, Path]:
     the trainer's LoRA weights file; a `.safetensors` file is taken as is."""
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / _weights_name()
+    if not path.exists():
+        raise EvaluationError(f"LoRA {str(path)!r} does not exist")
     if not file.is_file():
         raise EvaluationError(f"LoRA {str(path)!r} has no {_weights_name()}")
     return (path.name if path.is_dir() else path.stem), file

@@ -33,8 +33,13 @@ def inference_metadata(denoiser: torch.nn.Module, family) -> dict[str, dict]:
     """The adapter's LoraConfig as diffusers writes it beside the weights, with no dropout: a loaded
     adapter's dropout is built in training mode and `pipe(...)` never switches it off, so a recorded
     `lora_dropout` would perturb every image rendered with the LoRA. Dropout is a training setting
-    (the run's config and model card keep it)."""
-    return {key: {**config, "lora_dropout": 0.0}
+    (the run's config and model card keep it).
+
+    PEFT holds `target_modules` as a set, whose order follows the string hash, salted per process: written
+    as found, two identical runs would write different bytes (and the evaluator's lora_sha256 would take the
+    same LoRA for a new one). Sets are written sorted."""
+    return {key: {**{k: sorted(v, key=str) if isinstance(v, set | frozenset) else v for k, v in config.items()},
+                  "lora_dropout": 0.0}
             for key, config in _collate_lora_metadata({family.denoiser_name: denoiser}).items()}
 
 

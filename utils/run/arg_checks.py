@@ -101,9 +101,9 @@ def check_numbers(args: Any) -> None:
         if not ok:
             raise ArgumentError(message)
 
-    for name in ("resolution", "height", "width"):  # None: the model's native size (model_checks)
-        need(getattr(args, name) is None or getattr(args, name) > 0 and getattr(args, name) % 8 == 0,
-             f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
+    for name in ("resolution", "height", "width"):  # None: the native size; the multiple is the family's
+        need(getattr(args, name) is None or getattr(args, name) > 0,
+             f"--{name} must be positive, got {getattr(args, name)}")
     need(args.num_inference_steps is None or args.num_inference_steps >= 1, "--num_inference_steps must be at least 1")
     need(args.truncation_steps >= 1, f"--truncation_steps must be at least 1, got {args.truncation_steps}")
     need(args.lv_samples >= 0, "--lv_samples must be >= 0")

@@ -27,6 +27,7 @@ from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NA
 from utils.run.objective import describe_changes, show_value
 from utils.run.plots import CURVES_NAME
 from utils.run.validation import BEFORE_AFTER_NAME, VALIDATION_DIR
+from utils.toys.toy import TOYS
 
 CARD_NAME = "README.md"
 # What --push_to_hub uploads: the card, the LoRA (every format), its sampler settings (for the evaluator) and
@@ -83,7 +84,7 @@ class BaseModel:
 
     name: str  # what the user passed, as the card may write it (no absolute path)
     kind: str  # "hub", "local" or "toy"
-    load_path: str  # what from_pretrained takes in the card's snippet
+    load_path: str  # the Python expression from_pretrained takes in the card's snippet
     source: str = ""  # where it is on this machine (read for its license, never written)
 
     @property
@@ -91,13 +92,18 @@ class BaseModel:
         return self.name if self.kind == "hub" else None
 
 
+# How the card's snippet imports what finds a built-in toy: the committed assets/<toy> when current, else the
+# build in draftplus's cache (a toy name is no hub id, and assets/<toy> may be stale).
+TOY_IMPORT = "from utils.toys.toy import resolve_model_path  # draftplus's built-in toys"
+
+
 def describe_base_model(name: str, paths: CardPaths | None = None) -> BaseModel:
-    if name == "toy":
-        return BaseModel(name, "toy", "assets/toy", name)
+    if name in TOYS:
+        return BaseModel(name, "toy", f"resolve_model_path({json.dumps(name)})", name)
     if os.path.isdir(name):
         shown = (paths or CardPaths()).path(os.path.abspath(name))
-        return BaseModel(shown, "local", shown, name)
-    return BaseModel(name, "hub", name, name)
+        return BaseModel(shown, "local", json.dumps(shown), name)
+    return BaseModel(name, "hub", json.dumps(name), name)
 
 
 def base_model_license(base: BaseModel, family: type[ModelFamily], revision: str | None = None) -> License | None:
@@ -238,13 +244,14 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     if base.kind == "hub":
         base_text = f"[{base.name}](https://huggingface.co/{base.name})"
     elif base.kind == "toy":
-        base_text = ("draftplus's built-in toy model (`--pretrained_model_name_or_path toy`): a tiny Stable "
-                     "Diffusion pipeline pretrained on coloured shapes, shipped in the `assets/toy/` directory "
-                     "of the draftplus repository (not on the Hugging Face Hub)")
+        base_text = (f"draftplus's built-in toy model (`--pretrained_model_name_or_path {base.name}`): a tiny "
+                     f"`{pipeline_class_name}` pretrained on coloured shapes, shipped in the `assets/{base.name}/` "
+                     "directory of the draftplus repository (not on the Hugging Face Hub)")
     else:
         base_text = f"a local model directory, `{base.name}` (not on the Hugging Face Hub)"
     lines = [
-        f"# DRaFT+ LoRA: {reward} on {base.name if base.kind != 'toy' else 'the draftplus toy model'}",
+        f"# DRaFT+ LoRA: {reward} on "
+        + (f"the draftplus toy model (`{base.name}`)" if base.kind == "toy" else base.name),
         "",
         f"A LoRA for {base_text}, fine-tuned with [DRaFT+](https://arxiv.org/abs/2311.04911) (direct reward "
         f"fine-tuning with a KL-style regulariser that keeps images diverse) against the reward {reward}, "
@@ -289,7 +296,13 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
                   f"`{family.ui_lora_name}`.", ""]
 
     prompt = json.dumps(validation.widget[0][0] if validation.widget else "a photo of a cat")
-    big = family.inference_in_bf16
+    toy = base.kind == "toy"
+    big = family.inference_in_bf16 and not toy  # the toys are CPU demos, in fp32
+    # A toy renders with the training run's sampler steps and size: its pipeline's defaults (50 steps at 64 px)
+    # take minutes on a CPU for a LoRA never trained there.
+    render = (f"(prompt, num_inference_steps={args.num_inference_steps}, "
+              f"guidance_scale={show_value(args.guidance_scale)}, height={args.height}, width={args.width})"
+              if toy else "(prompt)")
     where = []
     if base.kind == "toy" or not repo_id:
         where.append("Run these from the directory the training ran in"
@@ -305,12 +318,13 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         "```python",
         *(["import torch"] if big else []),
         f"from diffusers import {pipeline_class_name}",
+        *([TOY_IMPORT] if base.kind == "toy" else []),
         "",
-        f"pipe = {pipeline_class_name}.from_pretrained({json.dumps(base.load_path)}"
+        f"pipe = {pipeline_class_name}.from_pretrained({base.load_path}"
         + (", dtype=torch.bfloat16)" if big else ")"),
         f"pipe.load_lora_weights({json.dumps(lora_source)})",
         f"prompt = {prompt}",
-        "image = pipe(prompt).images[0]",
+        f"image = pipe{render}.images[0]",
         "```", "",
         "**Less reward, more diversity.** The LoRA's strength is a dial: scale it down with diffusers' adapter "
         "weights,", "",
@@ -324,7 +338,7 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
         "```python",
         "from utils.evaluation.aig import aig_pipeline",
         "",
-        'image = aig_pipeline(pipe, "power_2")(prompt).images[0]  # also: linear, step_0.6, ...',
+        f'image = aig_pipeline(pipe, "power_2"){render}.images[0]  # also: linear, step_0.6, ...',
         "```", "",
         "Reward and diversity along both dials, measured with the training run's model, prompts, reward and "
         "sampler (in the draftplus repository"

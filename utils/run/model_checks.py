@@ -4,6 +4,7 @@ in, the VAE and weight variant, the reward's models, and the hub for `--push_to_
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from utils.errors import ArgumentError, first_line
 from utils.families import ModelFamily, family_for_class_name, read_denoiser_config, read_model_index
 from utils.hub import hub_cached, hub_offline, looks_like_path
 from utils.rollout.schedulers import scheduler_class_name
+from utils.toys.toy import TOYS
 
 
 def check_rollout_length(args: Any) -> None:
@@ -32,7 +34,10 @@ def check_model(name: str, revision: str | None, scheduler: str | None,
     if name != "toy" and os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "model_index.json")):
             raise ArgumentError(f"{name!r} is not a diffusers pipeline directory (no model_index.json)")
-    elif name != "toy":
+    elif name not in TOYS:
+        if "/" not in name and (near := difflib.get_close_matches(name, TOYS, n=1)):  # no hub id, a typo
+            raise ArgumentError(f"model {name!r} is neither a local directory nor a built-in toy; did you mean "
+                                f"{near[0]!r}?")
         if looks_like_path(name):
             raise ArgumentError(f"model path {name!r} does not exist")
         try:

@@ -22,7 +22,14 @@ def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def smoothing_window(num_steps: int) -> int:
+    """The running mean's window: ~5% of the steps, but at least 5 (a 40-step run's reward is noise at 2) and
+    at most a quarter of them."""
+    return max(1, min(num_steps // 4, max(5, num_steps // 20)))
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the `window - 1` before it (fewer at the start)."""
     out, total = [], 0.0
     for i, v in enumerate(values):
         total += v
@@ -35,8 +42,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def plot_training_curves(output_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path | None:
     """Reward, KL penalty and validation reward against step, in three panels; None if nothing was logged.
 
-    The training reward is noisy (a new batch of prompts every step): a running mean over ~5% of the
-    steps is drawn over the raw values. Validation rewards come from fixed prompts and seeds; the
+    The training reward is noisy (a new batch of prompts every step): a running mean (`smoothing_window`)
+    is drawn over the raw values, and the reward axis spans those values, not the band of the images'
+    spread around them, which would flatten the rise. Validation rewards come from fixed prompts and seeds; the
     base model's is the dashed line."""
     from utils.run.validation import read_validation_log
 
@@ -50,7 +58,7 @@ def plot_training_curves(output_dir: str | os.PathLike, path: str | os.PathLike 
     import matplotlib.pyplot as plt
 
     steps = [m["step"] for m in metrics]
-    window = max(1, len(steps) // 20)
+    window = smoothing_window(len(steps))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
     for ax, key, title in ((axes[0], "reward", "training reward"), (axes[1], "kl_penalty", "KL penalty")):
         values = [m.get(key) for m in metrics]
@@ -58,12 +66,14 @@ def plot_training_curves(output_dir: str | os.PathLike, path: str | os.PathLike 
             continue
         ax.plot(steps, values, alpha=0.35 if window > 1 else 1.0, color="C0", label="per step")
         if window > 1:
-            ax.plot(steps, _smooth(values, window), color="C0", label=f"running mean ({window} steps)")
+            ax.plot(steps, running_mean(values, window), color="C0", label=f"running mean ({window} steps)")
         if key == "reward" and all("reward_std" in m for m in metrics):
-            std = _smooth([m["reward_std"] for m in metrics], window)
-            mean = _smooth(values, window)
+            std = running_mean([m["reward_std"] for m in metrics], window)
+            mean = running_mean(values, window)
             ax.fill_between(steps, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                             color="C0", alpha=0.1, label="± reward std")
+            low, high = min(values), max(values)
+            ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

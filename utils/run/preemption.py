@@ -31,49 +31,19 @@ import contextlib
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 from utils.errors import is_first_process
+from utils.launchers import accelerate_launcher_pid
+from utils.launchers import signal_me_when_parent_dies as _signal_me_when_parent_dies
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# How accelerate's launcher appears in its process's command line (`accelerate launch`, `accelerate-launch`,
-# `python -m accelerate.commands.launch`).
-_ACCELERATE_LAUNCH = ((b"accelerate", b"launch"), (b"accelerate-launch",), (b"-m", b"accelerate.commands.launch"))
 
 
 def exit_code(signum: int) -> int:
     return 128 + signum
-
-
-def accelerate_launcher_pid() -> int | None:
-    """The pid of accelerate's single-process launcher when it is this process's parent (Linux), else None.
-    torchrun-style launchers (also `accelerate launch` with several processes) set LOCAL_RANK."""
-    if "LOCAL_RANK" in os.environ:
-        return None
-    parent = os.getppid()
-    try:
-        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    names = [os.path.basename(a) if i == 1 else a for i, a in enumerate(argv)]  # argv[1]: the script's path
-    for pattern in _ACCELERATE_LAUNCH:
-        n = len(pattern)
-        if any(tuple(names[i:i + n]) == pattern for i in range(1, 3)):
-            return parent
-    return None
-
-
-def _signal_me_when_parent_dies(signum: int) -> bool:
-    """prctl(PR_SET_PDEATHSIG): the kernel sends `signum` when the parent exits (Linux only)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
-    return False
 
 
 def _say(message: str) -> None:

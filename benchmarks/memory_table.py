@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory_table                      # every recipe -> benchmarks/results/memory_table.{json,md}
     python -m benchmarks.memory_table --only SDXL "FLUX.1-dev nf4"   # some rows; the others are kept
+    python -m benchmarks.memory_table --sharded 2 4 8      # FSDP2 per-process -> benchmarks/results/memory_sharded.*
 
 The setting of the README's memory goals: 1024 px (512 for SD1.5), bf16, batch 1, K=1, LoRA rank 4 on the
 `attention` preset, gradient checkpointing, the PickScore reward (fp32, the trainer's default), the family's rollout
@@ -55,6 +56,9 @@ RECIPES = (
     Recipe("Z-Image-Turbo", "z-image-turbo", 24),
 )
 
+# `--sharded`: the bf16 recipes `--shard` (FSDP2) is for, per process on N GPUs (docs/scaling.md, "Memory per process").
+SHARDED_RECIPES = (Recipe("FLUX.2-dev bf16", "flux2-dev", 80), Recipe("Qwen-Image bf16", "qwen-image", 80))
+
 
 def command(recipe: Recipe, *more: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(CONFIGS / recipe.configs), "--resolution", str(recipe.resolution),
@@ -76,6 +80,84 @@ def estimate_row(argv: list[str]) -> dict:
             "held_bytes": estimate.held(), "phase_peak_bytes": estimate.phase_peaks,
             "computed": [vars(part) for part in estimate.computed], "notes": estimate.notes,
             "settings": estimate.settings, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _largest_unit_bytes(model, class_names) -> int:
+    """The bytes of the largest module of `model` whose class is one of `class_names` (an FSDP2 shard unit)."""
+    return max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in model.modules()
+                if type(m).__name__ in set(class_names)), default=0)
+
+
+def sharded_estimate(recipe: Recipe, processes: list[int]) -> dict:
+    """The estimated memory per process of `recipe` under `--shard` (utils/run/sharding.py) on N processes, from the
+    one-GPU estimate's parts, not a trace of a sharded run (the estimator knows no sharding):
+
+        per process = peak - S + S / N + 2 x the largest shard unit
+        S = the denoiser's weights + the largest text encoder's weights (the parts --shard splits)
+
+    Everything else (the other text encoders, the VAE, the reward model, the LoRA and its AdamW state, the
+    activations: each process runs its own batch) stays as the one-GPU estimate has it. The largest shard unit
+    (a transformer block, or a text-encoder layer) is counted twice: the one computing and the next one gathered."""
+    import torch
+
+    import train_draftplus
+    from utils.families.model_files import read_component_config
+    from utils.memory.build import _build_model
+    from utils.memory.fake import WeightlessMode
+
+    row = {"command": "train_draftplus.py " + " ".join(command(recipe))}
+    try:
+        row.update(estimate_row(command(recipe)))
+    except Exception as e:  # noqa: BLE001 - the estimator's failure on one model is that row's status, not the table's
+        row["status"] = f"not estimated: the one-GPU estimate fails ({type(e).__name__}: {str(e)[:120]})"
+    if row["status"] != "estimated":
+        return row
+    held = row["held_bytes"]
+    encoders = {k: v for k, v in held.items() if k.startswith("weights: text_encoder")}
+    largest_encoder = max(encoders, key=encoders.get)
+    denoiser_key = next(k for k in held if k in ("weights: transformer", "weights: unet"))
+    sharded = held[denoiser_key] + encoders[largest_encoder]
+    args = train_draftplus.parse_args(command(recipe))
+    path = args.pretrained_model_name_or_path
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    units = []
+    with WeightlessMode():
+        for key, classes in ((denoiser_key, args.checked.family.shard_block_classes),
+                             (largest_encoder, None)):
+            name = key.removeprefix("weights: ")
+            library, class_name = index[name]
+            model = _build_model(library, class_name, read_component_config(path, name, None), torch.bfloat16)
+            units.append(_largest_unit_bytes(model, classes or getattr(model, "_no_split_modules", None) or ()))
+    gathered = 2 * max(units)
+    row.update(sharded_parts=[denoiser_key, largest_encoder], sharded_bytes=sharded, gathered_bytes=gathered,
+               per_process_bytes={str(n): row["peak_bytes"] - sharded + sharded // n + gathered for n in processes})
+    return row
+
+
+def render_sharded(rows: dict[str, dict], processes: list[int]) -> str:
+    lines = ["# Estimated memory per process under `--shard` (FSDP2), bf16", "",
+             "From `python -m benchmarks.memory_table --sharded " + " ".join(map(str, processes)) + "`: estimated, "
+             "not measured, and not a trace of a sharded run. The one-GPU estimate (`--estimate_memory`, the memory "
+             "table's setting: 1024 px, batch 1 per process, K=1, LoRA rank 4, gradient checkpointing, PickScore "
+             "fp32, AdamW) with the parts `--shard` splits (the denoiser's and the largest text encoder's weights) "
+             "divided by N, plus twice the largest shard unit (the block computing and the next one, gathered); "
+             "the rest (VAE, reward model, LoRA and its optimiser state, the activations: each process runs its own "
+             "batch) as on one GPU. GB = 1e9 bytes; the CUDA context, NCCL buffers and allocator fragmentation come "
+             "on top.", "",
+             "| recipe | one GPU (GB) | sharded parts (GB) | gathered blocks (GB) | "
+             + " | ".join(f"N = {n} (GB)" for n in processes) + " | " + " | ".join(f"N = {n} fits 80 GB"
+                                                                                   for n in processes) + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(processes))]
+    for name, row in rows.items():
+        if row["status"] != "estimated":
+            lines.append(f"| {name} | {row['status']} |")
+            continue
+        per = [row["per_process_bytes"][str(n)] for n in processes]
+        lines.append(f"| {name} | {row['peak_bytes'] / 1e9:.1f} | {row['sharded_bytes'] / 1e9:.1f} "
+                     f"({', '.join(p.removeprefix('weights: ') for p in row['sharded_parts'])}) | "
+                     f"{row['gathered_bytes'] / 1e9:.1f} | " + " | ".join(f"{b / 1e9:.1f}" for b in per) + " | "
+                     + " | ".join("yes" if b <= 80e9 else "no" for b in per) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render(rows: dict[str, dict]) -> str:
@@ -119,9 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--merge", nargs="*", default=[], help="Other runs' memory_table.json whose rows to take in.")
     p.add_argument("--render", action="store_true", help="Only rewrite memory_table.md from the JSON.")
+    p.add_argument("--sharded", nargs="+", type=int, default=None, metavar="N",
+                   help="Instead: the estimated per-process memory of SHARDED_RECIPES under --shard (FSDP2) on N "
+                        "processes -> memory_sharded.{json,md} (computed from the one-GPU estimate's parts).")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sharded:
+        sharded = {}
+        for recipe in SHARDED_RECIPES:
+            print(f"{recipe.name} ...", flush=True)
+            sharded[recipe.name] = sharded_estimate(recipe, args.sharded)
+            (out / "memory_sharded.json").write_text(json.dumps({"processes": args.sharded, "rows": sharded},
+                                                                indent=1) + "\n")
+            (out / "memory_sharded.md").write_text(render_sharded(sharded, args.sharded))
+        return
     path = out / "memory_table.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else {}
     for other in args.merge:

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 UTILS = ROOT / "utils"
 # docs/layout.md's floors: a room imports only from rooms on lower floors.
-FLOORS = {"errors": 0, "hub": 0, "prompts": 1, "lora": 2, "rollout": 3, "toys": 4, "families": 5,
+FLOORS = {"errors": 0, "hub": 0, "launchers": 0, "prompts": 1, "lora": 2, "rollout": 3, "toys": 4, "families": 5,
           "memory": 6, "evaluation": 6, "run": 7}
 MAX_LINES = 400
 

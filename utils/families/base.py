@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from utils.errors import UserError
+from utils.lora.adapters import expand_target_modules
 from utils.lora.exports import export_kohya
 from utils.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 
@@ -149,13 +150,6 @@ class ModelFamily:
         return None
 
     @classmethod
-    def describe_preset(cls, preset: str) -> str:
-        """What `--lora_target_modules PRESET` adapts, as the help says it: the module names (PEFT matches a
-        name or its last dotted parts)."""
-        note = cls.preset_notes.get(preset)
-        return " ".join(cls.target_presets[preset]) + (f" ({note})" if note else "")
-
-    @classmethod
     def denoiser_config_with(cls, denoiser_config: dict, model_index: dict) -> dict:
         """The denoiser config the class-level answers read (`read_denoiser_config`), with any fact of the
         pipeline's `model_index.json` they need, under keys starting with `_` (not the resume fingerprint's)."""
@@ -164,8 +158,6 @@ class ModelFamily:
     @classmethod
     def target_modules(cls, names: Sequence[str], denoiser_config: dict | None = None) -> list[str]:
         """`--lora_target_modules` with presets expanded to PEFT module names; other names kept, in order."""
-        from utils.lora import expand_target_modules
-
         return expand_target_modules(names, cls.target_presets)
 
     @classmethod
@@ -230,8 +222,8 @@ class ModelFamily:
         return bool(getattr(self.denoiser, "is_quantized", False))
 
     def enable_gradient_checkpointing(self) -> list[str]:
-        """`--gradient_checkpointing`: the denoiser's blocks, and the VAE decoder's where its class supports it
-        (Qwen-Image's video VAE does not: it decodes without). Returns the components checkpointed."""
+        """`--gradient_checkpointing` on the denoiser, and on the VAE where its class supports it (Qwen-Image's
+        does not). Returns the components checkpointed."""
         done = [self.denoiser_name]
         self.denoiser.enable_gradient_checkpointing()
         if getattr(self.vae, "_supports_gradient_checkpointing", False):

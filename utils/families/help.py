@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import textwrap
 
-from utils.families.base import FAMILIES
+from utils.families.base import FAMILIES, ModelFamily
+
+
+def describe_preset(family: type[ModelFamily], preset: str) -> str:
+    """What `--lora_target_modules PRESET` adapts in `family`, as the help says it: the module names (PEFT
+    matches a name or its last dotted parts) and the family's note on them."""
+    note = family.preset_notes.get(preset)
+    return " ".join(family.target_presets[preset]) + (f" ({note})" if note else "")
 
 
 def family_list(option: str | None = None) -> str:
@@ -19,7 +26,7 @@ def target_presets_help(wrap: int | None = None) -> str:
     for preset in dict.fromkeys(p for family in FAMILIES for p in family.target_presets):
         by_text: dict[str, list[str]] = {}
         for family in (f for f in FAMILIES if preset in f.target_presets):
-            by_text.setdefault(family.describe_preset(preset), []).append(family.name)
+            by_text.setdefault(describe_preset(family, preset), []).append(family.name)
         for text, names in by_text.items():
             line = f"'{preset}' on {'/'.join(names)}: {text}"
             lines += textwrap.wrap(line, wrap, subsequent_indent="    ") if wrap else [line]

@@ -71,6 +71,10 @@ class WeightlessMode(FakeTensorMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten.index.Tensor and _has_real_mask(args[1]):
+            # `fake[real_bool_mask]` (e.g. a pipeline dropping padded tokens): the output's size depends on the
+            # mask's values, which are real, so index with the mask's real positions instead.
+            return self.__torch_dispatch__(func, types, (args[0], _mask_positions(args[1])), kwargs)
         flat = tree_flatten((args, kwargs))[0]
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if any(isinstance(t, FakeTensor) for t in tensors):
@@ -83,3 +87,21 @@ class WeightlessMode(FakeTensorMode):
             return out
         with unset_fake_temporarily():
             return func(*args, **kwargs)
+
+
+def _has_real_mask(indices) -> bool:
+    return any(isinstance(i, torch.Tensor) and not isinstance(i, FakeTensor) and i.dtype == torch.bool
+               for i in indices)
+
+
+def _mask_positions(indices) -> list:
+    """Advanced indices with every real boolean mask replaced by the positions it selects (as indexing reads it)."""
+    out = []
+    for index in indices:
+        if isinstance(index, torch.Tensor) and not isinstance(index, FakeTensor) and index.dtype == torch.bool:
+            with unset_fake_temporarily():
+                out += list(index.nonzero(as_tuple=True))
+        else:
+            out.append(index)
+    return out
+

@@ -159,3 +159,18 @@ def test_rewards_without_an_architecture_are_named_not_counted():
     assert notes == [] and reward(torch.rand(1, 3, 8, 8), ["x"]).shape == (1,)
     reward, notes = build_reward_from_architectures("redness=1,aesthetic=0.1")
     assert len(notes) == 1 and "aesthetic" in notes[0] and "not counted" in notes[0]
+
+
+def test_a_fake_tensor_indexed_by_a_real_mask_has_the_masks_size():
+    """Pipelines drop padded tokens with `hidden[mask]` (Qwen-Image's encode_prompt): the mask is real, so the
+    estimate's weightless tensors take its real count instead of failing on a data-dependent size."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from utils.memory.fake import WeightlessMode
+
+    mask = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    with WeightlessMode():
+        hidden = torch.empty(2, 4, 3)
+        selected = hidden[mask]
+        assert isinstance(selected, FakeTensor) and selected.shape == (5, 3)
+        assert hidden[:, mask[1]].shape == (2, 3, 3)

@@ -49,11 +49,19 @@ RECIPES = (
            extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16")),
     Recipe("FLUX.1-schnell", "flux1-schnell"),
     Recipe("FLUX.2-klein 4B", "flux2-klein-4b", 24),
+    Recipe("FLUX.2-klein 4B, text encoders offloaded, reward bf16", "flux2-klein-4b", 24,
+           extra=("--offload_text_encoders", "--reward_dtype", "bf16")),
     Recipe("FLUX.2-klein 9B", "flux2-klein-9b"),
     Recipe("FLUX.2-dev nf4", "flux2-dev", 48, extra=("--quantize_base", "nf4")),
+    Recipe("FLUX.2-dev nf4, text encoders offloaded", "flux2-dev", 48,
+           extra=("--quantize_base", "nf4", "--offload_text_encoders")),
     Recipe("Qwen-Image bf16", "qwen-image", 80),
+    Recipe("Qwen-Image bf16, text encoders offloaded", "qwen-image", 80, extra=("--offload_text_encoders",)),
     Recipe("Qwen-Image nf4", "qwen-image", 24, extra=("--quantize_base", "nf4")),
-    Recipe("Z-Image-Turbo", "z-image-turbo", 24),
+    Recipe("Qwen-Image nf4, text encoders offloaded, reward bf16", "qwen-image", 24,
+           extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16")),
+    # Turbo's recipe: 9 steps without guidance (docs/recipes/z_image.md); its config cannot tell it from the base
+    Recipe("Z-Image-Turbo", "z-image-turbo", 24, extra=("--num_inference_steps", "9", "--guidance_scale", "0")),
 )
 
 # `--sharded`: the bf16 recipes `--shard` (FSDP2) is for, per process on N GPUs (docs/scaling.md, "Memory per process").

@@ -496,3 +496,16 @@ def test_pixels_of_two_token_counts_in_one_batch_are_refused(reward):
     small_pixels, small_grid = qwen2vl_pixels(torch.rand(1, 3, OFFICIAL, OFFICIAL), small)
     with pytest.raises(ValueError, match="one size"):
         reward.score_pixels(torch.cat([pixel_values, small_pixels]), torch.cat([grid, small_grid]), PROMPTS)
+
+
+def test_the_memory_estimate_counts_hpsv3_by_its_full_size_weights():
+    """`--estimate_memory --reward hpsv3` builds Qwen2-VL-7B from HPSv3's architecture (no file read): its weights
+    are counted, at about 15.5 GB in bf16, and the estimate says its activations are not traced."""
+    from rewards.build import build_reward_from_architectures
+
+    with torch.device("meta"):
+        reward, notes = build_reward_from_architectures("hpsv3", dtype=torch.bfloat16)
+    params = sum(p.numel() for p in reward.parameters())
+    assert 7.6e9 < params < 7.8e9 and all(p.dtype == torch.bfloat16 for p in reward.parameters())
+    assert 15.0e9 < 2 * params < 15.6e9
+    assert notes == ["reward 'hpsv3': its weights from its architecture; its activations not traced"]

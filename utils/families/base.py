@@ -25,6 +25,7 @@ from utils.errors import UserError
 from utils.lora.adapters import expand_target_modules
 from utils.lora.exports import export_kohya
 from utils.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+from utils.rollout.vae_checkpointing import checkpoint_decoder_blocks
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,11 @@ class ModelFamily:
 
     def enable_gradient_checkpointing(self) -> list[str]:
         """`--gradient_checkpointing` on the denoiser, and on the VAE where its class supports it (Qwen-Image's
-        does not). Returns the components checkpointed."""
+        does not), per decoder block rather than diffusers' per up block. Returns the components checkpointed."""
         done = [self.denoiser_name]
         self.denoiser.enable_gradient_checkpointing()
         if getattr(self.vae, "_supports_gradient_checkpointing", False):
-            self.vae.enable_gradient_checkpointing()
+            checkpoint_decoder_blocks(self.vae)
             done.append("vae")
         return done
 

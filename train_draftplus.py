@@ -208,6 +208,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="Overrides accelerate's config. Frozen weights are cast to this dtype; LoRA stays fp32.")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="Checkpoint the graded denoiser steps and the VAE decoder (memory flat in K).")
+    g.add_argument("--vae_block_checkpointing", action="store_true",
+                   help="With --gradient_checkpointing: checkpoint the VAE decoder per resnet/upsampler/attention\n"
+                        "block instead of per up block (diffusers'): less memory in the decode's backward at large\n"
+                        "sizes, the same images and gradients. See docs/memory.md.")
     g.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--offload_text_encoders", action="store_true",
                    help="Keep the text encoders in CPU memory but while they encode the prompts: they are not on\n"
@@ -403,7 +407,8 @@ def main(args: argparse.Namespace) -> None:
         sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
                                         sharding.reshard_after_forward(accelerator))
     if args.gradient_checkpointing:
-        logger.info(f"Gradient checkpointing: {', '.join(models.family.enable_gradient_checkpointing())}")
+        checkpointed = models.family.enable_gradient_checkpointing(args.vae_block_checkpointing)
+        logger.info(f"Gradient checkpointing: {', '.join(checkpointed)}")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     reward_options = {**args.reward_options, **({"gradient_checkpointing": True}

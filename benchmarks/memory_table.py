@@ -62,6 +62,12 @@ RECIPES = (
            extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16")),
     # Turbo's recipe: 9 steps without guidance (docs/recipes/z_image.md); its config cannot tell it from the base
     Recipe("Z-Image-Turbo", "z-image-turbo", 24, extra=("--num_inference_steps", "9", "--guidance_scale", "0")),
+    Recipe("Z-Image-Turbo, text encoders offloaded, reward bf16", "z-image-turbo", 24,
+           extra=("--num_inference_steps", "9", "--guidance_scale", "0", "--offload_text_encoders", "--reward_dtype",
+                  "bf16")),
+    Recipe("Z-Image-Turbo, text encoders offloaded, reward bf16, VAE per block", "z-image-turbo", 24,
+           extra=("--num_inference_steps", "9", "--guidance_scale", "0", "--offload_text_encoders", "--reward_dtype",
+                  "bf16", "--vae_block_checkpointing")),
 )
 
 # `--sharded`: the bf16 recipes `--shard` (FSDP2) is for, per process on N GPUs (docs/scaling.md, "Memory per process").

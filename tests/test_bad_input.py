@@ -95,6 +95,8 @@ BAD_INPUTS = {
                        "StableDiffusionPipeline models do not take it"),
     "true CFG on SD3": (["--pretrained_model_name_or_path", "{sd3}", "--true_cfg_scale", "2", "--negative_prompt", "x"],
                         "StableDiffusion3Pipeline models do not take it"),
+    "VAE blocks without checkpointing": (["--vae_block_checkpointing"],
+                                         "--vae_block_checkpointing refines --gradient_checkpointing: give both"),
     "T5 length on SD": (["--max_sequence_length", "77"], "StableDiffusionPipeline models do not take it"),
     "T5 length above 512": (["--pretrained_model_name_or_path", "{flux}", "--max_sequence_length", "600"],
                             "--max_sequence_length must be between 1 and 512, got 600"),

@@ -53,11 +53,16 @@ def test_per_block_checkpointing_decodes_and_differentiates_as_without(fixture, 
         assert torch.equal(vae.decode(latents).sample, plain)
 
 
-def test_family_checkpoints_the_vae_per_block(tiny_sd_path):
+def test_family_checkpoints_the_vae_per_block_when_asked(tiny_sd_path):
+    """--vae_block_checkpointing: every decoder block its own segment, diffusers' per-up-block flag off (no nested
+    segments); without it, diffusers' own per-up-block checkpointing and no block wrapped."""
     family = load_family(str(tiny_sd_path))
-    assert "vae" in family.enable_gradient_checkpointing()
+    assert family.enable_gradient_checkpointing(vae_blocks=True) == ["unet", "vae (per block)"]
     assert not family.vae.decoder.gradient_checkpointing
     assert all(getattr(block, "_draftplus_checkpointed", False) for block in decoder_blocks(family.vae))
+    plain = load_family(str(tiny_sd_path))
+    assert plain.enable_gradient_checkpointing() == ["unet", "vae"] and plain.vae.decoder.gradient_checkpointing
+    assert not any(getattr(block, "_draftplus_checkpointed", False) for block in decoder_blocks(plain.vae))
 
 
 def peak_of_decode_backward(vae, latents: torch.Tensor) -> int:

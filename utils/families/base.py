@@ -222,14 +222,15 @@ class ModelFamily:
         """The denoiser's base weights are quantized (`--quantize_base`): they cannot be cast or moved."""
         return bool(getattr(self.denoiser, "is_quantized", False))
 
-    def enable_gradient_checkpointing(self) -> list[str]:
+    def enable_gradient_checkpointing(self, vae_blocks: bool = False) -> list[str]:
         """`--gradient_checkpointing` on the denoiser, and on the VAE where its class supports it (Qwen-Image's
-        does not), per decoder block rather than diffusers' per up block. Returns the components checkpointed."""
+        does not): per up block as diffusers does, or with `vae_blocks` (`--vae_block_checkpointing`) per decoder
+        block, which holds less during the decode's backward. Returns the components checkpointed."""
         done = [self.denoiser_name]
         self.denoiser.enable_gradient_checkpointing()
         if getattr(self.vae, "_supports_gradient_checkpointing", False):
-            checkpoint_decoder_blocks(self.vae)
-            done.append("vae")
+            checkpoint_decoder_blocks(self.vae) if vae_blocks else self.vae.enable_gradient_checkpointing()
+            done.append("vae (per block)" if vae_blocks else "vae")
         return done
 
     @property

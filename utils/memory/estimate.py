@@ -72,7 +72,7 @@ def prepare_training(family: Any, args: Any, checked: Any) -> tuple[Models, list
         computed += nf4_parts(nf4_linears(family.denoiser))
     lora_params = add_lora(family.denoiser, args.rank, args.lora_alpha, args.lora_dropout, checked.lora_targets)
     if args.gradient_checkpointing:
-        family.enable_gradient_checkpointing()
+        family.enable_gradient_checkpointing(getattr(args, "vae_block_checkpointing", False))
     scheduler = getattr(diffusers, checked.scheduler).from_config(family.pipe.scheduler.config)
     models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
                     scheduler=scheduler)

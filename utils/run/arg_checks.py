@@ -101,6 +101,8 @@ def check_numbers(args: Any) -> None:
         if not ok:
             raise ArgumentError(message)
 
+    need(not getattr(args, "vae_block_checkpointing", False) or args.gradient_checkpointing,
+         "--vae_block_checkpointing refines --gradient_checkpointing: give both")
     for name in ("resolution", "height", "width"):  # None: the native size; the multiple is the family's
         need(getattr(args, name) is None or getattr(args, name) > 0,
              f"--{name} must be positive, got {getattr(args, name)}")

@@ -79,6 +79,11 @@ def command(recipe: Recipe, *more: str) -> list[str]:
             "--estimate_memory", *SETTING, *recipe.extra, *more]
 
 
+def shown(argv: list[str]) -> str:
+    """A recipe's command line as the results record it: run from the repository's root (no path of this machine)."""
+    return "train_draftplus.py " + " ".join(argv).replace(f"{ROOT}/", "")
+
+
 def estimate_row(argv: list[str]) -> dict:
     """The estimate of `train_draftplus.py <argv>` as a table row (bytes by part, the notes), or why there is none."""
     import train_draftplus
@@ -119,7 +124,7 @@ def sharded_estimate(recipe: Recipe, processes: list[int]) -> dict:
     from utils.memory.build import _build_model
     from utils.memory.fake import WeightlessMode
 
-    row = {"command": "train_draftplus.py " + " ".join(command(recipe))}
+    row = {"command": shown(command(recipe))}
     try:
         row.update(estimate_row(command(recipe)))
     except Exception as e:  # noqa: BLE001 - the estimator's failure on one model is that row's status, not the table's
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.render or args.only and recipe.name not in args.only:
             continue
         print(f"{recipe.name} ...", flush=True)
-        rows[recipe.name] = {"command": "train_draftplus.py " + " ".join(command(recipe)),
+        rows[recipe.name] = {"command": shown(command(recipe)),
                              **estimate_row(command(recipe))}
         print(f"  {rows[recipe.name]['status']} {rows[recipe.name].get('peak_bytes', 0) / 1e9:.2f} GB", flush=True)
         path.write_text(json.dumps({"rows": rows}, indent=1) + "\n")

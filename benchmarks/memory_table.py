@@ -40,6 +40,8 @@ class Recipe:
 RECIPES = (
     Recipe("SD1.5", "sd15", resolution=512),
     Recipe("SDXL", "sdxl", 24),
+    # HPSv3 (Qwen2-VL-7B) instead of PickScore, the later --reward winning: what the largest reward costs
+    Recipe("SDXL, reward HPSv3 bf16", "sdxl", 24, extra=("--reward", "hpsv3", "--reward_dtype", "bf16")),
     Recipe("SD3.5-Medium", "sd35-medium", 24),
     Recipe("SD3.5-Medium, text encoders offloaded", "sd35-medium", 24, extra=("--offload_text_encoders",)),
     Recipe("SD3.5-Large", "sd35-large"),

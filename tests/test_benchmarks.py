@@ -137,9 +137,9 @@ def test_saved_activation_bytes_excludes_weights_and_frees_the_graph():
 
 def test_readme_summary_is_generated_from_the_committed_results():
     """No hand-typed figure: the README's benchmark block is exactly what report.py computes from the results."""
-    from benchmarks.report import BEGIN, END, SUMMARY_PAGE, readme_summary
+    from benchmarks.report import BEGIN, END, HERE, SUMMARY_PAGE, readme_summary
 
-    text = SUMMARY_PAGE.read_text()
+    text = (HERE.parent / SUMMARY_PAGE).read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == readme_summary()
     assert "tradeoff" in readme_summary().lower() or "Trade-off" in readme_summary()

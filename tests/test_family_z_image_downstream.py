@@ -162,7 +162,8 @@ def test_the_evaluators_sampler_defaults_are_the_pipelines(tiny_z_image_path):
 
     model = str(tiny_z_image_path)
     assert with_family_defaults(family_of_model(model), model, {"scheduler": None}) == {
-        "scheduler": "model", "num_inference_steps": 50, "guidance_scale": 5.0}
+        "scheduler": "model", "num_inference_steps": 50, "guidance_scale": 5.0,
+        "family_options": {"max_sequence_length": 512, "cfg_normalization": 0.0, "cfg_truncation": 1.0}}
 
 
 # ------------------------------------------------------------- training, end to end

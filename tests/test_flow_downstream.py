@@ -120,7 +120,8 @@ def test_the_evaluators_rows_are_the_pipelines_images_and_the_controls_mean_what
         assert not same(middle, "base") and not same(middle, "random")
 
     # The rows are the pipeline's images: the base model's, and with the LoRA loaded as a user loads it.
-    pipe = load_family(str(path)).pipe
+    family = load_family(str(path))
+    pipe = family.pipe
     pairs = [(i, j) for i in range(len(PROMPTS)) for j in range(2)]
     redness = build_reward("redness")
 
@@ -128,8 +129,8 @@ def test_the_evaluators_rows_are_the_pipelines_images_and_the_controls_mean_what
         return [r["reward"] for r in result.per_image if r["model"] == label]
 
     def pipeline_rewards():
-        images = ev.generate(pipe, PROMPTS, pairs, 0, 3, guidance, HEIGHT, WIDTH, negative_prompt=negative or None,
-                             pipeline_kwargs={"max_sequence_length": pipe_sequence_length(fixture)})
+        images = ev.generate(pipe, PROMPTS, pairs, 0, 3, guidance, HEIGHT, WIDTH,
+                             negative_kwargs=family.negative_prompt_kwargs(negative, len(pairs)), pipeline_kwargs={"max_sequence_length": pipe_sequence_length(fixture)})
         return redness(images, [PROMPTS[i] for i, _ in pairs]).tolist()
 
     assert rewards("base") == pytest.approx(pipeline_rewards(), abs=1e-6)

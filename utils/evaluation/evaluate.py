@@ -97,7 +97,7 @@ def generate(
     guidance_scale: float,
     height: int | None,
     width: int | None,
-    negative_prompt: str | None = None,
+    negative_kwargs: Mapping[str, Any] | None = None,
     eta: float = 0.0,
     pipeline_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
@@ -107,8 +107,8 @@ def generate(
     generators = [torch.Generator(gen_device).manual_seed(image_seed(seed, i, j)) for i, j in pairs]
     out = pipe(
         prompt=[prompts[i] for i, _ in pairs],
-        # Only when given: some pipelines (FLUX.2's) take no negative prompt argument at all.
-        **({} if negative_prompt is None else {"negative_prompt": [negative_prompt] * len(pairs)}),
+        # As the family passes a negative prompt to its pipeline (FLUX.2's take none, or only its embeddings)
+        **(negative_kwargs or {}),
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         height=height,
@@ -129,6 +129,7 @@ def _evaluate_model(
     diversity: Diversity,
     size: tuple[int, int],
     pipeline_kwargs: Mapping[str, Any] | None = None,
+    negative_kwargs: Callable[[str, int], dict] | None = None,
 ) -> tuple[dict, list[dict], list[dict], torch.Tensor | None]:
     """One row's numbers: its summary, per-prompt and per-image records, and its grid images (if any)."""
     s, prompts = settings, settings.prompts
@@ -139,7 +140,8 @@ def _evaluate_model(
     for start in range(0, len(pairs), s.batch_size):
         batch = pairs[start:start + s.batch_size]
         images = generate(pipe, prompts, batch, s.seed, s.num_inference_steps, s.guidance_scale, *size,
-                          negative_prompt=s.negative_prompt, eta=s.eta, pipeline_kwargs=pipeline_kwargs)
+                          negative_kwargs=negative_kwargs(s.negative_prompt or "", len(batch)) if negative_kwargs else None,
+                          eta=s.eta, pipeline_kwargs=pipeline_kwargs)
         with torch.no_grad():
             scores = reward(images.to(diversity.device), [prompts[i] for i, _ in batch])
         rewards[start:start + len(batch)] = scores.detach().float().cpu()
@@ -320,7 +322,8 @@ def evaluate(
                 pipe.set_adapters(names, adapter_weights=[a.weight for a in variant.adapters])
             with annealed_guidance(pipe, variant.aig) if variant.aig else contextlib.nullcontext():
                 row, prompt_rows, image_rows, grid = _evaluate_model(pipe, variant.label, config, reward, diversity,
-                                                                     size, family.pipeline_kwargs())
+                                                                     size, family.pipeline_kwargs(),
+                                                                     family.negative_prompt_kwargs)
             row = {**row, "control": variant.control, "lora": variant.lora,
                    "lora_scale": "" if variant.lora_scale is None else variant.lora_scale,
                    "aig_schedule": variant.aig or "", "path": variant.path or model, "lora_sha256": variant.sha256,

@@ -295,6 +295,10 @@ class ModelFamily:
                          guidance_scale=guidance_scale, eta=eta, height=height, width=width,
                          output_type="latent").images
 
+    def negative_prompt_kwargs(self, negative_prompt: str, batch_size: int = 1) -> dict:
+        """The pipeline's `__call__` arguments for `negative_prompt` ("": none) on `batch_size` prompts."""
+        return {"negative_prompt": [negative_prompt] * batch_size} if negative_prompt else {}
+
     @classmethod
     def pipeline_timestep(cls, pipe, timestep: torch.Tensor | float) -> torch.Tensor | float:
         """The scheduler timestep of a denoiser call the pipeline `pipe` makes with `timestep` (AIG reads the

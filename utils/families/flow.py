@@ -127,10 +127,6 @@ class FlowTransformerFamily(ModelFamily):
                             **self.negative_prompt_kwargs(negative_prompt), **self.pipeline_kwargs()).images
         return self.from_pipeline_latents(latents, height, width)
 
-    def negative_prompt_kwargs(self, negative_prompt: str) -> dict:
-        """The pipeline's `__call__` arguments for `negative_prompt` ("" means none)."""
-        return {"negative_prompt": negative_prompt or None}
-
     def to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] latents as the pipeline's `__call__` takes them."""
         return latents

@@ -153,7 +153,7 @@ class Flux2Family(FlowTransformerFamily):
 
     no_negative_reason: ClassVar[str] = ""
 
-    def negative_prompt_kwargs(self, negative_prompt):
+    def negative_prompt_kwargs(self, negative_prompt, batch_size=1):
         return {}  # Flux2Pipeline takes no negative prompt (option_problem refuses one)
 
     @classmethod
@@ -254,7 +254,7 @@ class Flux2Klein(Flux2Family):
         mean, std = self._batch_norm(self.vae, patches)
         return (patches - mean) / std
 
-    def negative_prompt_kwargs(self, negative_prompt):
+    def negative_prompt_kwargs(self, negative_prompt, batch_size=1):
         # Flux2KleinPipeline takes no negative prompt text, only its embeddings (its own default: the empty prompt).
-        return {"negative_prompt_embeds": self._encode([negative_prompt])["encoder_hidden_states"]
+        return {"negative_prompt_embeds": self._encode([negative_prompt] * batch_size)["encoder_hidden_states"]
                 } if negative_prompt else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def save_lora(denoiser: torch.nn.Module, output_dir: str | os.PathLike, family, 
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-lora-") as tmp:
             family.save_lora_weights(tmp, state_dict, **inference_metadata(denoiser, family))
             written = os.path.join(tmp, LORA_WEIGHTS_NAME)
+            sort_metadata(written)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(written, 0o666 & ~umask)  # files in a private temp dir are created 0600
@@ -106,6 +108,24 @@ def lora_file_of(lora: str | os.PathLike) -> Path:
     return lora_file
 
 
+def sort_metadata(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file with its metadata's keys sorted. safetensors writes the metadata from a hash map,
+    in an order that varies from process to process, so the same LoRA would be other bytes (and another sha256)
+    in another run; the tensors' entries and data stay as written."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        data = f.read()
+    if not header.get("__metadata__"):
+        return
+    header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+              **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+
+
 def save_atomically(state_dict: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> Path:
     """Write a safetensors file under a temporary name beside `target`, then rename it over `target`."""
     from safetensors.torch import save_file
@@ -115,6 +135,7 @@ def save_atomically(state_dict: dict[str, torch.Tensor], target: Path, metadata:
         pass
     try:
         save_file(state_dict, tmp.name, metadata=metadata)
+        sort_metadata(tmp.name)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp.name, 0o666 & ~umask)

@@ -71,6 +71,7 @@ def base_and_lora_pipes(path, lora, scheduler=None):
     return pipe, base, images(pipe)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sd-euler", "sdxl"])
 def test_base_and_lora_schedules_reproduce_the_pipelines_exactly(family, tiny_sd_path, tiny_sdxl_path, sd_lora,
                                                                  sdxl_lora):
@@ -126,6 +127,7 @@ def test_unet_output_is_the_weighted_mix_of_both_predictions(tiny_sd_v_path, tmp
     assert (lora - base).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_requires_grad_flags_are_restored_and_misuse_is_a_clear_error(tiny_sd_path, sd_lora):
     from utils.families import load_family
 

@@ -215,6 +215,7 @@ def run(cmd, **env):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", [
     (["--rank", "x"], "argument --rank: invalid int value: 'x'"),
     (["--prompts", "{nocolumn_csv}"], "has no prompt column"),

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def speed_memory(out, *extra, stem="speed_memory_toy_cpu"):
     return json.loads((out / f"{stem}.json").read_text())
 
 
+@pytest.mark.slow
 def test_speed_memory_on_the_toy_four_sides_compiled_equal_eager_memory_flat_in_t(tmp_path):
     from benchmarks.speed_memory import SIDES
 
@@ -56,6 +59,7 @@ def test_speed_memory_on_the_toy_four_sides_compiled_equal_eager_memory_flat_in_
     assert [c["sections"] for c in again["commands"]] == [["timing", "peak", "memory", "profile"], ["timing"]]
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_entry_points_run_on_tiny_shapes(tmp_path):
     """--sdxl --smoke: the SDXL-size builders (real block structure at tiny widths), the PickScore code path, the
     plain pipeline copy and the report, end to end on CPU: what benchmarks/gpu_checks.sh runs at full size."""

@@ -91,6 +91,7 @@ def images_and_grads(models, params, config, kl_coeff=1.0):
     return rewards, penalty, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_compiled_rollout_gives_the_eager_rewards_penalty_and_lora_gradients(setup, scheduler_name):
     import diffusers
@@ -165,6 +166,7 @@ def test_memory_kept_for_backward_is_flat_in_t_on_the_compiled_path(setup):
     assert short == long > 0
 
 
+@pytest.mark.slow
 def test_bf16_autocast_euler_rollout_compiles_two_graphs_and_matches_eager(tiny_sd_path):
     """bf16 weights, fp32 LoRA, CPU bf16 autocast, Euler (which hands back bf16 latents after an fp32 first one):
     the compiled wrapper feeds the UNet what autocast would (one graph per adapter state, not two), with the
@@ -240,6 +242,7 @@ def test_compiled_unet_is_a_wrapper_not_the_module_compiled_in_place(setup):
 # ------------------------------------------------------------------------------------------ the trainer
 
 
+@pytest.mark.slow
 def test_trainer_with_compile_logs_the_eager_runs_metrics(tiny_sd_path, tmp_path):
     """`--compile` end to end under accelerate launch (aot_eager through the debugging variable): the same
     rewards and penalties step by step as the eager run."""

@@ -480,6 +480,7 @@ def test_a_lora_changed_in_place_is_evaluated_again(tiny_sd_path, lora_dirs, tmp
     assert evaluated == []
 
 
+@pytest.mark.slow
 def test_output_dir_naming_a_file_is_one_line_before_any_model_loads(tiny_sd_path, tmp_path):
     import subprocess
     import sys

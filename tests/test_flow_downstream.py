@@ -91,6 +91,7 @@ def flow_loras(request, tmp_path_factory):
             for fixture, path in ((fixture, request.getfixturevalue(fixture)) for fixture in FAMILIES)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", FAMILIES)
 def test_the_evaluators_rows_are_the_pipelines_images_and_the_controls_mean_what_they_say(fixture, request,
                                                                                          flow_loras):
@@ -199,6 +200,7 @@ def pipeline_images(pipe, fixture, steps=3, **kwargs):
                     **kwargs).images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", FAMILIES)
 def test_aig_base_and_lora_schedules_reproduce_the_flow_pipelines_exactly(fixture, request, flow_loras):
     from utils.evaluation.aig import annealed_guidance, schedule_weights
@@ -285,6 +287,7 @@ def loss_and_grads(models, prompts, noise, config, negative):
     return rewards, penalty, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", FAMILIES)
 def test_compile_gives_the_eager_flow_rollout_and_compiles_nothing_after_warm_up(fixture, request):
     """The transformer's no-grad calls (prefix and adapters-off reference) through torch.compile (`aot_eager`, as

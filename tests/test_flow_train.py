@@ -56,6 +56,7 @@ def load_trained_lora(pipeline_class, model, lora_dir, guidance_scale):
     return [name for name in pipe.transformer.state_dict() if "lora" in name]
 
 
+@pytest.mark.slow
 def test_sd3_trains_under_accelerate_launch_and_its_lora_loads_into_the_sd3_pipeline(tiny_sd3_path, tmp_path):
     """With live validation: the base and every step's grid, the before/after grid, the card's figures; and the
     ComfyUI file, written by default."""
@@ -86,6 +87,7 @@ def test_sd3_trains_under_accelerate_launch_and_its_lora_loads_into_the_sd3_pipe
     assert any("ff_context.net.2" in name for name in lora_names)
 
 
+@pytest.mark.slow
 def test_flux_dev_trains_resumes_and_its_lora_loads_into_the_flux_pipeline(tiny_flux_dev_path, tmp_path):
     """Three steps straight; then the same run resumed from its checkpoint-2: the same step-3 metrics and LoRA."""
     straight = tmp_path / "straight"
@@ -145,6 +147,7 @@ def test_each_family_fills_in_its_defaults(fixture, expected, request, tmp_path)
     assert args.checked.scheduler == ("DDIMScheduler" if fixture == "tiny_sd_path" else "FlowMatchEulerDiscreteScheduler")
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_with_compile_trains_flux(tiny_flux_dev_path, tmp_path):
     """Real DDP over gloo, each rank with its own prompts and noise, the no-grad transformer calls compiled
     (`aot_eager`, as the compile tests): both ranks end with the same LoRA, which loads into FluxPipeline."""

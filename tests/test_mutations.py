@@ -16,6 +16,7 @@ def test_mutation_anchor_occurs_once(mutation):
     assert mutation.old != mutation.new
 
 
+@pytest.mark.slow
 def test_every_named_test_exists():
     tests = sorted({t for m in MUTATIONS for t in m.tests})
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",

@@ -308,6 +308,7 @@ def max_abs_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_preempted_and_crashed_runs_resume_to_the_lora_of_an_uninterrupted_run(tiny_sd_path, tmp_path):
     long = ["--max_train_steps", "5000", "--checkpointing_steps", "2"]
     term, kill = tmp_path / "term", tmp_path / "kill"
@@ -364,6 +365,7 @@ def worker_of_rank(launcher_pid, rank):
     raise LookupError(rank)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc")
 def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step_with_one_checkpoint(tiny_sd_path, tmp_path):
     out = tmp_path / "ddp"
@@ -397,6 +399,7 @@ def red(images, prompts):
 """
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tiny_sd_path, tmp_path):
     reward = tmp_path / "nan_reward.py"
     reward.write_text(NAN_REWARD)
@@ -456,6 +459,7 @@ train_draftplus.main(train_draftplus.parse_args())
 """
 
 
+@pytest.mark.slow
 def test_failed_writes_keep_the_previous_checkpoint_and_lora_and_say_what_failed(tiny_sd_path, tmp_path):
     wrapper = tmp_path / "full_disk.py"
     wrapper.write_text(FAILING_DISK)
@@ -487,6 +491,7 @@ def test_failed_writes_keep_the_previous_checkpoint_and_lora_and_say_what_failed
     assert leftovers == [] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_and_no_token_reaches_any_file_or_output(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-50").mkdir(parents=True)
@@ -536,6 +541,7 @@ train_draftplus.main(train_draftplus.parse_args())
 """
 
 
+@pytest.mark.slow
 def test_a_real_desync_across_ranks_stops_the_run_before_the_lora_is_written(tiny_sd_path, tmp_path):
     wrapper = tmp_path / "drifting_rank.py"
     wrapper.write_text(DRIFTING_RANK)
@@ -550,6 +556,7 @@ def test_a_real_desync_across_ranks_stops_the_run_before_the_lora_is_written(tin
     assert not (out / LORA).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate multi_node.yaml"])
 def test_two_nodes_on_localhost_train_one_lora_equal_on_both_ranks(launcher, tiny_sd_path, tmp_path):
     out = tmp_path / "two-nodes"
@@ -580,6 +587,7 @@ def test_two_nodes_on_localhost_train_one_lora_equal_on_both_ranks(launcher, tin
     assert len(rewards) == 3 and all(len(r) == 2 and r[0] != r[1] for r in rewards)  # both ranks trained
 
 
+@pytest.mark.slow
 def test_a_multi_machine_cpu_accelerate_config_is_refused_instead_of_two_lone_runs(tiny_sd_path, tmp_path):
     config = tmp_path / "multi_cpu.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: 'no'\n"

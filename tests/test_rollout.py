@@ -467,6 +467,7 @@ DETERMINISTIC = ("DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"
 STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("scheduler_name", DETERMINISTIC + STOCHASTIC)
 def test_every_sampler_and_prediction_type_trains(tiny_sd_path, tiny_sd_v_path, scheduler_name, prediction_type):

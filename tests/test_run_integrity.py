@@ -73,6 +73,7 @@ def previous(trained, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # A resume continues the same run
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_resume_with_another_objective_is_refused_naming_every_difference(tiny_sd_path, previous, capsys):
     error = one_error(capsys, base_args(tiny_sd_path, previous, "--resume_from_checkpoint", "latest",
                                         "--max_train_steps", "4", "--kl_coeff", "0.5", "--reward", "brightness",
@@ -103,6 +104,7 @@ def test_a_resumed_max_train_steps_below_the_checkpoint_is_refused(tiny_sd_path,
     assert "--max_train_steps 1 is below the step of" in error and "checkpoint-2" in error and "(2)" in error
 
 
+@pytest.mark.slow
 def test_a_meant_objective_change_is_recorded_in_metrics_checkpoints_and_card(tiny_sd_path, previous):
     result = run([sys.executable, SCRIPT, *base_args(tiny_sd_path, previous, "--resume_from_checkpoint", "latest",
                                                      "--max_train_steps", "3", "--checkpointing_steps", "1",
@@ -166,6 +168,7 @@ def test_validation_prompts_changed_on_resume_are_refused_unless_meant(tiny_sd_p
                                          "--max_train_steps", "4", "--allow_objective_change", *other))
 
 
+@pytest.mark.slow
 def test_resumes_keep_one_base_row_and_a_meant_change_starts_the_series_anew(tiny_sd_path, previous):
     def rows():
         return [json.loads(line) for line in (previous / "validation.jsonl").read_text().splitlines()]
@@ -195,6 +198,7 @@ def test_resumes_keep_one_base_row_and_a_meant_change_starts_the_series_anew(tin
 # ----------------------------------------------------------------------------------------------
 # --overwrite_output_dir starts over
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_overwrite_removes_everything_the_earlier_run_derived(tiny_sd_path, previous):
     (previous / "notes.txt").write_text("mine")  # not the run's: kept
     earlier = {p.name for p in previous.iterdir()}
@@ -272,6 +276,7 @@ def accelerate_launch(*args):
             str(ROOT / "accelerate_configs" / "cpu.yaml"), SCRIPT, *args]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the trainer through /proc")
 @pytest.mark.parametrize("who", ["the trainer", "the process group (Ctrl-C)"])
 def test_a_preempted_run_under_accelerate_launch_ends_without_a_traceback(who, tiny_sd_path, tmp_path):

@@ -34,6 +34,7 @@ def accelerate_launch(*args):
                 str(ROOT / "accelerate_configs" / "cpu.yaml"), SCRIPT, *args])
 
 
+@pytest.mark.slow
 def test_accelerate_launch_checkpoints_resume_and_lora_reload(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     first = accelerate_launch(*base_args(tiny_sd_path, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
@@ -98,6 +99,7 @@ def run_quickstart(toy: str, kl_coeff: str, learning_rate: str, out) -> dict:
     return json.loads((out / "validation_reward.json").read_text())
 
 
+@pytest.mark.slow
 def test_flow_quickstart_on_the_pretrained_flow_toy_raises_the_validation_reward(tmp_path):
     """The README's flow-matching demo in short: DRaFT+ on the committed SD3 toy makes fixed-seed images redder
     (its penalty compares velocity predictions, on a scale of its own: its kl_coeff is 33x smaller than the UNet toy's)."""
@@ -124,6 +126,7 @@ def test_flow_quickstart_on_the_pretrained_flow_toy_raises_the_validation_reward
     assert redness() > before + 0.1
 
 
+@pytest.mark.slow
 def test_sdxl_trains_under_accelerate_launch_and_its_lora_loads_into_the_sdxl_pipeline(tiny_sdxl_path, tmp_path):
     out = tmp_path / "sdxl"
     result = accelerate_launch(*base_args(tiny_sdxl_path, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
@@ -144,6 +147,7 @@ def test_sdxl_trains_under_accelerate_launch_and_its_lora_loads_into_the_sdxl_pi
     assert (after - before).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_non_square_run_writes_non_square_validation_images(tiny_sd_path, tmp_path):
     out = tmp_path / "wide"
     result = accelerate_launch(*base_args(tiny_sd_path, out, "--max_train_steps", "1", "--height", "32", "--width",
@@ -179,6 +183,7 @@ def tiny_clip_dir(path):
     return path
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_with_model_and_custom_rewards(tiny_sd_path, tmp_path):
     """A real 2-process data-parallel run (DDP over gloo) against a weighted sum of a model-backed
     reward (PickScore code path, tiny offline CLIP) and a custom reward loaded from a file."""
@@ -205,6 +210,7 @@ def test_two_process_gloo_run_with_model_and_custom_rewards(tiny_sd_path, tmp_pa
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_lora_not_checkpoints_and_never_writes_the_token(tiny_sd_path, tmp_path):
     out = tmp_path / "hub"
     calls = tmp_path / "calls.json"
@@ -258,6 +264,7 @@ json.dump(log, open({str(calls)!r}, "w"))
     assert token not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_help_documents_every_option_and_reward_help_lists_rewards(capsys):
     result = run([sys.executable, SCRIPT, "--help"])
     assert result.returncode == 0

@@ -198,6 +198,7 @@ def train_args(model, out, *extra):
             "--learning_rate", "1e-2", "--output_dir", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_training_writes_grids_at_the_requested_steps_metrics_curves_and_kohya(tiny_sd_path, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable, SCRIPT, *train_args(
@@ -234,6 +235,7 @@ def test_training_writes_grids_at_the_requested_steps_metrics_curves_and_kohya(t
     assert {"validation_reward", "reward_std", "images_per_s", "reward/redness"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", [
     (["--validation_steps", "2"], "--validation_steps needs --validation_prompts"),
     (["--validation_steps", "-1", "--validation_prompts", "a cat"], "--validation_steps must be >= 0"),

@@ -207,7 +207,7 @@ def test_a_flux_dev_card_names_its_non_commercial_license_and_the_file_comfyui_l
     assert f"| `{COMFYUI_WEIGHTS_NAME}` | ComfyUI" in body and "AUTOMATIC1111" not in body
     assert "`FluxPipeline.load_lora_weights` loads it too" in body
     assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)' in body
-    assert "| T5 prompt tokens | 128 |" in body
+    assert "| prompt tokens (--max_sequence_length) | 128 |" in body
     (command,) = card_commands(body, "bash")
     from utils.evaluation.cli import parse_args as evaluate_args
 

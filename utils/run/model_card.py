@@ -295,7 +295,7 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     if args.negative_prompt:
         settings.append(("negative prompt", f"`{args.negative_prompt}`"))
     if getattr(args, "max_sequence_length", None) is not None:
-        settings.append(("T5 prompt tokens", show_value(args.max_sequence_length)))
+        settings.append(("prompt tokens (--max_sequence_length)", show_value(args.max_sequence_length)))
     if (getattr(args, "true_cfg_scale", None) or 1) > 1 and args.negative_prompt:  # the pipelines' rule: both, or off
         settings.append(("true CFG scale", show_value(args.true_cfg_scale)))
     if getattr(args, "quantize_base", None):

@@ -51,3 +51,20 @@ def test_a_resume_at_exactly_max_train_steps_is_accepted_and_one_below_refused(t
     assert error is None and args.checked.first_step == 2  # nothing left to train: the run just finishes
     args, error = resume(tiny_sd3_path, checkpointed, capsys, "--max_train_steps", "1")
     assert args is None and "--max_train_steps 1 is below the step of" in error
+
+
+def test_a_z_image_resume_with_other_cfg_settings_is_refused(tiny_z_image_path, tmp_path, capsys):
+    """Z-Image's guidance options shape the graded images, so they are part of the objective."""
+    out = tmp_path / "run"
+    first = train_draftplus.parse_args(flow_args(tiny_z_image_path, out, "--max_train_steps", "2",
+                                                 "--cfg_normalization", "1", "--cfg_truncation", "0.5"))
+    checkpoint = out / "checkpoint-2"
+    save_random_lora(tiny_z_image_path, checkpoint, rank=4, alpha=4)
+    (checkpoint / RUN_CONFIG_NAME).write_text(json.dumps(first.checked.run_config))
+    same = ("--max_train_steps", "4", "--cfg_normalization", "1")
+    args, error = resume(tiny_z_image_path, out, capsys, *same, "--cfg_truncation", "0.9")
+    assert args is None and "(--cfg_truncation 0.5 -> 0.9)" in error
+    args, error = resume(tiny_z_image_path, out, capsys, "--max_train_steps", "4", "--cfg_truncation", "0.5")
+    assert args is None and "(--cfg_normalization 1 -> 0)" in error
+    args, error = resume(tiny_z_image_path, out, capsys, *same, "--cfg_truncation", "0.5")
+    assert error is None and args.checked.first_step == 2

@@ -30,6 +30,8 @@ OBJECTIVE_FLAGS: dict[str, str] = {
     "guidance_scale": "--guidance_scale",
     "true_cfg_scale": "--true_cfg_scale",
     "max_sequence_length": "--max_sequence_length",
+    "cfg_normalization": "--cfg_normalization",
+    "cfg_truncation": "--cfg_truncation",
     "negative_prompt": "--negative_prompt",
     "height": "--height",
     "width": "--width",

@@ -168,6 +168,8 @@ def collect(args) -> dict:
                            "rewards": np.round(rewards[row["model"]], 6).tolist(),
                            "diversities": np.round(diversities[row["model"]], 6).tolist()})
     settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "output_dir", "analyse_only")}
+    # Results name the repository's files from its root: no path of the machine that ran them.
+    settings["prompts"] = str(settings["prompts"]).replace(f"{ROOT}/", "")
     return {"settings": settings, "diversity_metric": metric, "prompts": prompts,
             "runs": {f"{kl:g}": run["metrics"] for kl, run in runs.items()}, "models": models}
 

@@ -465,7 +465,8 @@ def main(args: argparse.Namespace) -> None:
                 f"{describe_size(args.width, args.height, checked.native_size)}, LoRA on "
                 f"{len(adapted_modules(models.raw_denoiser))} modules *****")
     validation = None
-    if accelerator.is_main_process and args.validation_prompts:
+    # Sharded, every process renders the validation with the main one: each block's forward all-gathers from all.
+    if args.validation_prompts and (accelerator.is_main_process or sharded is not None):
         validation = Validation(args, accelerator, models, reward_fn, start_step=global_step)
         validation.render_base()  # once (also when resuming): every validation is compared with it
 
@@ -521,6 +522,8 @@ def main(args: argparse.Namespace) -> None:
             preemption.exit(signum)
 
     lora_file = save_final_lora(accelerator, args, models, lora_params, checkpoints.last)
+    if validation is not None:  # the last render, here for the processes of a sharded run that only render
+        validation(global_step)
     if accelerator.is_main_process:  # validation after training, kohya export, curves, model card, upload
         accelerator.print(finish_run(args, accelerator, models, validation, repo_id, global_step, lora_file,
                                      checked.objective_changes))

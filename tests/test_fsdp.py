@@ -2,9 +2,10 @@
 
 The sharded model predicts what the whole model predicts, with and without its LoRA (the DRaFT+ reference is the
 adapters-off prediction), and its LoRA gradients, averaged over the processes, are those of the whole model; a
-sharded run started by accelerate_configs/fsdp.yaml ends with the LoRA of the same DDP run, in the same files;
-a SIGTERM to one rank then a resume ends bitwise where an uninterrupted sharded run ends; non-finite steps on one
-rank are skipped by all; the LoRA loads into FluxPipeline and the evaluator. Each family that shards names block
+sharded run started by accelerate_configs/fsdp.yaml ends with the LoRA of the same DDP run, in the same files,
+and with its validation images (rendered by both ranks in step, written once); a SIGTERM to one rank then a
+resume ends bitwise where an uninterrupted sharded run ends, its validation series continued; non-finite steps on
+one rank are skipped by all; the LoRA loads into FluxPipeline and the evaluator. Each family that shards names block
 classes its denoiser has; what cannot be sharded is refused with one line before any model loads.
 """
 
@@ -67,10 +68,13 @@ def flux():
     ({"mixed_precision": "fp16"}, 2, "--mixed_precision fp16 does not go with --shard: use bf16"),
     ({"quantize_base": "nf4"}, 2, "--quantize_base does not go with --shard"),
     ({"compile": True}, 2, "--compile does not go with --shard"),
-    ({"validation_prompts": ["a cat"]}, 2, "python -m utils.evaluation"),
 ])
 def test_what_a_sharded_run_cannot_do_is_refused(overrides, world, expected):
     assert expected in shard_problem(shard_args(**overrides), flux(), world, env={})
+
+
+def test_a_sharded_run_may_validate():  # every rank renders the validation (tests below)
+    assert shard_problem(shard_args(validation_prompts=["a cat"]), flux(), 2, env={}) is None
 
 
 def test_an_accelerate_fsdp_config_turns_sharding_on_and_unet_families_are_refused():
@@ -209,6 +213,8 @@ def red(images, prompts):
     return score * float("nan") if rank1 and CALLS[0] >= int(os.environ.get("NAN_FROM", "1000000")) else score
 """
 STEPS = 4
+# Validation before training, at step 2 and at the end (step 4): one reward call per prompt each, on every rank.
+VALIDATE = ["--validation_prompts", "a red circle", "--num_validation_images", "2", "--validation_steps", "2"]
 
 
 def train_args(model, out, reward, *extra):
@@ -229,9 +235,9 @@ def fsdp_launch(model, out, reward, port, *extra, **env):
                           cwd=ROOT, env=env_with(**env), capture_output=True, text=True, timeout=600)
 
 
-def ddp_launch(model, out, reward, port):
+def ddp_launch(model, out, reward, port, *extra):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), SCRIPT, *train_args(model, out, reward)],
+                           str(port), SCRIPT, *train_args(model, out, reward, *extra)],
                           cwd=ROOT, env=env_with(), capture_output=True, text=True, timeout=600)
 
 
@@ -253,12 +259,36 @@ def lora_metadata(path):
     return metadata, {k: sorted(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
+def validation_rows(out):
+    """validation.jsonl's rows as written (a second writer would add a second base row)."""
+    return [json.loads(line) for line in (Path(out) / "validation.jsonl").read_text().splitlines()]
+
+
+def pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def validation_tiles(grid, per_prompt=2):
+    """The images of a one-prompt `validation/step-N.png` (base then LoRA), as pixels, without the rewards
+    written under them (their last digit may round either way between two runs equal within float tolerance)."""
+    from utils.run.validation import tile_origin
+
+    w, h = 32 * 5, 48 * 5  # 32x48 images, enlarged 256 // 48 = 5 times (`_tile`)
+    image = pixels(grid)
+    return [image[top:top + h, left:left + w] for side in (0, 1) for j in range(per_prompt)
+            for left, top in [tile_origin(side, 0, j, (w, h), per_prompt)]]
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_flux_dev_path, tmp_path_factory):
-    """An uninterrupted sharded run of STEPS steps; its directory and its log."""
+    """An uninterrupted sharded run of STEPS steps, validating; its directory and its log."""
     root = tmp_path_factory.mktemp("fsdp")
     (root / "reward.py").write_text(REWARD)
-    result = fsdp_launch(tiny_flux_dev_path, root / "straight", root / "reward.py", 29573)
+    result = fsdp_launch(tiny_flux_dev_path, root / "straight", root / "reward.py", 29573, *VALIDATE)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result.stderr
 
@@ -267,7 +297,7 @@ def fsdp_run(tiny_flux_dev_path, tmp_path_factory):
 def test_the_fsdp_run_ends_with_the_lora_of_the_ddp_run_in_the_same_files(fsdp_run, tiny_flux_dev_path):
     root, log = fsdp_run
     straight, ddp = root / "straight", root / "ddp"
-    result = ddp_launch(tiny_flux_dev_path, ddp, root / "reward.py", 29575)
+    result = ddp_launch(tiny_flux_dev_path, ddp, root / "reward.py", 29575, *VALIDATE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FSDP2-wrapped" in log and "FSDP2-wrapped" not in result.stderr  # the sharded path ran, and only there
     assert [m["step"] for m in metrics(straight)] == list(range(1, STEPS + 1))
@@ -283,6 +313,24 @@ def test_the_fsdp_run_ends_with_the_lora_of_the_ddp_run_in_the_same_files(fsdp_r
                {p.name for p in (ddp / f"checkpoint-{step}").iterdir()}
     digests = {line.split("LoRA weights digest ")[1].split()[0] for line in log.splitlines() if "weights digest" in line}
     assert len(digests) == 1
+
+    # Validation: the same rows, written once, and the same images within one 8-bit level, as the DDP run's.
+    rows, ddp_rows = validation_rows(straight), validation_rows(ddp)
+    assert [(r["phase"], r["step"]) for r in rows] == [("base", 0), ("lora", 2), ("lora", STEPS)]
+    assert [(r["phase"], r["step"]) for r in ddp_rows] == [(r["phase"], r["step"]) for r in rows]
+    for a, b in zip(rows, ddp_rows):
+        assert a["rewards"] == pytest.approx(b["rewards"], abs=1e-5), (a, b)
+    assert abs(rows[-1]["reward"] - rows[0]["reward"]) > 1e-4  # the trained LoRA renders other images
+    for grid in ("step-2.png", f"step-{STEPS}.png"):
+        for a, b in zip(validation_tiles(straight / "validation" / grid), validation_tiles(ddp / "validation" / grid)):
+            assert abs(a - b).max() <= 1, grid
+    for name in ("validation/prompt-0.png", "validation_before_after.png"):
+        assert abs(pixels(straight / name) - pixels(ddp / name)).max() <= 1, name
+    assert sorted(p.name for p in (straight / "validation").iterdir()) == \
+           sorted(p.name for p in (ddp / "validation").iterdir())
+    summary = json.loads((straight / "validation_reward.json").read_text())
+    assert summary["after"] == pytest.approx(rows[-1]["reward"]) and "validation/step-4.png" in \
+           (straight / "README.md").read_text()
 
     from diffusers import FluxPipeline
 
@@ -312,16 +360,21 @@ def test_a_sigterm_to_one_rank_then_resume_ends_bitwise_where_the_uninterrupted_
                                                                                       tiny_flux_dev_path):
     root, _ = fsdp_run
     out = root / "preempted"
-    # Rank 1's 5th reward call is in step 3 (2 micro-steps a step): all ranks stop after step 3, with a checkpoint.
-    stopped = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29577, TERM_AT="5")
+    # Rank 1's 7th reward call is in step 3 (1 for the base validation, 2 micro-steps a step, 1 for the validation
+    # at step 2): all ranks stop after step 3, with a checkpoint.
+    stopped = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29577, *VALIDATE, TERM_AT="7")
     assert stopped.returncode != 0 and "Stopped by SIGTERM at step 3;" in stopped.stdout, stopped.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not (out / LORA_WEIGHTS_NAME).exists()
-    resumed = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29579, "--resume_from_checkpoint", "latest")
+    assert [(r["phase"], r["step"]) for r in validation_rows(out)] == [("base", 0), ("lora", 2)]
+    resumed = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29579, *VALIDATE,
+                          "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["step"] for m in metrics(out)] == list(range(1, STEPS + 1))
     assert max_abs_difference(out / LORA_WEIGHTS_NAME, root / "straight" / LORA_WEIGHTS_NAME) == 0
     assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(root / "straight")]
+    # the series continued: its one base row kept, the rows those of the uninterrupted run
+    assert validation_rows(out) == validation_rows(root / "straight")
 
 
 @pytest.mark.slow

@@ -24,8 +24,9 @@ class FakeAccelerator:
     device = torch.device("cpu")
     trackers = ()
 
-    def __init__(self):
+    def __init__(self, is_main_process=True):
         self.logged = []
+        self.is_main_process = is_main_process
 
     def autocast(self):
         return nullcontext()
@@ -122,6 +123,23 @@ def test_a_resumed_series_keeps_its_base_row_and_drops_what_lies_past_the_resume
     assert [(e["phase"], e["step"], e["settings"]["prompts"]) for e in read_validation_log(out)] == [
         ("base", 0, ["a green circle"])]
     assert (out / "validation-until-step-3.jsonl").read_text().splitlines() == lines
+
+
+def test_the_other_processes_of_a_sharded_run_render_what_the_main_one_renders_and_write_nothing(validation_setup):
+    validation, models, accelerator, args = validation_setup
+    out = Path(args.output_dir)
+    main_base = validation.render_base()
+    main_step = validation(2)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other_accelerator = FakeAccelerator(is_main_process=False)
+    # resumed from step 1: the main process drops step 2's row and grid, another process must not
+    other = Validation(args, other_accelerator, models, validation.reward_fn, start_step=1)
+    assert other.diversity is None  # only the main process scores (and loads a model for) diversity
+    assert torch.equal(other.render_base().images, main_base.images)
+    rendered = other(2)
+    assert torch.equal(rendered.images, main_step.images) and torch.equal(rendered.rewards, main_step.rewards)
+    assert other(2) is rendered and other.latest == (2, rendered)  # the trainer's last render, kept for the end
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files and not other_accelerator.logged
 
 
 def test_the_before_after_grid_labels_each_row_with_before_or_after_and_its_prompt(validation_setup, tmp_path):

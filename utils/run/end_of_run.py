@@ -1,6 +1,7 @@
 """The end of a training run, after the final LoRA is saved (main process): the last validation, the
 before/after grid, the file for ComfyUI (and AUTOMATIC1111), the training curves, the model card and the
-upload."""
+upload. Nothing here calls the denoiser or a text encoder but the validation, whose last render the trainer
+has already made on every process of a sharded run (`Validation` keeps it): so nothing here all-gathers."""
 
 from __future__ import annotations
 

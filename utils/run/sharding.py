@@ -56,8 +56,6 @@ def shard_problem(args: Any, family, world_size: int, env: Mapping[str, str] = o
         ("--mixed_precision fp16", precision == "fp16", "use bf16"),  # the loss scaler steps accelerate's optimizer
         ("--quantize_base", args.quantize_base is not None, "shard the bf16 weights instead"),  # 4-bit: not sharded
         ("--compile", args.compile, "leave it out"),  # compiling around FSDP's hooks is not tested here
-        ("--validation_prompts", bool(args.validation_prompts),  # rendered by the main process alone
-         "render the trained LoRA afterwards with `python -m utils.evaluation`"),
     )
     for option, bad, instead in refused:
         if bad:

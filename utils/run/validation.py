@@ -15,6 +15,10 @@ logs both to the trackers (tensorboard, wandb).
 past the resumed step and does not add a second base row); a resume with other settings is refused
 before any model loads, unless `--allow_objective_change`, which starts the series anew and keeps the
 old one as `validation-until-step-N.jsonl`.
+
+Under `--shard` every process builds the validation and renders the same images in step: each forward of a
+sharded block all-gathers its weights from every process, so a render on the main process alone would wait for
+the others forever. Only the main process (`writes`) touches files and trackers, and only it scores diversity.
 """
 
 from __future__ import annotations
@@ -144,11 +148,12 @@ class Validation:
         self.settings = validation_settings(args)
         self.base: Rendered | None = None
         self.latest: tuple[int, Rendered] | None = None
-        self.base_recorded = self._continue_series(start_step)
+        self.writes: bool = accelerator.is_main_process  # the other processes of a sharded run only render
+        self.base_recorded = self._continue_series(start_step) if self.writes else True  # the others record none
         self.diversity = None
         self.diversity_metric = None
         metric = getattr(args, "validation_diversity", None)
-        if metric is not None:
+        if metric is not None and self.writes:
             self.diversity = (lpips_or_stand_in(accelerator.device, log=lambda m: logger.warning(m))
                               if metric == "auto" else Diversity(metric, accelerator.device))
             self.diversity_metric = self.diversity.metric
@@ -218,6 +223,8 @@ class Validation:
         base = self.render_base()
         current = self.render()
         self.latest = (step, current)
+        if not self.writes:
+            return current
         grid = comparison_grid(self.prompts, base, current, self.per_prompt, f"step {step}")
         self.dir.mkdir(parents=True, exist_ok=True)
         grid.save(self.dir / f"step-{step}.png")

@@ -52,6 +52,7 @@ from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 from utils.rollout.schedulers import SCHEDULERS
 from utils.run import arg_checks, guards, sharding
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
+from utils.run.empty_models import empty_sharded_components
 from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
 from utils.run.model_card import describe_size
@@ -324,11 +325,15 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
     added later train."""
     mixed = accelerator.mixed_precision
     weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
+    empty = {}  # with --shard, rank 0 alone reads the weights of what is sharded (utils/run/empty_models.py)
+    if args.shard and not accelerator.is_main_process:
+        empty = empty_sharded_components(checked.family, args.pretrained_model_name_or_path, args.revision,
+                                         weight_dtype)
     try:
         family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                      vae_name_or_path=args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
                                      vae_dtype=checked.family.vae_load_dtype(weight_dtype),
-                                     quantize_base=args.quantize_base, **checked.family_options)
+                                     quantize_base=args.quantize_base, components=empty, **checked.family_options)
     except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
         raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
                         "point --pretrained_model_name_or_path at a local copy (a directory saved with "
@@ -405,7 +410,7 @@ def main(args: argparse.Namespace) -> None:
     sharded: sharding.ShardedModels | None = None
     if args.shard:  # the LoRA is in the blocks before they are sharded; it stays whole (utils/run/sharding.py)
         sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
-                                        sharding.reshard_after_forward(accelerator))
+                                        sharding.reshard_after_forward(accelerator), from_rank0=True)
     if args.gradient_checkpointing:
         checkpointed = models.family.enable_gradient_checkpointing(args.vae_block_checkpointing)
         logger.info(f"Gradient checkpointing: {', '.join(checkpointed)}")

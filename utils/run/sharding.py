@@ -117,21 +117,88 @@ def reshard_after_forward(accelerator) -> bool:
     return getattr(plugin, "reshard_after_forward", True) is not False
 
 
+def _tensors(module: torch.nn.Module, ignored: set[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    # Parameters (a tied one once) and buffers, non-persistent ones included: those are in no state dict, and a
+    # module built on the meta device has them empty.
+    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if t not in ignored}
+
+
+@torch.no_grad()
+def agree_with_rank0(modules: Sequence[torch.nn.Module], ignored: set[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """Before `fully_shard`: rank 0's tensors of each module (name -> its whole tensor, kept for
+    `load_from_rank0`); on the other ranks, whose modules are built on the meta device, rank 0's (shape, dtype) of
+    each, their parameters cast to rank 0's dtypes (a model can keep some modules in fp32 when loaded). A module
+    built otherwise than rank 0's loaded one is a RuntimeError."""
+    whole = [{name: t.detach() for name, t in _tensors(m, ignored).items()} for m in modules]
+    layouts = [[{name: (t.shape, t.dtype) for name, t in tensors.items()} for tensors in whole]]
+    dist.broadcast_object_list(layouts, src=0)
+    if dist.get_rank() == 0:
+        return whole
+    for module, mine, theirs in zip(modules, whole, layouts[0], strict=True):
+        if differ := sorted(set(mine).symmetric_difference(theirs)
+                            | {name for name in mine.keys() & theirs.keys() if mine[name].shape != theirs[name][0]}):
+            raise RuntimeError(f"{type(module).__name__} built empty differs from rank 0's loaded one at {differ[0]}")
+        for name, p in module.named_parameters():
+            if name in theirs and p.dtype != theirs[name][1]:
+                p.data = p.data.to(theirs[name][1])
+    return layouts[0]
+
+
+@torch.no_grad()
+def load_from_rank0(modules: Sequence[torch.nn.Module], whole: Sequence[dict[str, Any]],
+                    device: torch.device) -> None:
+    """After `fully_shard`: every tensor of `modules` that `agree_with_rank0` listed broadcast from rank 0, one at a
+    time, each rank keeping its shard of a sharded parameter (`distribute_tensor`, no further communication) and
+    the whole of a buffer. The other ranks' modules are first given (empty) memory on `device`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    rank0 = dist.get_rank() == 0
+    for module, tensors in zip(modules, whole, strict=True):
+        if not rank0:  # swapped, not replaced: the LoRA's parameters are the optimizer's; FSDP re-pads its shards
+            swap = torch.__future__.get_swap_module_params_on_conversion()
+            torch.__future__.set_swap_module_params_on_conversion(True)
+            try:
+                module.to_empty(device=device)
+            finally:
+                torch.__future__.set_swap_module_params_on_conversion(swap)
+        for name, value in tensors.items():
+            full = value.to(device) if rank0 else torch.empty(value[0], dtype=value[1], device=device)
+            dist.broadcast(full, src=0)
+            if rank0:  # its shards were cut from these very tensors
+                continue
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            current = owner._parameters.get(leaf)
+            if isinstance(current, DTensor):
+                shard = distribute_tensor(full, current.device_mesh, current.placements, src_data_rank=None)
+                current.to_local().copy_(shard.to_local())
+            elif current is not None:
+                current.copy_(full)
+            else:
+                owner._buffers[leaf] = full  # in rank 0's dtype; registered (and persistent or not) as built
+
+
 def shard_models(family, lora_params: Sequence[torch.nn.Parameter], device: torch.device,
-                 reshard_after_forward: bool = True) -> ShardedModels:
+                 reshard_after_forward: bool = True, from_rank0: bool = False) -> ShardedModels:
     """Shard the family's denoiser by its `shard_block_classes` and its largest text encoder by its
-    `_no_split_modules` over all processes (one mesh dimension) onto `device`, the LoRA left whole."""
+    `_no_split_modules` over all processes (one mesh dimension) onto `device`, the LoRA left whole. `from_rank0`:
+    only rank 0 loaded those modules' weights, the other ranks built them on the meta device
+    (utils/run/empty_models.py); rank 0 broadcasts them into the shards."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for p in lora_params:  # the LoRA was added on the CPU with the rest of the denoiser; it stays whole
-        p.data = p.data.to(device)
-        dist.broadcast(p.data, src=0)  # every process starts from rank 0's LoRA, as DDP's prepare makes it
     ignored = set(lora_params)
-    denoiser, *encoders = modules_to_shard(family)
+    modules = modules_to_shard(family)
+    whole = agree_with_rank0(modules, ignored) if from_rank0 else None
+    denoiser, *encoders = modules
     blocks = shard_module(denoiser, family.shard_block_classes, mesh, ignored, reshard_after_forward)
     for encoder in encoders:
         shard_module(encoder, getattr(encoder, "_no_split_modules", None) or (), mesh, set(), reshard_after_forward)
+    if whole is not None:
+        load_from_rank0(modules, whole, device)
+    for p in lora_params:  # added on the CPU (or the meta device) with the rest of the denoiser; it stays whole
+        p.data = p.data.to(device)
+        dist.broadcast(p.data, src=0)  # every process starts from rank 0's LoRA, as DDP's prepare makes it
     return ShardedModels(denoiser=denoiser, lora_params=lora_params, blocks=blocks)
 
 

@@ -103,6 +103,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="FSDP2: split the frozen denoiser (by transformer blocks) and the largest text encoder\n"
                         "across the processes, the LoRA kept whole on each, for models too big for one GPU\n"
                         "(FLUX.2-dev, Qwen-Image); set by accelerate_configs/fsdp.yaml. docs/scaling.md.")
+    g.add_argument("--shard_size", type=int, default=None,
+                   help="With --shard on several machines: split the frozen model within groups of N processes\n"
+                        "(one machine's GPUs) and replicate it across the groups (hybrid sharding, HSDP); N divides\n"
+                        "the process count. Default: one group of all processes (under an accelerate FSDP config\n"
+                        "with fsdp_sharding_strategy: HYBRID_SHARD, one machine's processes).")
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", type=str, default="animals",
@@ -410,7 +415,9 @@ def main(args: argparse.Namespace) -> None:
     sharded: sharding.ShardedModels | None = None
     if args.shard:  # the LoRA is in the blocks before they are sharded; it stays whole (utils/run/sharding.py)
         sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
-                                        sharding.reshard_after_forward(accelerator), from_rank0=True)
+                                        sharding.reshard_after_forward(accelerator), from_rank0=True,
+                                        shard_size=args.shard_size)
+        logger.info(f"--shard: {sharded.describe()}")
     if args.gradient_checkpointing:
         checkpointed = models.family.enable_gradient_checkpointing(args.vae_block_checkpointing)
         logger.info(f"Gradient checkpointing: {', '.join(checkpointed)}")

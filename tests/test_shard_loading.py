@@ -17,7 +17,34 @@ import pytest
 import torch
 from test_fsdp import env_with
 
+from utils.run.empty_models import empty_sharded_components
+
 ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3_path", "tiny_flux_dev_path", "tiny_flux2_dev_path",
+                                     "tiny_qwen_image_path", "tiny_z_image_path"])
+def test_the_empty_modules_have_the_loaded_ones_names_shapes_and_dtypes(fixture, request):
+    """What rank 0's broadcast fills, for every family that shards and text encoders of every kind (CLIP, T5,
+    Mistral3, Qwen2.5-VL, Qwen3), built on the meta device from the configs alone: the loaded modules' parameters
+    and buffers (persistent or not), by name, shape and (for parameters) dtype."""
+    from utils.families import load_family
+    from utils.run.sharding import modules_to_shard
+
+    path = str(request.getfixturevalue(fixture))
+    family = load_family(path, dtype=torch.bfloat16)
+    empty = empty_sharded_components(type(family), path, None, torch.bfloat16)
+    loaded = {name: getattr(family.pipe, name) for name in empty}
+    assert list(loaded.values()) == modules_to_shard(family)  # the same modules rank 0 shards
+
+    def layout(module):  # a buffer's dtype may differ (SD3's fp32 pos_embed): the broadcast gives it rank 0's
+        return [(name, t.shape, t.dtype if isinstance(t, torch.nn.Parameter) else None,
+                 name.rpartition(".")[2] in module.get_submodule(name.rpartition(".")[0])._non_persistent_buffers_set)
+                for name, t in [*module.named_parameters(), *module.named_buffers()]]
+
+    for name, module in empty.items():
+        assert all(t.is_meta for t in [*module.parameters(), *module.buffers()]), name
+        assert layout(module) == layout(loaded[name]), name
+
 
 WORKER = r'''
 import json, sys
@@ -93,7 +120,6 @@ json.dump(result, open(f"{out}/rank{rank}.json", "w"))
 def test_rank0_alone_reads_the_sharded_weights_and_every_rank_ends_bitwise_as_if_all_had(tiny_flux_dev_path,
                                                                                          tmp_path):
     from utils.families import family_of
-    from utils.run.empty_models import empty_sharded_components
 
     family = family_of(str(tiny_flux_dev_path))
     sharded = empty_sharded_components(family, str(tiny_flux_dev_path), None, torch.float32)
@@ -130,3 +156,119 @@ def test_the_committed_host_memory_results_are_the_benchmarks_rendering_and_rank
     cost = results["rank1_cost_mib"]
     shard = sum(results["sharded_weights_bytes"].values()) / 2 / 2**20
     assert cost["rank0"] < cost["every"] - 0.9 * shard  # rank 1 no longer holds the sharded modules whole
+
+
+# ----------------------------------------------------------------------------------------------
+# Hybrid sharding (--shard_size): shard within groups of processes, replicate across them
+# ----------------------------------------------------------------------------------------------
+def shard_args(**overrides):
+    from test_fsdp import shard_args as base
+
+    return base(**{"shard_size": None, **overrides})
+
+
+@pytest.mark.parametrize("overrides, world, env, expected", [
+    ({"shard_size": 3}, 4, {}, "--shard_size 3 must be 2 or more and divide the 4 processes"),
+    ({"shard_size": 1}, 4, {}, "--shard_size 1 must be 2 or more"),
+    ({"shard_size": 8}, 4, {}, "--shard_size 8 must be 2 or more and divide the 4 processes"),
+    ({"shard": False, "shard_size": 2}, 4, {}, "--shard_size sizes the groups --shard splits the frozen model over"),
+    ({"shard_size": 2}, 4, {}, None),
+    ({"shard_size": 4}, 4, {}, None),  # one group: what --shard does without it
+])
+def test_a_shard_size_that_does_not_divide_the_processes_is_refused(overrides, world, env, expected):
+    from test_fsdp import flux
+
+    from utils.run.sharding import shard_problem
+
+    problem = shard_problem(shard_args(**overrides), flux(), world, env=env)
+    assert (problem is None) if expected is None else expected in problem
+
+
+def test_an_accelerate_hybrid_shard_config_shards_within_each_machine():
+    from test_fsdp import flux
+
+    from utils.run.sharding import shard_problem
+
+    hybrid = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD", "LOCAL_WORLD_SIZE": "8"}
+    args = shard_args(shard=False)
+    assert shard_problem(args, flux(), 16, env=hybrid) is None and args.shard and args.shard_size == 8
+    args = shard_args(shard=False)  # accelerate also passes the strategy as FSDP1's number (HYBRID_SHARD = 4)
+    assert shard_problem(args, flux(), 16, env={**hybrid, "FSDP_SHARDING_STRATEGY": "4"}) is None
+    assert args.shard_size == 8
+    args = shard_args(shard_size=4)  # the command line wins
+    assert shard_problem(args, flux(), 16, env=hybrid) is None and args.shard_size == 4
+    args = shard_args(shard=False)  # FULL_SHARD (accelerate's default): all processes, as --shard
+    assert shard_problem(args, flux(), 16, env={**hybrid, "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}) is None
+    assert args.shard_size is None
+
+
+def test_the_command_line_refuses_a_shard_size_in_one_line_before_loading(tiny_flux_dev_path, tmp_path,
+                                                                          monkeypatch, capsys):
+    import train_draftplus
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    with pytest.raises(SystemExit) as exit_info:
+        train_draftplus.parse_args(["--pretrained_model_name_or_path", str(tiny_flux_dev_path), "--reward",
+                                    "redness", "--height", "48", "--width", "32", "--output_dir", str(tmp_path / "out"),
+                                    "--report_to", "none", "--shard", "--shard_size", "3"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--shard_size 3 must be 2 or more and divide the 4 processes" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_four_processes_sharded_in_pairs_end_with_the_lora_of_four_ddp_processes(tiny_flux_dev_path, tmp_path):
+    from test_fsdp import REWARD, SCRIPT, max_abs_difference, metrics, train_args
+
+    from utils.lora import LORA_WEIGHTS_NAME
+
+    (tmp_path / "reward.py").write_text(REWARD)
+    short = ["--max_train_steps", "2", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "2"]
+
+    def torchrun(out, port, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                               str(port), SCRIPT, *train_args(tiny_flux_dev_path, out, tmp_path / "reward.py"),
+                               *short, *extra], cwd=ROOT, env=env_with(), capture_output=True, text=True, timeout=900)
+
+    hybrid = torchrun(tmp_path / "hsdp", 29593, "--shard", "--shard_size", "2")
+    assert hybrid.returncode == 0, hybrid.stderr[-3000:]
+    ddp = torchrun(tmp_path / "ddp", 29595)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    described = [line.split("--shard: ")[1] for line in hybrid.stderr.splitlines() if "--shard: " in line]
+    assert described and "sharded over 2 processes, in 2 replicated groups" in described[0], described
+    held = int(described[0].rsplit("holds ", 1)[1].split("%")[0])
+    assert 40 <= held <= 60, described  # half the denoiser per process: a pair holds one copy
+    assert [m["step"] for m in metrics(tmp_path / "hsdp")] == [1, 2]
+    for a, b in zip(metrics(tmp_path / "hsdp"), metrics(tmp_path / "ddp"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert len(a["reward_by_process"]) == 4
+    assert max_abs_difference(tmp_path / "hsdp" / LORA_WEIGHTS_NAME, tmp_path / "ddp" / LORA_WEIGHTS_NAME) <= 1e-6
+
+
+PROBE = """
+import json, os
+from utils.run.sharding import hybrid_shard_size
+print("PROBE " + json.dumps({"rank": int(os.environ["RANK"]), "world": int(os.environ["WORLD_SIZE"]),
+                            "shard_size": hybrid_shard_size()}))
+"""
+
+
+@pytest.mark.slow
+def test_the_multinode_fsdp_config_shards_within_each_machine(tmp_path):
+    """Two "machines" on localhost, two processes each, started as docs/scaling.md says with
+    accelerate_configs/fsdp_multinode.yaml: every process reads a shard size of its machine's 2 processes."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    launchers = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                   str(ROOT / "accelerate_configs" / "fsdp_multinode.yaml"), "--num_machines", "2",
+                                   "--num_processes", "4", "--machine_rank", str(rank), "--main_process_ip",
+                                   "127.0.0.1", "--main_process_port", "29597", "--mixed_precision", "no", str(probe)],
+                                  cwd=ROOT, env=env_with(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank in (0, 1)]
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    assert all(launcher.returncode == 0 for launcher in launchers), [err[-2000:] for _, err in outputs]
+    seen = sorted((json.loads(line.split("PROBE ", 1)[1]) for out, _ in outputs for line in out.splitlines()
+                   if line.startswith("PROBE ")), key=lambda r: r["rank"])
+    assert seen == [{"rank": rank, "world": 4, "shard_size": 2} for rank in range(4)]

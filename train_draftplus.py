@@ -345,14 +345,17 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
                         "save_pretrained)") from e
     # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
     # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device;
-    # with --shard, `fully_shard` moves the modules it shards to the device shard by shard.
+    # with --shard, `fully_shard` moves the modules it shards to the device shard by shard (a sharded text encoder is
+    # not offloaded: only its shards stay, and off rank 0 it has no weights to move until then).
     left = sharding.modules_to_shard(family) if args.shard else []
     for model in (*family.text_encoders, family.denoiser):
         model.requires_grad_(False).eval()
+        if any(model is m for m in left) or (model is family.denoiser and family.quantized):
+            continue
         if args.offload_text_encoders and model is not family.denoiser:
             offload_between_calls(model, accelerator.device)
             family.execution_device = accelerator.device
-        elif not (model is family.denoiser and family.quantized) and not any(model is m for m in left):
+        else:
             model.to(accelerator.device)
     family.vae.requires_grad_(False).eval().to(accelerator.device)
     if family.vae.dtype != family.vae_dtype(weight_dtype):  # e.g. SDXL's fp16-fix VAE, loaded in fp32 to decide

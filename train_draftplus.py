@@ -52,6 +52,7 @@ from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 from utils.rollout.schedulers import SCHEDULERS
 from utils.run import arg_checks, guards, sharding
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
+from utils.run.empty_models import empty_sharded_components
 from utils.run.end_of_run import finish_run
 from utils.run.metrics import StepMetrics
 from utils.run.model_card import describe_size
@@ -102,6 +103,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
                    help="FSDP2: split the frozen denoiser (by transformer blocks) and the largest text encoder\n"
                         "across the processes, the LoRA kept whole on each, for models too big for one GPU\n"
                         "(FLUX.2-dev, Qwen-Image); set by accelerate_configs/fsdp.yaml. docs/scaling.md.")
+    g.add_argument("--shard_size", type=int, default=None,
+                   help="With --shard on several machines: split the frozen model within groups of N processes\n"
+                        "(one machine's GPUs) and replicate it across the groups (hybrid sharding, HSDP); N divides\n"
+                        "the process count. Default: one group of all processes (under an accelerate FSDP config\n"
+                        "with fsdp_sharding_strategy: HYBRID_SHARD, one machine's processes).")
 
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", type=str, default="animals",
@@ -324,25 +330,32 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
     added later train."""
     mixed = accelerator.mixed_precision
     weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
+    empty = {}  # with --shard, rank 0 alone reads the weights of what is sharded (utils/run/empty_models.py)
+    if args.shard and not accelerator.is_main_process:
+        empty = empty_sharded_components(checked.family, args.pretrained_model_name_or_path, args.revision,
+                                         weight_dtype)
     try:
         family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                      vae_name_or_path=args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
                                      vae_dtype=checked.family.vae_load_dtype(weight_dtype),
-                                     quantize_base=args.quantize_base, **checked.family_options)
+                                     quantize_base=args.quantize_base, components=empty, **checked.family_options)
     except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
         raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
                         "point --pretrained_model_name_or_path at a local copy (a directory saved with "
                         "save_pretrained)") from e
     # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
     # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device;
-    # with --shard, `fully_shard` moves the modules it shards to the device shard by shard.
+    # with --shard, `fully_shard` moves the modules it shards to the device shard by shard (a sharded text encoder is
+    # not offloaded: only its shards stay, and off rank 0 it has no weights to move until then).
     left = sharding.modules_to_shard(family) if args.shard else []
     for model in (*family.text_encoders, family.denoiser):
         model.requires_grad_(False).eval()
+        if any(model is m for m in left) or (model is family.denoiser and family.quantized):
+            continue
         if args.offload_text_encoders and model is not family.denoiser:
             offload_between_calls(model, accelerator.device)
             family.execution_device = accelerator.device
-        elif not (model is family.denoiser and family.quantized) and not any(model is m for m in left):
+        else:
             model.to(accelerator.device)
     family.vae.requires_grad_(False).eval().to(accelerator.device)
     if family.vae.dtype != family.vae_dtype(weight_dtype):  # e.g. SDXL's fp16-fix VAE, loaded in fp32 to decide
@@ -405,7 +418,9 @@ def main(args: argparse.Namespace) -> None:
     sharded: sharding.ShardedModels | None = None
     if args.shard:  # the LoRA is in the blocks before they are sharded; it stays whole (utils/run/sharding.py)
         sharded = sharding.shard_models(models.family, lora_params, accelerator.device,
-                                        sharding.reshard_after_forward(accelerator))
+                                        sharding.reshard_after_forward(accelerator), from_rank0=True,
+                                        shard_size=args.shard_size)
+        logger.info(f"--shard: {sharded.describe()}")
     if args.gradient_checkpointing:
         checkpointed = models.family.enable_gradient_checkpointing(args.vae_block_checkpointing)
         logger.info(f"Gradient checkpointing: {', '.join(checkpointed)}")

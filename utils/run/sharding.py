@@ -14,6 +14,10 @@ digest, the non-finite guards and the preemption read ordinary tensors. The one 
 here instead is averaging the LoRA's gradients across processes, once per optimiser step
 (`ShardedModels.average_gradients`).
 
+Rank 0 alone reads the sharded modules' weights and broadcasts them into the shards (utils/run/empty_models.py
+builds them empty elsewhere). Over several machines, `--shard_size` shards within groups of processes and
+replicates across them (HSDP, `device_mesh`).
+
 This path runs on whatever device accelerate gives (CUDA over NCCL, CPU over gloo), so it is tested on CPU.
 accelerate's own FSDP wrapping is not used: it would shard the LoRA too, it takes a model only together with its
 optimizer, and with `cpu=True` it falls back to DDP. An accelerate FSDP config (accelerate_configs/fsdp.yaml)
@@ -42,9 +46,16 @@ def shard_problem(args: Any, family, world_size: int, env: Mapping[str, str] = o
     """The one line refusing a sharded run that cannot work (None when it can, or the run is not sharded). An
     accelerate FSDP config (ACCELERATE_USE_FSDP in the launcher's environment) turns `args.shard` on."""
     args.shard = bool(args.shard or truthy(env.get("ACCELERATE_USE_FSDP")))
+    if getattr(args, "shard_size", None) is None:  # --shard_size wins over the accelerate config
+        args.shard_size = hybrid_shard_size(env)
+    if args.shard_size is not None and not args.shard:
+        return "--shard_size sizes the groups --shard splits the frozen model over; add --shard"
     if not args.shard:
         return None
     source = "--shard" if not truthy(env.get("ACCELERATE_USE_FSDP")) else "the accelerate FSDP config"
+    if args.shard_size is not None and (args.shard_size < 2 or world_size % args.shard_size):
+        return (f"--shard_size {args.shard_size} must be 2 or more and divide the {world_size} processes (into "
+                "groups that each hold the whole model: e.g. one machine's GPUs)")
     if not family.shard_block_classes:
         return (f"{source}: {family.pipeline_class_name} models fit one GPU whole; train them with DDP "
                 "(accelerate_configs/multi_gpu.yaml)")
@@ -61,6 +72,29 @@ def shard_problem(args: Any, family, world_size: int, env: Mapping[str, str] = o
         if bad:
             return f"{option} does not go with {source}: {instead}"
     return None
+
+
+def hybrid_shard_size(env: Mapping[str, str] = os.environ) -> int | None:
+    """The shard size an accelerate FSDP config's `fsdp_sharding_strategy: HYBRID_SHARD` means, as FSDP1's hybrid
+    sharding does: one machine's processes (torchrun's LOCAL_WORLD_SIZE); None for any other strategy."""
+    if not truthy(env.get("ACCELERATE_USE_FSDP")):
+        return None
+    strategy = str(env.get("FSDP_SHARDING_STRATEGY", "")).upper()
+    if strategy in ("HYBRID_SHARD", "4"):  # accelerate takes a strategy's name or its number (FSDP1's enum)
+        return int(env.get("LOCAL_WORLD_SIZE", 1))
+    return None
+
+
+def device_mesh(device: torch.device, shard_size: int | None = None):
+    """The mesh the frozen modules are sharded over: 1-D over all processes, or with `shard_size` 2-D (HSDP): each
+    group of `shard_size` consecutive ranks (one machine's, as launchers number them) holds one copy of the model,
+    sharded, and the groups replicate it. The LoRA's gradients are averaged over all processes either way."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if shard_size is None or shard_size == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
 def largest(modules: Iterable[torch.nn.Module]) -> torch.nn.Module | None:
@@ -96,6 +130,18 @@ class ShardedModels:
     denoiser: torch.nn.Module
     lora_params: Sequence[torch.nn.Parameter]
     blocks: int  # denoiser blocks sharded
+    mesh_shape: tuple[int, ...] = ()  # (processes,), or (copies, processes per copy) with hybrid sharding
+
+    def describe(self) -> str:
+        """What the log says of the sharding: the mesh, and the share of the denoiser's weights this process holds
+        (about 1 / the processes a copy is split over)."""
+        from torch.distributed.tensor import DTensor
+
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in self.denoiser.parameters())
+        copies, per_copy = self.mesh_shape if len(self.mesh_shape) == 2 else (1, self.mesh_shape[0])
+        return (f"{self.blocks} denoiser blocks sharded over {per_copy} processes, in {copies} replicated "
+                f"group{'s' if copies > 1 else ''}; this process holds "
+                f"{held / sum(p.numel() for p in self.denoiser.parameters()):.0%} of the denoiser's weights")
 
     @torch.no_grad()
     def average_gradients(self) -> None:
@@ -115,22 +161,88 @@ def reshard_after_forward(accelerator) -> bool:
     return getattr(plugin, "reshard_after_forward", True) is not False
 
 
-def shard_models(family, lora_params: Sequence[torch.nn.Parameter], device: torch.device,
-                 reshard_after_forward: bool = True) -> ShardedModels:
-    """Shard the family's denoiser by its `shard_block_classes` and its largest text encoder by its
-    `_no_split_modules` over all processes (one mesh dimension) onto `device`, the LoRA left whole."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _tensors(module: torch.nn.Module, ignored: set[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    # Parameters (a tied one once) and buffers, non-persistent ones included: those are in no state dict, and a
+    # module built on the meta device has them empty.
+    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if t not in ignored}
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for p in lora_params:  # the LoRA was added on the CPU with the rest of the denoiser; it stays whole
-        p.data = p.data.to(device)
-        dist.broadcast(p.data, src=0)  # every process starts from rank 0's LoRA, as DDP's prepare makes it
+
+@torch.no_grad()
+def agree_with_rank0(modules: Sequence[torch.nn.Module], ignored: set[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """Before `fully_shard`: rank 0's tensors of each module (name -> its whole tensor, kept for
+    `load_from_rank0`); on the other ranks, whose modules are built on the meta device, rank 0's (shape, dtype) of
+    each, their parameters cast to rank 0's dtypes (a model can keep some modules in fp32 when loaded). A module
+    built otherwise than rank 0's loaded one is a RuntimeError."""
+    whole = [{name: t.detach() for name, t in _tensors(m, ignored).items()} for m in modules]
+    layouts = [[{name: (t.shape, t.dtype) for name, t in tensors.items()} for tensors in whole]]
+    dist.broadcast_object_list(layouts, src=0)
+    if dist.get_rank() == 0:
+        return whole
+    for module, mine, theirs in zip(modules, whole, layouts[0], strict=True):
+        if differ := sorted(set(mine).symmetric_difference(theirs)
+                            | {name for name in mine.keys() & theirs.keys() if mine[name].shape != theirs[name][0]}):
+            raise RuntimeError(f"{type(module).__name__} built empty differs from rank 0's loaded one at {differ[0]}")
+        for name, p in module.named_parameters():
+            if name in theirs and p.dtype != theirs[name][1]:
+                p.data = p.data.to(theirs[name][1])
+    return layouts[0]
+
+
+@torch.no_grad()
+def load_from_rank0(modules: Sequence[torch.nn.Module], whole: Sequence[dict[str, Any]],
+                    device: torch.device) -> None:
+    """After `fully_shard`: every tensor of `modules` that `agree_with_rank0` listed broadcast from rank 0, one at a
+    time, each rank keeping its shard of a sharded parameter (`distribute_tensor`, no further communication) and
+    the whole of a buffer. The other ranks' modules are first given (empty) memory on `device`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    rank0 = dist.get_rank() == 0
+    for module, tensors in zip(modules, whole, strict=True):
+        if not rank0:  # swapped, not replaced: the LoRA's parameters are the optimizer's; FSDP re-pads its shards
+            swap = torch.__future__.get_swap_module_params_on_conversion()
+            torch.__future__.set_swap_module_params_on_conversion(True)
+            try:
+                module.to_empty(device=device)
+            finally:
+                torch.__future__.set_swap_module_params_on_conversion(swap)
+        for name, value in tensors.items():
+            full = value.to(device) if rank0 else torch.empty(value[0], dtype=value[1], device=device)
+            dist.broadcast(full, src=0)
+            if rank0:  # its shards were cut from these very tensors
+                continue
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            current = owner._parameters.get(leaf)
+            if isinstance(current, DTensor):
+                shard = distribute_tensor(full, current.device_mesh, current.placements, src_data_rank=None)
+                current.to_local().copy_(shard.to_local())
+            elif current is not None:
+                current.copy_(full)
+            else:
+                owner._buffers[leaf] = full  # in rank 0's dtype; registered (and persistent or not) as built
+
+
+def shard_models(family, lora_params: Sequence[torch.nn.Parameter], device: torch.device,
+                 reshard_after_forward: bool = True, from_rank0: bool = False,
+                 shard_size: int | None = None) -> ShardedModels:
+    """Shard the family's denoiser by its `shard_block_classes` and its largest text encoder by its
+    `_no_split_modules` onto `device` over all processes, or over groups of `shard_size` (`device_mesh`), the LoRA
+    left whole. `from_rank0`: only rank 0 loaded those modules' weights, the other ranks built them on the meta
+    device (utils/run/empty_models.py); rank 0 broadcasts them into the shards."""
+    mesh = device_mesh(device, shard_size)
     ignored = set(lora_params)
-    denoiser, *encoders = modules_to_shard(family)
+    modules = modules_to_shard(family)
+    whole = agree_with_rank0(modules, ignored) if from_rank0 else None
+    denoiser, *encoders = modules
     blocks = shard_module(denoiser, family.shard_block_classes, mesh, ignored, reshard_after_forward)
     for encoder in encoders:
         shard_module(encoder, getattr(encoder, "_no_split_modules", None) or (), mesh, set(), reshard_after_forward)
-    return ShardedModels(denoiser=denoiser, lora_params=lora_params, blocks=blocks)
+    if whole is not None:
+        load_from_rank0(modules, whole, device)
+    for p in lora_params:  # added on the CPU (or the meta device) with the rest of the denoiser; it stays whole
+        p.data = p.data.to(device)
+        dist.broadcast(p.data, src=0)  # every process starts from rank 0's LoRA, as DDP's prepare makes it
+    return ShardedModels(denoiser=denoiser, lora_params=lora_params, blocks=blocks, mesh_shape=tuple(mesh.shape))
 
 
 def register_checkpoint_hooks(accelerator, family, sharded: ShardedModels, optimizer: torch.optim.Optimizer) -> None:

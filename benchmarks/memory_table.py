@@ -62,6 +62,11 @@ RECIPES = (
     Recipe("Qwen-Image nf4", "qwen-image", 24, extra=("--quantize_base", "nf4")),
     Recipe("Qwen-Image nf4, text encoders offloaded, reward bf16", "qwen-image", 24,
            extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16")),
+    Recipe("Qwen-Image bf16, text encoders offloaded, VAE per block", "qwen-image", 80,
+           extra=("--offload_text_encoders", "--vae_block_checkpointing")),
+    Recipe("Qwen-Image nf4, text encoders offloaded, reward bf16, VAE per block", "qwen-image", 24,
+           extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16",
+                  "--vae_block_checkpointing")),
     # Turbo's recipe: 9 steps without guidance (docs/recipes/z_image.md); its config cannot tell it from the base
     Recipe("Z-Image-Turbo", "z-image-turbo", 24, extra=("--num_inference_steps", "9", "--guidance_scale", "0")),
     Recipe("Z-Image-Turbo, text encoders offloaded, reward bf16", "z-image-turbo", 24,
@@ -97,7 +102,7 @@ def estimate_row(argv: list[str]) -> dict:
     except SystemExit:  # a family not registered yet, configs not committed yet: one line on stderr
         return {"status": "pending: the trainer does not take this model yet (its configs or family are missing)"}
     estimate = estimate_memory(args, args.checked)
-    return {"status": "estimated", "peak_bytes": estimate.total, "peak_phase": estimate.peak.phase,
+    return {"status": "estimated", "peak_bytes": estimate.total, "peak_phase": estimate.peak_phase,
             "held_bytes": estimate.held(), "phase_peak_bytes": estimate.phase_peaks,
             "computed": [vars(part) for part in estimate.computed], "notes": estimate.notes,
             "settings": estimate.settings, "seconds": round(time.perf_counter() - start, 1)}

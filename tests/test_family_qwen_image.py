@@ -15,6 +15,7 @@ from utils.families import family_of, load_family
 from utils.families.qwen_image import TEXT_STREAM_ONLY, QwenImage
 from utils.lora import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME, add_lora
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step, rollout
+from utils.rollout.vae_checkpointing import decoder_blocks, decoder_stages
 
 PROMPTS = ["a red circle", "a photo of a big blue dog"]  # different lengths: the text mask is in play
 SEQ = 16  # --max_sequence_length
@@ -432,11 +433,41 @@ def test_two_process_gloo_run_with_compile_trains_qwen_image(tiny_qwen_image_pat
     assert len(digests) == 1 and (out / LORA_WEIGHTS_NAME).is_file()
 
 
-def test_gradient_checkpointing_leaves_out_the_vae_its_class_cannot_checkpoint(tiny_qwen_image_path, tiny_sd_path):
-    """AutoencoderKLQwenImage refuses gradient checkpointing: --gradient_checkpointing checkpoints the transformer
-    and decodes without; a UNet family checkpoints both."""
+def test_gradient_checkpointing_checkpoints_the_vae_its_class_cannot(tiny_qwen_image_path, tiny_sd_path):
+    """AutoencoderKLQwenImage refuses diffusers' gradient checkpointing, but the family decodes an image without
+    its feature cache: --gradient_checkpointing checkpoints its decoder per up block as diffusers does a UNet
+    family's, --vae_block_checkpointing per block."""
     qwen = load_family(str(tiny_qwen_image_path), max_sequence_length=SEQ)
-    assert qwen.enable_gradient_checkpointing() == ["transformer"]
-    assert qwen.denoiser.gradient_checkpointing and not getattr(qwen.vae, "gradient_checkpointing", False)
+    assert qwen.enable_gradient_checkpointing() == ["transformer", "vae"]
+    assert qwen.denoiser.gradient_checkpointing
+    assert [type(s).__name__ for s in decoder_stages(qwen.vae) if getattr(s, "_draftplus_checkpointed", False)] == [
+        "QwenImageMidBlock", *["QwenImageUpBlock"] * len(qwen.vae.decoder.up_blocks)]
+    per_block = load_family(str(tiny_qwen_image_path), max_sequence_length=SEQ)
+    assert per_block.enable_gradient_checkpointing(vae_blocks=True) == ["transformer", "vae (per block)"]
+    assert all(getattr(b, "_draftplus_checkpointed", False) for b in decoder_blocks(per_block.vae))
     sd = load_family(str(tiny_sd_path))
     assert sd.enable_gradient_checkpointing() == ["unet", "vae"]
+
+
+@pytest.mark.parametrize("vae_blocks", [False, True], ids=["per_up_block", "per_block"])
+def test_checkpointing_gives_the_same_images_and_lora_gradient(tiny_qwen_image_path, vae_blocks):
+    """--gradient_checkpointing, with and without --vae_block_checkpointing: the rollout's images bit for bit and
+    the LoRA gradient through the VAE decode as without checkpointing."""
+    family = load(tiny_qwen_image_path, true_cfg_scale=3.0)
+    params = add_lora(family.denoiser, rank=4, target_modules=family.target_modules(["attention"]))
+    randomise_lora_B(family.denoiser, seed=1)
+    noise = noise_for(family, 48, 32)
+    config = RolloutConfig(num_inference_steps=2, guidance_scale=0.0)
+
+    def images_and_grads():
+        cond = family.encode_prompts(PROMPTS, NEGATIVE)
+        images = rollout(models_of(family), cond, noise, config, generator=torch.Generator().manual_seed(0)).images
+        return images.detach(), torch.autograd.grad(images[:, 0].square().mean(), params)
+
+    images, grads = images_and_grads()
+    family.enable_gradient_checkpointing(vae_blocks)
+    images_ckpt, grads_ckpt = images_and_grads()
+    assert torch.equal(images_ckpt, images)
+    assert all(g.abs().sum() > 0 for g in grads)
+    for g, h in zip(grads_ckpt, grads, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-6, atol=1e-9)

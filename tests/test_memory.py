@@ -70,6 +70,19 @@ def test_checkpointing_and_size_move_the_estimate(tiny_sd_path):
 
 
 @pytest.mark.slow  # builds and traces models: tens of seconds
+def test_vae_checkpointing_moves_the_qwen_image_estimate(tiny_qwen_image_path):
+    """Qwen-Image's VAE, which diffusers cannot checkpoint, is checkpointed by the family: per up block with
+    --gradient_checkpointing, per block with --vae_block_checkpointing, each estimate lower."""
+    def total(*extra):
+        args = estimate_args(tiny_qwen_image_path, "--resolution", "256", "--max_sequence_length", "16", *extra)
+        return estimate_memory(args, args.checked).total
+
+    plain, per_up_block = total(), total("--gradient_checkpointing")
+    per_block = total("--gradient_checkpointing", "--vae_block_checkpointing")
+    assert per_block < per_up_block < plain
+
+
+@pytest.mark.slow  # builds and traces models: tens of seconds
 def test_a_second_copy_of_the_denoiser_moves_the_estimate(tiny_sd_path, monkeypatch):
     args = estimate_args(tiny_sd_path, "--resolution", "32")
     before = estimate_memory(args, args.checked)
@@ -127,6 +140,22 @@ def test_report_names_what_does_not_fit():
     estimate = MemoryEstimate(Peak(30 * 10**9, GRADED, {weights_label("transformer"): 30 * 10**9}), {GRADED: 30 * 10**9})
     text = render(estimate)
     assert "24 GB: does not fit" in text and "48 GB: fits" in text
+
+
+def test_the_peak_is_the_prompt_encoding_when_offloaded_encoders_make_it():
+    """With --offload_text_encoders the prompt encoding's peak (the encoders on the GPU) is a floor: where it is
+    above the step's traced peak less the encoders, the report and the table say the peak comes then."""
+    from utils.memory.estimate import ComputedPart, MemoryEstimate
+    from utils.memory.step import PROMPTS
+    from utils.memory.trace import Peak
+
+    offloaded = [ComputedPart("weights: text_encoders (offloaded)", -10 * 10**9, "")]
+    traced = Peak(30 * 10**9, GRADED, {weights_label("transformer"): 20 * 10**9})
+    floor_wins = MemoryEstimate(traced, {PROMPTS: 25 * 10**9, GRADED: 30 * 10**9}, offloaded, floor=25 * 10**9)
+    assert floor_wins.total == 25 * 10**9 and floor_wins.peak_phase == PROMPTS
+    assert f"comes during: {PROMPTS}" in render(floor_wins) and f"Held at the {GRADED} peak" in render(floor_wins)
+    step_wins = MemoryEstimate(traced, {PROMPTS: 15 * 10**9, GRADED: 30 * 10**9}, offloaded, floor=15 * 10**9)
+    assert step_wins.total == 20 * 10**9 and step_wins.peak_phase == GRADED
 
 
 def test_reward_from_architecture_scores_on_the_rewards_own_code_path():

@@ -25,7 +25,7 @@ from utils.errors import UserError
 from utils.lora.adapters import expand_target_modules
 from utils.lora.exports import export_kohya
 from utils.lora.files import KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
-from utils.rollout.vae_checkpointing import checkpoint_decoder_blocks
+from utils.rollout.vae_checkpointing import checkpoint_vae
 
 
 @dataclass(frozen=True)
@@ -223,14 +223,13 @@ class ModelFamily:
         return bool(getattr(self.denoiser, "is_quantized", False))
 
     def enable_gradient_checkpointing(self, vae_blocks: bool = False) -> list[str]:
-        """`--gradient_checkpointing` on the denoiser, and on the VAE where its class supports it (Qwen-Image's
-        does not): per up block as diffusers does, or with `vae_blocks` (`--vae_block_checkpointing`) per decoder
-        block, which holds less during the decode's backward. Returns the components checkpointed."""
+        """`--gradient_checkpointing` on the denoiser and the VAE decoder: per up block as diffusers does, or with
+        `vae_blocks` (`--vae_block_checkpointing`) per decoder block, which holds less during the decode's
+        backward (utils/rollout/vae_checkpointing.py). Returns the components checkpointed."""
         done = [self.denoiser_name]
         self.denoiser.enable_gradient_checkpointing()
-        if getattr(self.vae, "_supports_gradient_checkpointing", False):
-            checkpoint_decoder_blocks(self.vae) if vae_blocks else self.vae.enable_gradient_checkpointing()
-            done.append("vae (per block)" if vae_blocks else "vae")
+        if (vae := checkpoint_vae(self.vae, vae_blocks)) is not None:
+            done.append(vae)
         return done
 
     @property

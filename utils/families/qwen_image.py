@@ -177,7 +177,7 @@ class QwenImage(FlowTransformerFamily):
 
     def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """As QwenImagePipeline: z * std + mean per channel (as it computes it: divided by 1 / std, in the VAE's
-        dtype), decoded as a one-frame video."""
+        dtype), decoded as a one-frame video (`decode_frame`)."""
         from utils.rollout.loop import vae_images
 
         config = vae.config
@@ -185,7 +185,7 @@ class QwenImage(FlowTransformerFamily):
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
         inverse_std = 1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
         latents = latents / inverse_std + mean
-        return vae_images(vae, latents, lambda z: vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0])
+        return vae_images(vae, latents, lambda z: decode_frame(vae, z))
 
     @classmethod
     def pipeline_timestep(cls, pipe, timestep):
@@ -193,3 +193,21 @@ class QwenImage(FlowTransformerFamily):
         step's own timestep in `current_timestep`."""
         current = getattr(pipe, "current_timestep", None)
         return current if current is not None else timestep * 1000
+
+
+def decode_frame(vae, latents: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(latents as one frame)[:, :, 0]` bit for bit, without the VAE's feature cache.
+
+    AutoencoderKLQwenImage decodes a video frame by frame, each causal conv and temporal upsampler keeping a copy
+    of its input in a cache for the next frame. An image is one frame: every cache read finds nothing (a causal
+    conv then zero-pads in time as with no cache, a temporal upsampler skips its time conv as with no cache) and
+    nothing reads what is written. Decoding without the cache gives the same image, does not hold those copies,
+    and leaves every decoder block a pure function that gradient checkpointing can recompute
+    (utils/rollout/vae_checkpointing.py). A tiled VAE decodes through its own (cached) tiled path."""
+    if vae.use_tiling:
+        return vae.decode(latents.unsqueeze(2), return_dict=False)[0][:, :, 0]
+    if (hook := getattr(vae, "_hf_hook", None)) is not None:  # what `decode`'s apply_forward_hook runs (offload)
+        hook.pre_forward(vae)
+    parts = latents.split(1) if vae.use_slicing else [latents]
+    frames = [vae.decoder(vae.post_quant_conv(z.unsqueeze(2))) for z in parts]
+    return torch.cat(frames).clamp(-1.0, 1.0)[:, :, 0]

@@ -39,6 +39,11 @@ class MemoryEstimate:
         """The estimated peak in bytes: the traced peak with the computed parts."""
         return max(self.peak.total + sum(part.bytes for part in self.computed), self.floor)
 
+    @property
+    def peak_phase(self) -> str:
+        """The phase of the estimated peak: the prompt encoding where the floor is above the traced peak."""
+        return PROMPTS if self.floor > self.peak.total + sum(p.bytes for p in self.computed) else self.peak.phase
+
     def held(self) -> dict[str, int]:
         """What the peak holds, by part (computed parts under their own labels, corrections included)."""
         return {**self.peak.held, **{part.label: part.bytes for part in self.computed}}

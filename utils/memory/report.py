@@ -37,7 +37,9 @@ def render(estimate: MemoryEstimate) -> str:
              f"  {s.get('model')} ({s.get('family')}), {s.get('height')}x{s.get('width')}, batch {s.get('batch')}, "
              f"{s.get('dtype')}, K={s.get('K')}, gradient checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}, "
              f"reward {s.get('reward')} ({s.get('reward_dtype')})",
-             f"  The peak comes during: {estimate.peak.phase}", "", "Held at the peak (GiB):"]
+             f"  The peak comes during: {estimate.peak_phase}", "",
+             # With the floor as the peak, the parts are the step's own peak's, which the floor is above.
+             f"Held at the {'' if estimate.peak_phase == estimate.peak.phase else estimate.peak.phase + ' '}peak (GiB):"]
     width = max(len(k) for k, _ in part_rows(estimate))
     lines += [f"  {k:<{width}}  {gib(v):>8}" for k, v in part_rows(estimate)]
     lines += ["", "Peak during each phase (GiB):"]

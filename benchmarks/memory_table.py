@@ -57,6 +57,11 @@ RECIPES = (
     Recipe("FLUX.2-dev nf4", "flux2-dev", 48, extra=("--quantize_base", "nf4")),
     Recipe("FLUX.2-dev nf4, text encoders offloaded", "flux2-dev", 48,
            extra=("--quantize_base", "nf4", "--offload_text_encoders")),
+    # The prompts encoded once, before the run (on the CPU: Mistral's 48 GB never on the GPU; on the GPU: alone)
+    Recipe("FLUX.2-dev nf4, prompts encoded ahead on the CPU", "flux2-dev", 48,
+           extra=("--quantize_base", "nf4", "--precompute_prompt_embeddings", "cpu")),
+    Recipe("FLUX.2-dev nf4, prompts encoded ahead on the GPU", "flux2-dev", 48,
+           extra=("--quantize_base", "nf4", "--precompute_prompt_embeddings")),
     Recipe("Qwen-Image bf16", "qwen-image", 80),
     Recipe("Qwen-Image bf16, text encoders offloaded", "qwen-image", 80, extra=("--offload_text_encoders",)),
     Recipe("Qwen-Image nf4", "qwen-image", 24, extra=("--quantize_base", "nf4")),
@@ -97,7 +102,7 @@ def estimate_row(argv: list[str]) -> dict:
     except SystemExit:  # a family not registered yet, configs not committed yet: one line on stderr
         return {"status": "pending: the trainer does not take this model yet (its configs or family are missing)"}
     estimate = estimate_memory(args, args.checked)
-    return {"status": "estimated", "peak_bytes": estimate.total, "peak_phase": estimate.peak.phase,
+    return {"status": "estimated", "peak_bytes": estimate.total, "peak_phase": estimate.peak_phase,
             "held_bytes": estimate.held(), "phase_peak_bytes": estimate.phase_peaks,
             "computed": [vars(part) for part in estimate.computed], "notes": estimate.notes,
             "settings": estimate.settings, "seconds": round(time.perf_counter() - start, 1)}
@@ -191,9 +196,9 @@ def render(rows: dict[str, dict]) -> str:
              "", "Setting: 1024 px (512 for SD1.5), bf16 weights, batch 1, K=1, LoRA rank 4 (attention), gradient "
              "checkpointing, PickScore (fp32), AdamW, the family's rollout defaults. GB = 1e9 bytes; the CUDA "
              "context (~0.5 GB) and allocator fragmentation come on top. 'Without text encoders': the peak less the "
-             "text encoders' weights, which a run that keeps them off the GPU between prompt encodings (or encodes "
-             "its prompts once, ahead) would not hold at the peak (it comes after the encoding): "
-             "`--offload_text_encoders`.", "",
+             "text encoders' weights, which a run that keeps them off the GPU between prompt encodings "
+             "(`--offload_text_encoders`) or encodes its prompts once, ahead (`--precompute_prompt_embeddings`), "
+             "does not hold at the peak (it comes after the encoding).", "",
              "| recipe | peak (GB) | goal (GB) | " + " | ".join(f"fits {gb} GB" for gb in CEILINGS_GB)
              + " | weights (GB) | text encoders (GB) | without text encoders (GB) | peak during "
              "| computed, not traced |",

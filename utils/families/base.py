@@ -172,14 +172,15 @@ class ModelFamily:
         dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype | None = None,
         quantize_base: str | None = None,
+        components: dict[str, Any] | None = None,
         **options: Any,
     ) -> ModelFamily:
         """Load the pipeline with its weights in `dtype` (the VAE in `vae_dtype`, default `dtype`), optionally
-        with a replacement VAE, and with `quantize_base="nf4"` the denoiser in bitsandbytes 4-bit (QLoRA;
-        needs CUDA). `options`: the family's `options` (e.g. max_sequence_length)."""
+        with a replacement VAE, and with `quantize_base="nf4"` the denoiser in bitsandbytes 4-bit (QLoRA; needs
+        CUDA). `components`: the pipeline's given ones (None: not loaded). `options`: the family's (`options`)."""
         from utils.toys.toy import resolve_model_path  # imports the toys' trainers: only when loading
 
-        kwargs = dict(cls.load_kwargs)
+        kwargs = {**cls.load_kwargs, **(components or {})}
         vae_dtype = vae_dtype or dtype
         if vae_name_or_path is not None:
             from diffusers import AutoencoderKL
@@ -190,9 +191,8 @@ class ModelFamily:
                                                           revision=revision, dtype=vae_dtype)
         if quantize_base is not None:
             kwargs["quantization_config"] = cls.quantization_config(quantize_base, dtype)
-        pipe = cls.pipeline_class().from_pretrained(resolve_model_path(name_or_path), revision=revision,
-                                                     variant=variant, dtype={"default": dtype, "vae": vae_dtype},
-                                                     **kwargs)
+        pipe = cls.pipeline_class().from_pretrained(resolve_model_path(name_or_path), revision=revision, variant=variant,
+                                                     dtype={"default": dtype, "vae": vae_dtype}, **kwargs)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **options)
 

@@ -37,13 +37,15 @@ def render(estimate: MemoryEstimate) -> str:
              f"  {s.get('model')} ({s.get('family')}), {s.get('height')}x{s.get('width')}, batch {s.get('batch')}, "
              f"{s.get('dtype')}, K={s.get('K')}, gradient checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}, "
              f"reward {s.get('reward')} ({s.get('reward_dtype')})",
-             f"  The peak comes during: {estimate.peak.phase}", "", "Held at the peak (GiB):"]
+             f"  The peak comes during: {estimate.peak_phase}", "", "Held at the peak (GiB):"]
     width = max(len(k) for k, _ in part_rows(estimate))
     lines += [f"  {k:<{width}}  {gib(v):>8}" for k, v in part_rows(estimate)]
     lines += ["", "Peak during each phase (GiB):"]
     computed = sum(p.bytes for p in estimate.computed)
-    # The prompt encoding's peak with offloaded text encoders is the floor, which holds them.
-    lines += [f"  {k:<{width}}  {gib(estimate.floor if k == PROMPTS and estimate.floor else v + computed):>8}"
+    # The prompt encoding's peak with offloaded text encoders is the floor, which holds them; encoded apart
+    # (--precompute_prompt_embeddings), the floor is that encoding's peak (0 on the CPU).
+    apart = estimate.floor or estimate.encoding_apart
+    lines += [f"  {k:<{width}}  {gib(estimate.floor if k == PROMPTS and apart else v + computed):>8}"
               for k, v in estimate.phase_peaks.items() if k in PHASES]
     if estimate.computed:
         lines += ["", "Computed, not traced:"] + [f"  {p.label}: {gib(p.bytes)} GiB ({p.how})" for p in estimate.computed]

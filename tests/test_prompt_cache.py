@@ -1,0 +1,187 @@
+"""--precompute_prompt_embeddings: for every family, the cached conditioning gives the images and LoRA gradient of
+encoding each step (a batch of one bit for bit, of two to float rounding), validation's pipeline gives the same
+latents from the recorded encodings with the text encoders gone, and the estimator shows the option's effect."""
+
+import contextlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rewards import build_reward
+from utils.families import load_family
+from utils.families.text_encoders import release_text_encoders
+from utils.lora import add_lora
+from utils.rollout.loop import Models, RolloutConfig, draftplus_step
+from utils.run import prompt_cache
+
+PROMPTS = ["a red square", "a much longer prompt: a small blue circle on a wide green field at noon"]
+# fixture, family options, guidance scale, negative prompt, image height and width
+CASES = {
+    "sd": ("tiny_sd_path", {}, 7.5, "blurry", 32, 32),
+    "sdxl": ("tiny_sdxl_path", {}, 7.5, "", 32, 32),
+    "sd3": ("tiny_sd3_path", {}, 7.0, "blurry", 48, 32),
+    "flux-dev": ("tiny_flux_dev_path", {"true_cfg_scale": 2.0}, 3.5, "blurry", 32, 32),
+    "flux2-dev": ("tiny_flux2_dev_path", {}, 4.0, "", 48, 32),
+    "flux2-klein": ("tiny_flux2_klein_path", {}, 4.0, "blurry", 48, 32),
+    "qwen-image": ("tiny_qwen_image_path", {"true_cfg_scale": 4.0}, 0.0, "blurry", 48, 32),
+    "z-image": ("tiny_z_image_path", {}, 5.0, "blurry", 48, 32),
+}
+
+
+def one_step(family, lora_params, prompts, config, negative_prompt, size, prompt_embeddings=None):
+    models = Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
+                    scheduler=family.pipe.scheduler, prompt_embeddings=prompt_embeddings)
+    noise = torch.randn(family.latent_shape(len(prompts), *size), generator=torch.Generator().manual_seed(0))
+    images = []
+
+    def reward(x, prompts):
+        images.append(x.detach().clone())
+        return build_reward("redness")(x, prompts)
+
+    loss, _, _ = draftplus_step(models, reward, prompts, noise, config, 0.1, negative_prompt)
+    loss.backward()
+    grads = [p.grad.clone() for p in lora_params]
+    for p in lora_params:
+        p.grad = None
+    return images[0], grads
+
+
+def assert_same(a, b, exact):
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(a, b, **tolerance)
+
+
+# SD1.5 in the fast lane; every family in the slow one (3-6 s each).
+@pytest.mark.parametrize("case", [case if case == "sd" else pytest.param(case, marks=pytest.mark.slow) for case in CASES])
+def test_cached_conditioning_gives_the_same_images_gradient_and_validation_latents(case, request, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(prompt_cache, "SHARD_BYTES", 1)  # a shard per prompt: reading across shards
+    fixture, options, guidance_scale, negative_prompt, height, width = CASES[case]
+    family = load_family(str(request.getfixturevalue(fixture)), **options)
+    for module in (*family.text_encoders, family.denoiser, family.vae):
+        module.requires_grad_(False).eval()
+    lora_params = add_lora(family.denoiser, rank=4)
+    for p in lora_params:  # lora_B away from its zero init, so the LoRA changes the images
+        torch.nn.init.normal_(p, std=0.05)
+    config = RolloutConfig(num_inference_steps=2, guidance_scale=guidance_scale)
+    args = SimpleNamespace(negative_prompt=negative_prompt, height=height, width=width, guidance_scale=guidance_scale,
+                           validation_prompts=["a red square"], num_validation_images=2, seed=0,
+                           num_inference_steps=2, eta=0.0)
+
+    def validation_latents():
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        return prompt_cache.sample_validation_latents(family, args, "a red square", generators)
+
+    encoded = {n: one_step(family, lora_params, PROMPTS[:n], config, negative_prompt, (height, width))
+               for n in (1, 2)}
+    validation = validation_latents()
+
+    cache = prompt_cache.PromptEmbeddingCache(str(tmp_path), {"case": case})
+    cache.write(family, args, PROMPTS, config.guided, torch.device("cpu"), contextlib.nullcontext)
+    assert cache.ready() and cache.path == tmp_path / prompt_cache.CACHE_DIR / prompt_cache.INDEX_NAME
+    assert sorted(p.name for p in cache.dir.iterdir()) == [prompt_cache.SHARD_NAME.format(0),
+                                                           prompt_cache.SHARD_NAME.format(1), prompt_cache.INDEX_NAME]
+    released = release_text_encoders(family, torch.device("cpu"))
+    assert released and not family.text_encoders
+    assert all(getattr(family.pipe, name) is None for name in released)
+    assert prompt_cache.replay_prompt_encodings(family.pipe, cache.path) >= 1
+    embeddings = cache.embeddings(PROMPTS, args, config.guided, torch.device("cpu"))
+
+    for n, exact in ((1, True), (2, False)):
+        images, grads = one_step(family, lora_params, PROMPTS[:n], config, negative_prompt, (height, width),
+                                 embeddings)
+        assert_same(images, encoded[n][0], exact)
+        for g, h in zip(grads, encoded[n][1], strict=True):
+            assert_same(g, h, exact)
+    assert any(g.abs().sum() > 0 for g in encoded[1][1])
+    assert_same(validation_latents(), validation, exact=True)  # from the recorded encodings, no encoder left
+    with pytest.raises(ValueError, match="encoded for"):  # another setting than the cached one is never served
+        embeddings(PROMPTS[:1], negative_prompt + "x", config.guided, height=height, width=width)
+
+
+def test_overwrite_output_dir_removes_the_cache(tmp_path):
+    from utils.run.output_dir import clear_previous_run, previous_run_files
+
+    (tmp_path / prompt_cache.CACHE_DIR).mkdir()
+    (tmp_path / prompt_cache.CACHE_DIR / prompt_cache.INDEX_NAME).write_bytes(b"x")
+    assert previous_run_files(tmp_path) == [prompt_cache.CACHE_DIR]
+    clear_previous_run(tmp_path, "logs")
+    assert not (tmp_path / prompt_cache.CACHE_DIR).exists()
+
+
+@pytest.mark.slow  # four training runs
+def test_a_run_encodes_once_frees_the_encoders_and_a_resume_reads_the_cache(tiny_sd_path, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tests.test_train import SCRIPT, base_args, metrics, run
+
+    def train(out, *extra):
+        result = run([sys.executable, SCRIPT, *base_args(tiny_sd_path, out, "--checkpointing_steps", "1",
+                                                         "--validation_prompts", "a cat", "--num_validation_images",
+                                                         "2", *extra)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    def stored(path):
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    plain, out = tmp_path / "plain", tmp_path / "cached"
+    train(plain, "--max_train_steps", "2")
+    log = train(out, "--max_train_steps", "2", "--precompute_prompt_embeddings")
+    cache = out / prompt_cache.CACHE_DIR / prompt_cache.INDEX_NAME
+    assert "Encoded 45 training prompts and validation's 1 encode_prompt call(s)" in log  # the animals; "a cat"
+    assert "text encoders text_encoder;" in log
+    # batch 1: the same images, so the same rewards, bit for bit
+    assert [m["reward"] for m in metrics(out)] == [m["reward"] for m in metrics(plain)]
+    assert (out / "validation_before_after.png").is_file()
+    metadata, tensors = stored(cache)
+    assert json.loads(metadata["fingerprint"])["prompt_count"] == 45 and len(json.loads(metadata["train"])) == 45
+
+    mtime = cache.stat().st_mtime_ns
+    log = train(out, "--max_train_steps", "3", "--precompute_prompt_embeddings", "--resume_from_checkpoint", "latest")
+    assert "text encoders not loaded" in log and "Encoded" not in log
+    assert cache.stat().st_mtime_ns == mtime
+
+    # Another fingerprint on disk (as if encoded with another seed): not used, encoded anew.
+    fingerprint = json.loads(metadata["fingerprint"])
+    save_file(tensors, str(cache), {**metadata, "fingerprint": json.dumps({**fingerprint, "seed": 1})})
+    log = train(out, "--max_train_steps", "4", "--precompute_prompt_embeddings", "--resume_from_checkpoint", "latest")
+    assert "encoded with other settings (seed): encoding anew" in log and "Encoded 45 training prompts" in log
+    assert json.loads(stored(cache)[0]["fingerprint"]) == fingerprint
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # traces the model three times: tens of seconds
+def test_the_estimate_encodes_apart_and_holds_no_text_encoder(tiny_flux_dev_path):
+    import train_draftplus
+    from utils.memory import estimate_memory, render
+    from utils.memory.step import CACHED_PROMPTS, PROMPTS
+
+    def estimate(*extra):
+        args = train_draftplus.parse_args(["--pretrained_model_name_or_path", str(tiny_flux_dev_path), "--reward",
+                                           "redness", "--resolution", "32", "--num_inference_steps", "3",
+                                           "--estimate_memory", "--report_to", "none", *extra])
+        return estimate_memory(args, args.checked)
+
+    plain, on_gpu, on_cpu = estimate(), estimate("--precompute_prompt_embeddings"), estimate(
+        "--precompute_prompt_embeddings", "cpu")
+    encoders = {k: v for k, v in plain.held().items() if k.startswith("weights: text_encoder")}
+    assert len(encoders) == 2 and all(v > 0 for v in encoders.values())
+    for cached in (on_gpu, on_cpu):
+        held = cached.held()
+        assert not any(k.startswith("weights: text_encoder") for k in held)  # not on the GPU during the step
+        assert held[CACHED_PROMPTS] > 0
+        # the step's peak: the plain one without the text encoders' weights (and their activations)
+        assert cached.peak.total <= plain.peak.total - sum(encoders.values())
+    # accelerator: the encoding alone, the largest encoder and its activations, counted in the overall peak
+    assert max(encoders.values()) < on_gpu.floor < sum(encoders.values()) + plain.phase_peaks[PROMPTS]
+    assert on_gpu.phase_peaks[PROMPTS] == on_gpu.floor and on_gpu.total == max(on_gpu.peak.total, on_gpu.floor)
+    assert on_cpu.floor == 0 and on_cpu.total == on_cpu.peak.total  # the CPU: nothing on the GPU
+    assert on_cpu.peak.total == on_gpu.peak.total
+    assert "prompt encoding" in render(on_cpu) and "--precompute_prompt_embeddings cpu" in render(on_cpu)

@@ -358,7 +358,8 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
         cache.wait()
         released = release_text_encoders(family, accelerator.device)
         logger.info(f"Prompt embeddings from {cache.path}; text encoders {', '.join(released) or 'not loaded'}; "
-                    f"validation's {prompt_cache.replay_prompt_encodings(family.pipe, cache.path)} encode_prompt call(s)")
+                    f"validation's {prompt_cache.replay_prompt_encodings(family.pipe, cache.path)} encode_prompt call(s)",
+                    main_process_only=False)
     # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
     # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device;
     # with --shard, `fully_shard` moves the modules it shards to the device shard by shard.

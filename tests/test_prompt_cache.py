@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from rewards import build_reward
+from tests.test_fsdp import fsdp_launch, fsdp_run  # noqa: F401 (a fixture: the same sharded run, encoding each step)
+from tests.test_fsdp import metrics as fsdp_metrics
 from utils.families import load_family
 from utils.families.text_encoders import release_text_encoders
 from utils.lora import add_lora
@@ -185,3 +187,23 @@ def test_the_estimate_encodes_apart_and_holds_no_text_encoder(tiny_flux_dev_path
     assert on_cpu.floor == 0 and on_cpu.total == on_cpu.peak.total  # the CPU: nothing on the GPU
     assert on_cpu.peak.total == on_gpu.peak.total
     assert "prompt encoding" in render(on_cpu) and "--precompute_prompt_embeddings cpu" in render(on_cpu)
+
+
+@pytest.mark.slow  # two processes, twice
+def test_two_sharded_processes_encode_on_the_main_one_and_train_as_without_the_option(request, tiny_flux_dev_path):
+    """Under --shard (FSDP2, gloo): rank 0 encodes and writes, rank 1 loads no text encoder and reads the cache; the
+    largest text encoder, gone, is not sharded; the losses are those of the same run encoding each step."""
+    root, _ = request.getfixturevalue("fsdp_run")
+    out = root / "cached"
+    result = fsdp_launch(tiny_flux_dev_path, out, root / "reward.py", 29597, "--precompute_prompt_embeddings")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert "[RANK 0] Prompt embeddings from" in log and "text encoders text_encoder, text_encoder_2;" in log
+    assert "[RANK 1] Prompt embeddings from" in log and "text encoders not loaded;" in log
+    assert log.count("Encoded 45 training prompts") == 1 and "FSDP2-wrapped" in log
+    assert (out / prompt_cache.CACHE_DIR / prompt_cache.INDEX_NAME).is_file()
+    straight = fsdp_metrics(root / "straight")
+    assert [m["step"] for m in fsdp_metrics(out)] == [m["step"] for m in straight]
+    for a, b in zip(fsdp_metrics(out), straight, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["reward_by_process"] == pytest.approx(b["reward_by_process"], rel=1e-5)

@@ -150,11 +150,11 @@ def test_a_run_encodes_once_frees_the_encoders_and_a_resume_reads_the_cache(tiny
     assert "text encoders not loaded" in log and "Encoded" not in log
     assert cache.stat().st_mtime_ns == mtime
 
-    # Another fingerprint on disk (as if encoded with another seed): not used, encoded anew.
+    # Another fingerprint on disk (as if encoded for another size): not used, encoded anew.
     fingerprint = json.loads(metadata["fingerprint"])
-    save_file(tensors, str(cache), {**metadata, "fingerprint": json.dumps({**fingerprint, "seed": 1})})
+    save_file(tensors, str(cache), {**metadata, "fingerprint": json.dumps({**fingerprint, "height": 64})})
     log = train(out, "--max_train_steps", "4", "--precompute_prompt_embeddings", "--resume_from_checkpoint", "latest")
-    assert "encoded with other settings (seed): encoding anew" in log and "Encoded 45 training prompts" in log
+    assert "encoded with other settings (height): encoding anew" in log and "Encoded 45 training prompts" in log
     assert json.loads(stored(cache)[0]["fingerprint"]) == fingerprint
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
 
@@ -207,3 +207,15 @@ def test_two_sharded_processes_encode_on_the_main_one_and_train_as_without_the_o
     for a, b in zip(fsdp_metrics(out), straight, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["reward_by_process"] == pytest.approx(b["reward_by_process"], rel=1e-5)
+
+
+def test_the_model_card_says_where_the_prompts_were_encoded(tmp_path):
+    from tests.test_model_card import make_args, parse
+    from utils.run.model_card import model_card_text
+
+    for extra, said in (((), None), (("--precompute_prompt_embeddings",), "on the GPU"),
+                        (("--precompute_prompt_embeddings", "cpu"), "on the CPU")):
+        text = parse(model_card_text(make_args("toy", tmp_path / "out", *extra), "StableDiffusionPipeline", None)).text
+        row = [line for line in text.splitlines() if line.startswith("| prompt embeddings |")]
+        assert row == ([] if said is None else [f"| prompt embeddings | encoded once before training, {said} "
+                                                 f"(`--precompute_prompt_embeddings {' '.join(extra[1:]) or 'accelerator'}`) |"])

@@ -71,7 +71,7 @@ def fingerprint(args: Any, checked: Any, weight_dtype: torch.dtype, device: torc
         "prompt_count": len(checked.prompts), "negative_prompt": args.negative_prompt, "guided": guided,
         "height": args.height, "width": args.width, "validation_prompts": list(args.validation_prompts),
         "num_validation_images": args.num_validation_images, "guidance_scale": args.guidance_scale,
-        "seed": args.seed, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
     }, sort_keys=True, default=str))
 
 

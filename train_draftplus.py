@@ -221,7 +221,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--precompute_prompt_embeddings", type=str, nargs="?", const="accelerator", default=None,
                    choices=prompt_cache.MODES,
                    help="Encode the run's prompts (training and validation) once, before the denoiser, VAE and reward\n"
-                        "come to the GPU, cache them in output_dir/prompt_embeddings.safetensors and free the text\n"
+                        "come to the GPU, cache them in output_dir/prompt_embeddings/ (safetensors) and free the text\n"
                         "encoders: none is in memory during training (FLUX.2-dev's Mistral: 48 GB in bf16). Bare\n"
                         "flag = accelerator: each encoder on the GPU only for its forward calls, alone; cpu: they\n"
                         "never leave the CPU (slower; for an encoder the GPU cannot hold). A resume with the same\n"

@@ -13,14 +13,17 @@ With the option the main process encodes, before the denoiser, the VAE and the r
 
 `accelerator`: hooks (utils/run/offload.py) bring each encoder to the GPU for its forward call only, nothing else
 resident there (but an nf4 denoiser, which bitsandbytes loads onto the GPU); `cpu`: the encoders never leave the
-CPU. Then the text encoders are taken out of the pipeline, freeing their memory; nothing later runs them.
+CPU. Then the text encoders are taken out of the pipeline (utils/families/text_encoders.py), freeing their memory;
+nothing later runs them (validation replays, `--shard` finds no encoder to shard, the card and exports need none).
 
-The cache, `<output_dir>/prompt_embeddings.safetensors`, carries a fingerprint of what the embeddings depend on
-(model, revision, variant, family options, dtype, where they were encoded, the prompts, negative prompt, guidance,
-size, validation settings, the libraries' versions). A run whose fingerprint matches reads it and loads no text
-encoder; another is encoded anew and the file replaced (the log says what changed). The main process writes it;
-the other processes load no text encoder and wait for the file. Its size: the prompts' embeddings (FLUX.2-dev:
-15.7 MB a prompt), all held in host memory while it is written; a step reads only its batch's.
+The cache, `<output_dir>/prompt_embeddings/`, is an index (`index.safetensors`: a fingerprint of what the
+embeddings depend on: model, revision, variant, family options, dtype, where they were encoded, the prompts,
+negative prompt, guidance, size, validation settings, the libraries' versions; each prompt's structure and shard;
+validation's encodings) written last, and shards of the training prompts' tensors (`SHARD_BYTES` each: what the
+main process holds while it writes). A run whose fingerprint matches reads it and loads no text encoder; another is
+encoded anew (the log says what changed). The main process writes it; the other processes load no text encoder and
+wait for the index. A step reads only its batch's tensors. Its size is the prompts' embeddings (FLUX.2-dev: 15.7 MB
+a prompt).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ SHARD_NAME = "embeddings-{:05d}.safetensors"  # the training prompts' tensors, i
 SHARD_BYTES = 2 * 10**9  # a shard's size: what the main process holds in memory at once while it writes
 MODES = ("accelerator", "cpu")
 FORMAT = 1  # of the file; part of the fingerprint
-WAIT_S = 2.0  # how often a process that does not encode looks for the main process's file
+WAIT_S = 2.0  # how often a process that does not encode looks for the main process's index
 logger = logging.getLogger("draftplus.prompt_cache")
 
 

@@ -1,6 +1,8 @@
 """--precompute_prompt_embeddings: for every family, the cached conditioning gives the images and LoRA gradient of
-encoding each step (a batch of one bit for bit, of two to float rounding), validation's pipeline gives the same
-latents from the recorded encodings with the text encoders gone, and the estimator shows the option's effect."""
+encoding each step (a batch of one bit for bit, of two to float rounding: SDXL, SD3 and Qwen-Image's encoders round
+a batch of two otherwise than two of one), in a pipeline loaded without its text encoders (as a resume loads it),
+whose validation gets its recorded encodings; a run, its resume, a mismatched cache, two sharded processes; the
+model card; and the estimator shows the option's effect."""
 
 import contextlib
 import sys
@@ -12,8 +14,8 @@ import torch
 from rewards import build_reward
 from tests.test_fsdp import fsdp_launch, fsdp_run  # noqa: F401 (a fixture: the same sharded run, encoding each step)
 from tests.test_fsdp import metrics as fsdp_metrics
-from utils.families import load_family
-from utils.families.text_encoders import release_text_encoders
+from utils.families import load_family, read_model_index
+from utils.families.text_encoders import release_text_encoders, text_encoder_components
 from utils.lora import add_lora
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 from utils.run import prompt_cache
@@ -72,13 +74,13 @@ def test_cached_conditioning_gives_the_same_images_gradient_and_validation_laten
                            validation_prompts=["a red square"], num_validation_images=2, seed=0,
                            num_inference_steps=2, eta=0.0)
 
-    def validation_latents():
+    def validation_latents(family):
         generators = [torch.Generator().manual_seed(i) for i in range(2)]
         return prompt_cache.sample_validation_latents(family, args, "a red square", generators)
 
     encoded = {n: one_step(family, lora_params, PROMPTS[:n], config, negative_prompt, (height, width))
                for n in (1, 2)}
-    validation = validation_latents()
+    validation = validation_latents(family)
 
     cache = prompt_cache.PromptEmbeddingCache(str(tmp_path), {"case": case})
     cache.write(family, args, PROMPTS, config.guided, torch.device("cpu"), contextlib.nullcontext)
@@ -88,17 +90,27 @@ def test_cached_conditioning_gives_the_same_images_gradient_and_validation_laten
     released = release_text_encoders(family, torch.device("cpu"))
     assert released and not family.text_encoders
     assert all(getattr(family.pipe, name) is None for name in released)
-    assert prompt_cache.replay_prompt_encodings(family.pipe, cache.path) >= 1
+
+    # As a resume with this cache: the pipeline loaded without its text encoders, the same LoRA.
+    path = request.getfixturevalue(fixture)
+    fresh = load_family(str(path), components=text_encoder_components(read_model_index(str(path))), **options)
+    assert not fresh.text_encoders and release_text_encoders(fresh, torch.device("cpu")) == []
+    fresh.denoiser.requires_grad_(False).eval()
+    fresh_lora = add_lora(fresh.denoiser, rank=4)
+    with torch.no_grad():
+        for p, q in zip(fresh_lora, lora_params, strict=True):
+            p.copy_(q)
+    assert prompt_cache.replay_prompt_encodings(fresh.pipe, cache.path) >= 1
     embeddings = cache.embeddings(PROMPTS, args, config.guided, torch.device("cpu"))
 
     for n, exact in ((1, True), (2, False)):
-        images, grads = one_step(family, lora_params, PROMPTS[:n], config, negative_prompt, (height, width),
+        images, grads = one_step(fresh, fresh_lora, PROMPTS[:n], config, negative_prompt, (height, width),
                                  embeddings)
         assert_same(images, encoded[n][0], exact)
         for g, h in zip(grads, encoded[n][1], strict=True):
             assert_same(g, h, exact)
     assert any(g.abs().sum() > 0 for g in encoded[1][1])
-    assert_same(validation_latents(), validation, exact=True)  # from the recorded encodings, no encoder left
+    assert_same(validation_latents(fresh), validation, exact=True)  # from the recorded encodings, no encoder
     with pytest.raises(ValueError, match="encoded for"):  # another setting than the cached one is never served
         embeddings(PROMPTS[:1], negative_prompt + "x", config.guided, height=height, width=width)
 

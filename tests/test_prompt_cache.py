@@ -111,6 +111,8 @@ def test_cached_conditioning_gives_the_same_images_gradient_and_validation_laten
             assert_same(g, h, exact)
     assert any(g.abs().sum() > 0 for g in encoded[1][1])
     assert_same(validation_latents(fresh), validation, exact=True)  # from the recorded encodings, no encoder
+    with pytest.raises(RuntimeError, match="not encoded ahead"):  # a prompt no one encoded: said, not guessed
+        prompt_cache.sample_validation_latents(fresh, args, "a blue square", [torch.Generator().manual_seed(0)])
     with pytest.raises(ValueError, match="encoded for"):  # another setting than the cached one is never served
         embeddings(PROMPTS[:1], negative_prompt + "x", config.guided, height=height, width=width)
 

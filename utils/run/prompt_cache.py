@@ -179,7 +179,8 @@ def record_validation_encodings(family: Any, args: Any, device: torch.device) ->
 
 def replay_prompt_encodings(pipe: Any, path: Path) -> int:
     """Make `pipe.encode_prompt` answer the calls recorded in the cache at `path` (validation's) from it, on the
-    device each call asks; other calls go to the pipeline's own. Returns how many calls it answers."""
+    device each call asks; a call given embeddings goes to the pipeline's own (it needs no encoder), any other is an
+    error (its encoder is gone). Returns how many calls it answers."""
     with safe_open(str(path), "pt") as f:
         records = {key: _unflatten(s, f.get_tensor) for key, s in json.loads(f.metadata()["records"]).items()}
     real = pipe.encode_prompt
@@ -187,8 +188,11 @@ def replay_prompt_encodings(pipe: Any, path: Path) -> int:
     def encode_prompt(*a: Any, **k: Any) -> Any:
         bound = _bound(real, a, k)
         key = _call_key(bound)
-        if key not in records:
+        if key is None:
             return real(*a, **k)
+        if key not in records:
+            raise RuntimeError(f"encode_prompt({key}) was not encoded ahead and the text encoders are gone "
+                               "(--precompute_prompt_embeddings)")
         device = bound.arguments.get("device") or pipe._execution_device
         return _map_tensors(records[key], lambda t: t.to(device, copy=True))
 

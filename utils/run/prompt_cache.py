@@ -35,6 +35,7 @@ import importlib
 import inspect
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -269,6 +270,8 @@ class PromptEmbeddingCache:
                 cond = family.encode_prompts([prompt], args.negative_prompt, guided, height=args.height,
                                              width=args.width)
                 entries.append([shards, _flatten(cond, f"p{i}", shard)])
+                if i == 0:  # what the whole cache will take, known from the first prompt
+                    self._say_size(sum(t.nbytes for t in shard.values()) * len(unique), len(unique))
                 if sum(t.nbytes for t in shard.values()) >= SHARD_BYTES or i == len(unique) - 1:
                     save_atomically(shard, self.dir / SHARD_NAME.format(shards), {"format": "pt"})
                     shard, shards = {}, shards + 1
@@ -283,6 +286,11 @@ class PromptEmbeddingCache:
         logger.info(f"Encoded {len(unique)} training prompts and validation's {len(records)} encode_prompt call(s) in "
                     f"{time.monotonic() - start:.1f} s on {device.type}: {self.dir} ({shards} shard(s), "
                     f"{sum(f.stat().st_size for f in self.dir.iterdir()) / 1e6:.1f} MB)")
+
+    def _say_size(self, total: int, count: int) -> None:
+        free = shutil.disk_usage(self.dir).free
+        say = logger.warning if total > free else logger.info
+        say(f"Encoding {count} prompts ahead: about {total / 1e9:.1f} GB in {self.dir} ({free / 1e9:.1f} GB free)")
 
     def wait(self) -> None:
         """Until the main process has written this run's cache (a process that does not encode)."""

@@ -330,8 +330,9 @@ def accumulate_gradients(accelerator: Accelerator, models: Models, reward_fn: Ca
 
 def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accelerator: Accelerator) -> Models:
     """The model's pipeline, loaded in the run's dtype (the VAE in its family's), frozen, with the training
-    rollout's sampler; with --quantize_base the denoiser's base weights in 4-bit. Only the LoRA adapters
-    added later train."""
+    rollout's sampler; with --quantize_base the denoiser's base weights in 4-bit; with
+    --precompute_prompt_embeddings the prompts' conditioning from the cache (encoded first where it is not this
+    run's) and no text encoder. Only the LoRA adapters added later train."""
     mixed = accelerator.mixed_precision
     weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
     cache, guided = None, RolloutConfig(guidance_scale=args.guidance_scale).guided

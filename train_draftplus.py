@@ -44,13 +44,15 @@ from tqdm.auto import tqdm
 
 from rewards import build_reward, list_rewards, parse_reward_options, resolve_dtype
 from utils.errors import UserError, fail, first_line, one_line_errors, say
+from utils.families import read_model_index
 from utils.families.help import family_list, target_presets_help
+from utils.families.text_encoders import release_text_encoders, text_encoder_components
 from utils.lora import LoraWriteError, adapted_modules, add_lora, lora_state_dict, save_lora
 from utils.prompts import sample_prompts
 from utils.rollout.compile import compile_no_grad_denoiser
 from utils.rollout.loop import Models, RolloutConfig, draftplus_step
 from utils.rollout.schedulers import SCHEDULERS
-from utils.run import arg_checks, guards, sharding
+from utils.run import arg_checks, guards, prompt_cache, sharding
 from utils.run.checkpoints import Checkpointer, checkpoint_step, public_args, register_lora_hooks
 from utils.run.empty_models import empty_sharded_components
 from utils.run.end_of_run import finish_run
@@ -222,6 +224,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--offload_text_encoders", action="store_true",
                    help="Keep the text encoders in CPU memory but while they encode the prompts: they are not on\n"
                         "the GPU at the step's peak (T5-XXL: 9.5 GB in bf16). Same results; slower steps.")
+    g.add_argument("--precompute_prompt_embeddings", type=str, nargs="?", const="accelerator", default=None,
+                   choices=prompt_cache.MODES,
+                   help="Encode the run's prompts (training and validation) once, before the denoiser, VAE and reward\n"
+                        "come to the GPU, cache them in output_dir/prompt_embeddings/ (safetensors) and free the text\n"
+                        "encoders: none is in memory during training (FLUX.2-dev's Mistral: 48 GB in bf16). Bare\n"
+                        "flag = accelerator: each encoder on the GPU only for its forward calls, alone; cpu: they\n"
+                        "never leave the CPU (slower; for an encoder the GPU cannot hold). A resume with the same\n"
+                        "settings reads the cache and loads no text encoder. Same images and gradients at batch 1.")
     g.add_argument("--estimate_memory", action="store_true",
                    help="Print the estimated peak GPU memory of one training step of this command line, per\n"
                         "process, by part, and exit without training: traced on the CPU under fake tensors,\n"
@@ -326,23 +336,42 @@ def accumulate_gradients(accelerator: Accelerator, models: Models, reward_fn: Ca
 
 def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accelerator: Accelerator) -> Models:
     """The model's pipeline, loaded in the run's dtype (the VAE in its family's), frozen, with the training
-    rollout's sampler; with --quantize_base the denoiser's base weights in 4-bit. Only the LoRA adapters
-    added later train."""
+    rollout's sampler; with --quantize_base the denoiser's base weights in 4-bit; with
+    --precompute_prompt_embeddings the prompts' conditioning from the cache (encoded first where it is not this
+    run's) and no text encoder. Only the LoRA adapters added later train."""
     mixed = accelerator.mixed_precision
     weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
     empty = {}  # with --shard, rank 0 alone reads the weights of what is sharded (utils/run/empty_models.py)
     if args.shard and not accelerator.is_main_process:
         empty = empty_sharded_components(checked.family, args.pretrained_model_name_or_path, args.revision,
                                          weight_dtype)
+    cache, guided = None, RolloutConfig(guidance_scale=args.guidance_scale).guided
+    if args.precompute_prompt_embeddings:  # only the main process encodes, and only when the cache is not this run's
+        cache = prompt_cache.PromptEmbeddingCache(args.output_dir, prompt_cache.fingerprint(
+            args, checked, weight_dtype, accelerator.device, guided))
+    encode = cache is not None and accelerator.is_main_process and not cache.ready()
+    # A process that does not encode loads no text encoder: the main process's cache will hold what they give.
+    without = (text_encoder_components(read_model_index(args.pretrained_model_name_or_path, args.revision))
+               if cache is not None and not encode else None)
     try:
         family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                      vae_name_or_path=args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
                                      vae_dtype=checked.family.vae_load_dtype(weight_dtype),
-                                     quantize_base=args.quantize_base, components=empty, **checked.family_options)
+                                     quantize_base=args.quantize_base, components={**empty, **(without or {})},
+                                     **checked.family_options)
     except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
         raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
                         "point --pretrained_model_name_or_path at a local copy (a directory saved with "
                         "save_pretrained)") from e
+    if cache is not None:  # before anything else comes to the GPU; then no text encoder is left to move
+        if encode:
+            device = torch.device("cpu") if args.precompute_prompt_embeddings == "cpu" else accelerator.device
+            cache.write(family, args, checked.prompts, guided, device, accelerator.autocast)
+        cache.wait()
+        released = release_text_encoders(family, accelerator.device)
+        logger.info(f"Prompt embeddings from {cache.path}; text encoders {', '.join(released) or 'not loaded'}; "
+                    f"validation's {prompt_cache.replay_prompt_encodings(family.pipe, cache.path)} encode_prompt call(s)",
+                    main_process_only=False)
     # Text encoders and denoiser were loaded in the weight dtype (as the pipeline loads them: a module it keeps in
     # fp32, such as T5's output projections under fp16, stays so); a 4-bit denoiser was loaded onto its device;
     # with --shard, `fully_shard` moves the modules it shards to the device shard by shard (a sharded text encoder is
@@ -362,7 +391,8 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
         family.vae.to(dtype=family.vae_dtype(weight_dtype))
     scheduler = getattr(diffusers, checked.scheduler).from_config(family.pipe.scheduler.config)
     return Models(family=family, denoiser=family.denoiser, raw_denoiser=family.denoiser, vae=family.vae,
-                  scheduler=scheduler)
+                  scheduler=scheduler, prompt_embeddings=None if cache is None else cache.embeddings(
+                      checked.prompts, args, guided, accelerator.device))
 
 
 def save_final_lora(accelerator: Accelerator, args: argparse.Namespace, models: Models,

@@ -57,6 +57,11 @@ RECIPES = (
     Recipe("FLUX.2-dev nf4", "flux2-dev", 48, extra=("--quantize_base", "nf4")),
     Recipe("FLUX.2-dev nf4, text encoders offloaded", "flux2-dev", 48,
            extra=("--quantize_base", "nf4", "--offload_text_encoders")),
+    # The prompts encoded once, before the run (on the CPU: Mistral's 48 GB never on the GPU; on the GPU: alone)
+    Recipe("FLUX.2-dev nf4, prompts encoded ahead on the CPU", "flux2-dev", 48,
+           extra=("--quantize_base", "nf4", "--precompute_prompt_embeddings", "cpu")),
+    Recipe("FLUX.2-dev nf4, prompts encoded ahead on the GPU", "flux2-dev", 48,
+           extra=("--quantize_base", "nf4", "--precompute_prompt_embeddings")),
     Recipe("Qwen-Image bf16", "qwen-image", 80),
     Recipe("Qwen-Image bf16, text encoders offloaded", "qwen-image", 80, extra=("--offload_text_encoders",)),
     Recipe("Qwen-Image nf4", "qwen-image", 24, extra=("--quantize_base", "nf4")),
@@ -66,6 +71,13 @@ RECIPES = (
            extra=("--offload_text_encoders", "--vae_block_checkpointing")),
     Recipe("Qwen-Image nf4, text encoders offloaded, reward bf16, VAE per block", "qwen-image", 24,
            extra=("--quantize_base", "nf4", "--offload_text_encoders", "--reward_dtype", "bf16",
+                  "--vae_block_checkpointing")),
+    # an nf4 denoiser is on the GPU from its loading (bitsandbytes): the text encoder beside it only on the GPU
+    Recipe("Qwen-Image nf4, prompts encoded ahead on the CPU, reward bf16, VAE per block", "qwen-image", 24,
+           extra=("--quantize_base", "nf4", "--precompute_prompt_embeddings", "cpu", "--reward_dtype", "bf16",
+                  "--vae_block_checkpointing")),
+    Recipe("Qwen-Image nf4, prompts encoded ahead on the GPU, reward bf16, VAE per block", "qwen-image", 24,
+           extra=("--quantize_base", "nf4", "--precompute_prompt_embeddings", "--reward_dtype", "bf16",
                   "--vae_block_checkpointing")),
     # Turbo's recipe: 9 steps without guidance (docs/recipes/z_image.md); its config cannot tell it from the base
     Recipe("Z-Image-Turbo", "z-image-turbo", 24, extra=("--num_inference_steps", "9", "--guidance_scale", "0")),
@@ -105,7 +117,8 @@ def estimate_row(argv: list[str]) -> dict:
     return {"status": "estimated", "peak_bytes": estimate.total, "peak_phase": estimate.peak_phase,
             "held_bytes": estimate.held(), "phase_peak_bytes": estimate.phase_peaks,
             "computed": [vars(part) for part in estimate.computed], "notes": estimate.notes,
-            "settings": estimate.settings, "seconds": round(time.perf_counter() - start, 1)}
+            "settings": {**estimate.settings, "model": str(estimate.settings["model"]).replace(f"{ROOT}/", "")},
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _largest_unit_bytes(model, class_names) -> int:
@@ -196,9 +209,9 @@ def render(rows: dict[str, dict]) -> str:
              "", "Setting: 1024 px (512 for SD1.5), bf16 weights, batch 1, K=1, LoRA rank 4 (attention), gradient "
              "checkpointing, PickScore (fp32), AdamW, the family's rollout defaults. GB = 1e9 bytes; the CUDA "
              "context (~0.5 GB) and allocator fragmentation come on top. 'Without text encoders': the peak less the "
-             "text encoders' weights, which a run that keeps them off the GPU between prompt encodings (or encodes "
-             "its prompts once, ahead) would not hold at the peak (it comes after the encoding): "
-             "`--offload_text_encoders`.", "",
+             "text encoders' weights, which a run that keeps them off the GPU between prompt encodings "
+             "(`--offload_text_encoders`) or encodes its prompts once, ahead (`--precompute_prompt_embeddings`), "
+             "does not hold at the peak (it comes after the encoding).", "",
              "| recipe | peak (GB) | goal (GB) | " + " | ".join(f"fits {gb} GB" for gb in CEILINGS_GB)
              + " | weights (GB) | text encoders (GB) | without text encoders (GB) | peak during "
              "| computed, not traced |",

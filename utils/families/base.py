@@ -177,7 +177,7 @@ class ModelFamily:
     ) -> ModelFamily:
         """Load the pipeline with its weights in `dtype` (the VAE in `vae_dtype`, default `dtype`), optionally with
         a replacement VAE, with `quantize_base="nf4"` the denoiser in bitsandbytes 4-bit (QLoRA; needs CUDA), and
-        `components` (name -> module) used as given, not loaded. `options`: the family's (e.g. max_sequence_length)."""
+        `components` (name -> module, or None: not loaded) used as given. `options`: the family's (`options`)."""
         from utils.toys.toy import resolve_model_path  # imports the toys' trainers: only when loading
 
         kwargs = {**cls.load_kwargs, **(components or {})}

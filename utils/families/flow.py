@@ -5,6 +5,7 @@ pipeline's own FlowMatchEulerDiscreteScheduler, prompt embeddings as the transfo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 from utils.families.base import ModelFamily
 from utils.lora.exports import export_comfyui
 from utils.lora.files import COMFYUI_WEIGHTS_NAME, LORA_WEIGHTS_NAME
+
+# Keyword arguments that are one tensor for the whole batch, not a row per prompt: FLUX.1's per-token ids ([L, 3]).
+SHARED_KWARGS = ("txt_ids",)
 
 
 @dataclass
@@ -41,9 +45,21 @@ class TransformerPromptEmbeds:
         def rep(kwargs: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
             if kwargs is None:
                 return None
-            return {k: v if k == "txt_ids" else v.repeat_interleave(n, dim=0) for k, v in kwargs.items()}
+            return {k: v if k in SHARED_KWARGS else v.repeat_interleave(n, dim=0) for k, v in kwargs.items()}
 
         return TransformerPromptEmbeds(rep(self.cond), rep(self.uncond))
+
+    @classmethod
+    def join(cls, parts: Sequence[TransformerPromptEmbeds]) -> TransformerPromptEmbeds:
+        """The conditioning of a batch from its prompts' own (each encoded alone, `--precompute_prompt_embeddings`):
+        every argument's rows in prompt order, the shared ones (`SHARED_KWARGS`) once."""
+
+        def cat(kwargs: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+            if kwargs[0] is None:
+                return None
+            return {k: v if k in SHARED_KWARGS else torch.cat([d[k] for d in kwargs]) for k, v in kwargs[0].items()}
+
+        return cls(cat([p.cond for p in parts]), cat([p.uncond for p in parts]))
 
 
 

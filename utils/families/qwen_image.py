@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 
 from utils.families.base import License, classifier_free_guidance, register
 from utils.families.flow import FlowTransformerFamily, TransformerPromptEmbeds
@@ -19,6 +22,32 @@ QWEN_IMAGE_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 # What only feeds the text stream's next block: the transformer outputs the image stream, so in the last block
 # these reach nothing (an adapter there never gets a gradient, which DDP refuses).
 TEXT_STREAM_ONLY = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+
+
+class QwenImagePromptEmbeds(TransformerPromptEmbeds):
+    """Qwen-Image's conditioning; prompts encoded alone have their own lengths and no mask (`_encode`)."""
+
+    @classmethod
+    def join(cls, parts: Sequence[TransformerPromptEmbeds]) -> QwenImagePromptEmbeds:
+        """A batch's conditioning from its prompts' own (`--precompute_prompt_embeddings`), as the pipeline pads a
+        batch: each prompt's embeddings zero-padded to the longest, the mask 0 on the padding (none if no padding)."""
+
+        def pad(kwargs: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+            if kwargs[0] is None:
+                return None
+            embeds = [d["encoder_hidden_states"] for d in kwargs]
+            length = max(e.shape[1] for e in embeds)
+            # Decided from the shapes, not the mask's values (which a memory estimate's fake tensors do not have): a
+            # prompt encoded alone is never padded, so it comes without a mask.
+            if all(e.shape[1] == length and "encoder_hidden_states_mask" not in d for d, e in zip(kwargs, embeds)):
+                return {"encoder_hidden_states": torch.cat(embeds)}
+            masks = [d.get("encoder_hidden_states_mask", torch.ones(e.shape[:2], dtype=torch.long, device=e.device))
+                     for d, e in zip(kwargs, embeds, strict=True)]
+            embeds = torch.cat([F.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds])
+            mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])
+            return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+        return cls(pad([p.cond for p in parts]), pad([p.uncond for p in parts]))
 
 
 @register
@@ -120,11 +149,11 @@ class QwenImage(FlowTransformerFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative_prompt="", guided=True, height=None, width=None
-                       ) -> TransformerPromptEmbeds:
+                       ) -> QwenImagePromptEmbeds:
         # Whether to guide is the pipeline's rule (a scale > 1 and a negative prompt), not `guided`: the
         # rollout's guidance_scale does not reach Qwen-Image.
         true_cfg = self.true_cfg_scale > 1 and bool(negative_prompt)
-        return TransformerPromptEmbeds(self._encode(prompts),
+        return QwenImagePromptEmbeds(self._encode(prompts),
                                        self._encode([negative_prompt] * len(prompts)) if true_cfg else None)
 
     def predict(self, denoiser, x_t, t, cond: TransformerPromptEmbeds, guidance_scale):

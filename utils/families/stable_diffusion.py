@@ -32,6 +32,22 @@ class PromptEmbeds:
         extra = {k: rep(v) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
         return PromptEmbeds(rep(self.encoder_hidden_states), extra, self.guided)
 
+    @classmethod
+    def join(cls, parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        """The conditioning of a batch from its prompts' own (each encoded alone, `--precompute_prompt_embeddings`),
+        in `encode_prompts`' layout: [uncond..., cond...] when guided."""
+        guided = parts[0].guided
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if not guided:
+                return torch.cat(tensors)
+            halves = [t.chunk(2) for t in tensors]
+            return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+        extra = parts[0].added_cond_kwargs
+        extra = {k: cat([p.added_cond_kwargs[k] for p in parts]) for k in extra} if extra else None
+        return cls(cat([p.encoder_hidden_states for p in parts]), extra, guided)
+
 
 
 

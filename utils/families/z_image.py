@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,12 @@ class ZImagePromptEmbeds:
             return None if embeds is None else [e for e in embeds for _ in range(n)]
 
         return ZImagePromptEmbeds(rep(self.cond), rep(self.uncond))
+
+    @classmethod
+    def join(cls, parts: Sequence[ZImagePromptEmbeds]) -> ZImagePromptEmbeds:
+        """A batch's conditioning from its prompts' own (`--precompute_prompt_embeddings`): the lists joined."""
+        uncond = None if parts[0].uncond is None else [e for p in parts for e in p.uncond]
+        return cls([e for p in parts for e in p.cond], uncond)
 
 
 @register

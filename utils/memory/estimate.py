@@ -9,14 +9,16 @@ steps are alike, so one of them is traced: the peak does not depend on T.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from utils.memory.autocast import cuda_autocast_policy
 from utils.memory.parts import ComputedPart, adam8bit_bytes, nf4_linears, nf4_parts
-from utils.memory.step import OPTIMISER, PROMPTS, traced_step
+from utils.memory.step import CACHED_PROMPTS, OPTIMISER, PROMPTS, traced_step
 from utils.memory.trace import MemoryTrace, Peak, storage_bytes
 from utils.rollout.loop import Models, RolloutConfig
 
@@ -33,6 +35,7 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     floor: int = 0  # a peak no computed part lowers (the prompt encoding's, when the text encoders are offloaded)
+    encoding_apart: bool = False  # --precompute_prompt_embeddings: the prompt encoding's peak (`floor`) is before the run
 
     @property
     def total(self) -> int:
@@ -41,8 +44,8 @@ class MemoryEstimate:
 
     @property
     def peak_phase(self) -> str:
-        """The phase of the estimated peak: the prompt encoding where the floor is above the traced peak."""
-        return PROMPTS if self.floor > self.peak.total + sum(p.bytes for p in self.computed) else self.peak.phase
+        """The phase of the step the estimated peak comes in (the prompt encoding when the floor is the peak)."""
+        return PROMPTS if self.floor > self.peak.total + sum(part.bytes for part in self.computed) else self.peak.phase
 
     def held(self) -> dict[str, int]:
         """What the peak holds, by part (computed parts under their own labels, corrections included)."""
@@ -94,6 +97,51 @@ def prepare_training(family: Any, args: Any, checked: Any) -> tuple[Models, list
     return models, lora_params, optimizer, computed
 
 
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(storage_bytes(t.untyped_storage()) for t in (*module.parameters(), *module.buffers()))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a conditioning (`family.encode_prompts`: dataclasses of tensors, dicts and lists of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj):
+        obj = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def encode_apart(trace: MemoryTrace, mode: Any, family: Any, args: Any, dtype: torch.dtype) -> tuple[int, Any]:
+    """--precompute_prompt_embeddings: the prompts are encoded before the run, alone on the GPU (`accelerator`: each
+    text encoder there for its forward calls; `cpu`: none), and the step reads its batch's cached conditioning.
+    Returns the encoding's peak (the largest text encoder's weights and the activations of encoding one prompt; with
+    --quantize_base also the nf4 denoiser, which bitsandbytes loads onto the GPU) and the batch's conditioning, counted
+    from then on; the text encoders are released and the trace's peak restarted without them."""
+    from utils.families.text_encoders import release_text_encoders
+    from utils.memory.build import ESTIMATE_PROMPT
+
+    device_autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with trace.paused(), MemoryTrace() as encoding, mode.with_real_small_numbers(), cuda_autocast_policy("cpu"), \
+            device_autocast:
+        # The weights counted apart, so that an op's view of one (a linear's transposed weight) is not counted anew.
+        for component in family.pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                encoding.register_module(component, "weights")
+        weights = encoding.current
+        one = family.encode_prompts([ESTIMATE_PROMPT], args.negative_prompt, rollout_config(args).guided,
+                                    height=args.height, width=args.width)
+    peak = 0
+    if args.precompute_prompt_embeddings != "cpu":
+        peak = max(_module_bytes(m) for m in family.text_encoders) + encoding.peak.total - weights
+    if args.quantize_base:
+        peak += _module_bytes(family.denoiser) + sum(p.bytes for p in nf4_parts(nf4_linears(family.denoiser)))
+    cond = type(one).join([one] * args.train_batch_size)
+    trace.register(_tensors(cond), CACHED_PROMPTS)
+    release_text_encoders(family, torch.device("cpu"))
+    trace.restart_peak()
+    return peak, cond
+
+
 def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
     """The peak of one training step of the run `args` describes (`train_draftplus.parse_args`), per process."""
     from rewards import build_reward_from_architectures, resolve_dtype
@@ -108,7 +156,12 @@ def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
                               vae_dtype=family_cls.vae_load_dtype(dtype), family_options=checked.family_options)
         if family.vae.dtype != family.vae_dtype(dtype):
             family.vae.to(dtype=family.vae_dtype(dtype))
+        encoding = None
+        if getattr(args, "precompute_prompt_embeddings", None):
+            encoding, cond = encode_apart(trace, mode, family, args, dtype)
         models, lora_params, optimizer, computed = prepare_training(family, args, checked)
+        if encoding is not None:
+            models.prompt_embeddings = lambda *_, **__: cond
         reward_options = {**args.reward_options,
                           **({"gradient_checkpointing": True} if args.reward_gradient_checkpointing else {})}
         reward, notes = build_reward_from_architectures(args.reward, dtype=resolve_dtype(args.reward_dtype),
@@ -118,10 +171,13 @@ def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
             traced_step(trace, models, reward, lora_params, optimizer, [ESTIMATE_PROMPT] * args.train_batch_size,
                         noise, rollout_config(args), kl_coeff=args.kl_coeff, negative_prompt=args.negative_prompt,
                         autocast_dtype=dtype if dtype != torch.float32 else None, max_grad_norm=args.max_grad_norm)
-    floor = 0
-    if getattr(args, "offload_text_encoders", False):  # on the GPU for the prompt encoding only
-        encoders = sum(storage_bytes(t.untyped_storage()) for m in family.text_encoders
-                       for t in (*m.parameters(), *m.buffers()))
+    floor, phase_peaks = encoding or 0, dict(trace.phase_peaks)
+    if encoding is not None:
+        phase_peaks[PROMPTS] = encoding
+        notes.append(f"--precompute_prompt_embeddings {args.precompute_prompt_embeddings}: the prompt encoding runs "
+                     "before the run, alone (the step holds no text encoder)")
+    elif getattr(args, "offload_text_encoders", False):  # on the GPU for the prompt encoding only
+        encoders = sum(_module_bytes(m) for m in family.text_encoders)
         floor = trace.phase_peaks.get(PROMPTS, 0) + sum(part.bytes for part in computed)
         computed.append(ComputedPart("weights: text_encoders (offloaded)", -encoders,
                                      "--offload_text_encoders: on the GPU only while they encode the prompts"))
@@ -135,4 +191,4 @@ def estimate_memory(args: Any, checked: Any) -> MemoryEstimate:
                 "gradient_checkpointing": args.gradient_checkpointing, "reward": args.reward,
                 "reward_dtype": args.reward_dtype, "rank": args.rank, "quantize_base": args.quantize_base,
                 "use_8bit_adam": args.use_8bit_adam}
-    return MemoryEstimate(trace.peak, dict(trace.phase_peaks), computed, notes, settings, floor)
+    return MemoryEstimate(trace.peak, phase_peaks, computed, notes, settings, floor, encoding is not None)

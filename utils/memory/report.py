@@ -44,8 +44,10 @@ def render(estimate: MemoryEstimate) -> str:
     lines += [f"  {k:<{width}}  {gib(v):>8}" for k, v in part_rows(estimate)]
     lines += ["", "Peak during each phase (GiB):"]
     computed = sum(p.bytes for p in estimate.computed)
-    # The prompt encoding's peak with offloaded text encoders is the floor, which holds them.
-    lines += [f"  {k:<{width}}  {gib(estimate.floor if k == PROMPTS and estimate.floor else v + computed):>8}"
+    # The prompt encoding's peak with offloaded text encoders is the floor, which holds them; encoded apart
+    # (--precompute_prompt_embeddings), the floor is that encoding's peak (0 on the CPU).
+    apart = estimate.floor or estimate.encoding_apart
+    lines += [f"  {k:<{width}}  {gib(estimate.floor if k == PROMPTS and apart else v + computed):>8}"
               for k, v in estimate.phase_peaks.items() if k in PHASES]
     if estimate.computed:
         lines += ["", "Computed, not traced:"] + [f"  {p.label}: {gib(p.bytes)} GiB ({p.how})" for p in estimate.computed]

@@ -26,6 +26,7 @@ PROMPTS, PREFIX, GRADED, REFERENCE, DECODE, REWARD, BACKWARD, UPDATE = (
     "optimiser update")
 PHASES = (PROMPTS, PREFIX, GRADED, REFERENCE, DECODE, REWARD, BACKWARD, UPDATE)
 LORA, GRADIENTS, OPTIMISER = "LoRA weights", "LoRA gradients", "optimiser state"
+CACHED_PROMPTS = "prompt embeddings (cached)"  # --precompute_prompt_embeddings: the batch's, read from the cache
 
 
 def weights_label(component: str) -> str:

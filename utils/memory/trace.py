@@ -62,6 +62,7 @@ class MemoryTrace(TorchDispatchMode):
         self.current = 0
         self.phase = SETUP
         self.active = False
+        self.counting = True
         self.peak = Peak()
         self.phase_peaks: dict[str, int] = {}
 
@@ -120,6 +121,21 @@ class MemoryTrace(TorchDispatchMode):
         record.label = label
 
     @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing allocated inside is counted (work that runs apart, e.g. alone on the GPU before the step)."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+    def restart_peak(self) -> None:
+        """The peak from now on: what is alive now, the phases' peaks forgotten (what came before was not on the
+        GPU together with what follows, e.g. the text encoders released before the run)."""
+        self.peak = Peak(self.current, self.phase, {k: v for k, v in self.live.items() if v})
+        self.phase_peaks = {}
+
+    @contextlib.contextmanager
     def in_phase(self, phase: str) -> Iterator[None]:
         """New storages are labelled `phase` while inside (restoring the previous phase after)."""
         before, self.phase = self.phase, phase
@@ -131,6 +147,8 @@ class MemoryTrace(TorchDispatchMode):
     # ------------------------------------------------------------------ the dispatch hook
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if not self.counting:  # paused
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._track(t.untyped_storage(), self.phase)

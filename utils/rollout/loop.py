@@ -72,6 +72,9 @@ class Models:
     vae: torch.nn.Module
     scheduler: Any  # the training rollout's sampler (its own instance: validation uses another)
     no_grad_denoiser: Callable | None = None  # raw_denoiser's no-grad calls, compiled (--compile; utils.rollout.compile)
+    # The prompts' conditioning computed before the run (--precompute_prompt_embeddings; utils.run.prompt_cache),
+    # called as `family.encode_prompts`; None: the family encodes each batch.
+    prompt_embeddings: Callable | None = None
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -206,7 +209,8 @@ def draftplus_step(models: Models, reward_fn: Callable, prompts: list[str], nois
 
     Returns (loss, per-image rewards, penalty); the last two detached, for logging."""
     height, width = (s * models.family.vae_scale_factor for s in noise.shape[-2:])
-    cond = models.family.encode_prompts(prompts, negative_prompt, config.guided, height=height, width=width)
+    encode = models.prompt_embeddings or models.family.encode_prompts
+    cond = encode(prompts, negative_prompt, config.guided, height=height, width=width)
     sample = rollout(models, cond, noise, config, with_reference=kl_coeff > 0, generator=generator)
     # The reward runs in its own dtype (--reward_dtype, fp32 by default), not under the denoiser's autocast.
     with record_function("draftplus/reward"), torch.autocast(noise.device.type, enabled=False):

@@ -301,6 +301,10 @@ def model_card_text(args, pipeline_class_name: str, repo_id: str | None, validat
     if getattr(args, "quantize_base", None):
         settings.append(("base weights", f"{args.quantize_base} (QLoRA): the DRaFT+ reference (adapters off) "
                                          "was the quantized base model"))
+    if getattr(args, "precompute_prompt_embeddings", None):  # the CPU rounds the embeddings as the GPU does not
+        settings.append(("prompt embeddings", f"encoded once before training, on the "
+                                              f"{'CPU' if args.precompute_prompt_embeddings == 'cpu' else 'GPU'} "
+                                              f"(`--precompute_prompt_embeddings {args.precompute_prompt_embeddings}`)"))
     settings += [(f"objective from step {c['from_step']}", paths.text(describe_changes(c["changes"])))
                  for c in objective_changes]
     lines += [f"| {name} | {value} |" for name, value in settings]

@@ -28,6 +28,7 @@ from utils.evaluation.run_settings import SETTINGS_NAME
 from utils.lora import COMFYUI_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, LORA_WEIGHTS_NAME
 from utils.run.model_card import CARD_NAME, is_draftplus_card
 from utils.run.plots import CURVES_NAME
+from utils.run.prompt_cache import CACHE_DIR as PROMPT_CACHE_DIR
 from utils.run.validation import (
     BEFORE_AFTER_NAME,
     EARLIER_LOG_PATTERN,
@@ -43,7 +44,7 @@ METRICS_NAME = "metrics.jsonl"
 RUN_FILES = (LORA_WEIGHTS_NAME, SETTINGS_NAME, KOHYA_WEIGHTS_NAME, COMFYUI_WEIGHTS_NAME, METRICS_NAME, VALIDATION_LOG, BEFORE_AFTER_NAME,
              VALIDATION_REWARD_NAME, CURVES_NAME)
 RUN_FILE_PATTERNS = (EARLIER_LOG_PATTERN.format(step="*"),)
-RUN_DIRS = (VALIDATION_DIR,)
+RUN_DIRS = (VALIDATION_DIR, PROMPT_CACHE_DIR)
 
 
 class RunDirError(UserError):

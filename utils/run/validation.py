@@ -136,6 +136,14 @@ class Rendered:
     diversity: float | None = None  # with --validation_diversity: mean over prompts of their pairwise diversity
 
 
+def sample_validation_latents(family, args, prompt: str, generators: list[torch.Generator]) -> torch.Tensor:
+    """The pipeline's latents of one validation prompt, image k from `generators[k]` (what `Validation.render`
+    decodes; `--precompute_prompt_embeddings` runs it up to the prompt encoding before the run)."""
+    return family.sample_latents(prompt, generators, negative_prompt=args.negative_prompt,
+                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                 eta=args.eta, height=args.height, width=args.width)
+
+
 class Validation:
     """Renders and logs validation images; `render_base()` once, then `__call__(step)` as often as wanted."""
 
@@ -172,11 +180,7 @@ class Validation:
                           for i in range(self.per_prompt)]
             with torch.no_grad():
                 with self.accelerator.autocast():
-                    latents = family.sample_latents(prompt, generators, negative_prompt=args.negative_prompt,
-                                                    num_inference_steps=args.num_inference_steps,
-                                                    guidance_scale=args.guidance_scale, eta=args.eta,
-                                                    height=args.height, width=args.width)
-                    batch = family.decode(self.models.vae, latents)
+                    batch = family.decode(self.models.vae, sample_validation_latents(family, args, prompt, generators))
                 rewards.append(self.reward_fn(batch, [prompt] * len(batch)).detach().float().cpu())
             images.append(batch.float().cpu())
         return Rendered(torch.cat(images), torch.cat(rewards))

@@ -480,22 +480,12 @@ def test_a_lora_changed_in_place_is_evaluated_again(tiny_sd_path, lora_dirs, tmp
     assert evaluated == []
 
 
-@pytest.mark.slow
-def test_output_dir_naming_a_file_is_one_line_before_any_model_loads(tiny_sd_path, tmp_path):
-    import subprocess
-    import sys
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
+def test_output_dir_naming_a_file_is_one_line_before_any_model_loads(tiny_sd_path, tmp_path, capsys):
+    """In this process (the command's entry point and its exit codes run as a subprocess in tests/test_readme.py)."""
     for output_dir in (tmp_path / "results.txt", tmp_path / "results.txt" / "eval"):
         (tmp_path / "results.txt").write_text("not a directory\n")
-        result = subprocess.run(
-            [sys.executable, "-m", "utils.evaluation", "--pretrained_model_name_or_path", str(tiny_sd_path),
-             "--prompts", str(prompts), "--seeds_per_prompt", "2", "--num_inference_steps", "1",
-             "--diversity_metric", "pixel_l2", "--device", "cpu", "--output_dir", str(output_dir)],
-            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2, result.stderr[-2000:]
+        assert cli(cli_args(tiny_sd_path, tmp_path, output_dir)) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(ERROR) and "not a directory" in lines[0], lines
         assert "--output_dir" in lines[0] and (tmp_path / "results.txt").read_text() == "not a directory\n"
 

@@ -253,7 +253,6 @@ def test_training_writes_grids_at_the_requested_steps_metrics_curves_and_kohya(t
     assert {"validation_reward", "reward_std", "images_per_s", "reward/redness"} <= set(events.Tags()["scalars"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("extra, expected", [
     (["--validation_steps", "2"], "--validation_steps needs --validation_prompts"),
     (["--validation_steps", "-1", "--validation_prompts", "a cat"], "--validation_steps must be >= 0"),
@@ -261,11 +260,16 @@ def test_training_writes_grids_at_the_requested_steps_metrics_curves_and_kohya(t
      "--num_validation_images must be >= 2"),
     (["--validation_diversity", "lpips", "--validation_prompts", "a cat"], "lpips_random_backbone"),
 ])
-def test_bad_validation_flags_fail_fast_with_one_line(tiny_sd_path, tmp_path, extra, expected):
+def test_bad_validation_flags_fail_fast_with_one_line(tiny_sd_path, tmp_path, extra, expected, monkeypatch, capsys):
+    """Refused by the argument check, before any model loads (in-process: the entry point's one-line refusals under
+    each launcher are tests/test_launchers.py's and tests/test_bad_input.py's)."""
+    import train_draftplus
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no LPIPS weights to be found
     out = tmp_path / "out"
-    env = {"TORCH_HOME": str(tmp_path / "empty-torch-home")}
-    result = run([sys.executable, SCRIPT, *train_args(tiny_sd_path, out, "--max_train_steps", "1", *extra)], env=env)
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    with pytest.raises(SystemExit) as exit_info:
+        train_draftplus.parse_args(train_args(tiny_sd_path, out, "--max_train_steps", "1", *extra))
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("train_draftplus.py: error:") and expected in lines[0], lines
     assert not out.exists()

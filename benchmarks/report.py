@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 FLOW_MEMORY = {"flow_memory_sd35m_cuda": "SD3.5-Medium size", "flow_memory_flux1dev_nf4_cuda": "FLUX.1-dev size, nf4",
                "flow_memory_flux1dev_cuda": "FLUX.1-dev size"}
 SECTIONS = ("tradeoff.md", "tradeoff_flow.md", "quickstart_cpu.md", "speed_memory_toy_cpu.md",
-            "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md", *(f"{stem}.md" for stem in FLOW_MEMORY), "endurance_toy_cpu.md", "mutations.md")
+            "speed_memory_sd15_cuda.md", "speed_memory_sdxl_cuda.md", *(f"{stem}.md" for stem in FLOW_MEMORY), "endurance_toy_cpu.md", "mutations.md",
+            "memory_calibration.md", "memory_table.md", "memory_sharded.md", "shard_host_memory.md")
 GPU_ONLY = {"speed_memory_sd15_cuda.md": "python -m benchmarks.speed_memory --sd15 --device cuda",
             "speed_memory_sdxl_cuda.md": "python -m benchmarks.speed_memory --sdxl --device cuda",
             "flow_memory_sd35m_cuda.md": "python -m benchmarks.flow_memory --model sd35m --device cuda",

@@ -334,6 +334,20 @@ def accumulate_gradients(accelerator: Accelerator, models: Models, reward_fn: Ca
     return totals
 
 
+def given_components(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accelerator: Accelerator,
+                     weight_dtype: torch.dtype, loads_text_encoders: bool) -> dict[str, torch.nn.Module | None]:
+    """The pipeline components this process does not read from the model's files (name -> module, or None: none):
+    off rank 0 with --shard, the modules to shard, built empty (rank 0 broadcasts their weights into the shards:
+    utils/run/empty_models.py); the text encoders, when the prompts' cached embeddings stand in for them."""
+    given: dict[str, torch.nn.Module | None] = {}
+    if args.shard and not accelerator.is_main_process:
+        given |= empty_sharded_components(checked.family, args.pretrained_model_name_or_path, args.revision,
+                                          weight_dtype)
+    if not loads_text_encoders:
+        given |= text_encoder_components(read_model_index(args.pretrained_model_name_or_path, args.revision))
+    return given
+
+
 def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accelerator: Accelerator) -> Models:
     """The model's pipeline, loaded in the run's dtype (the VAE in its family's), frozen, with the training
     rollout's sampler; with --quantize_base the denoiser's base weights in 4-bit; with
@@ -341,24 +355,18 @@ def load_models(args: argparse.Namespace, checked: arg_checks.CheckedArgs, accel
     run's) and no text encoder. Only the LoRA adapters added later train."""
     mixed = accelerator.mixed_precision
     weight_dtype = resolve_dtype(mixed) if mixed in ("fp16", "bf16") else torch.float32
-    empty = {}  # with --shard, rank 0 alone reads the weights of what is sharded (utils/run/empty_models.py)
-    if args.shard and not accelerator.is_main_process:
-        empty = empty_sharded_components(checked.family, args.pretrained_model_name_or_path, args.revision,
-                                         weight_dtype)
     cache, guided = None, RolloutConfig(guidance_scale=args.guidance_scale).guided
     if args.precompute_prompt_embeddings:  # only the main process encodes, and only when the cache is not this run's
         cache = prompt_cache.PromptEmbeddingCache(args.output_dir, prompt_cache.fingerprint(
             args, checked, weight_dtype, accelerator.device, guided))
     encode = cache is not None and accelerator.is_main_process and not cache.ready()
-    # A process that does not encode loads no text encoder: the main process's cache will hold what they give.
-    without = (text_encoder_components(read_model_index(args.pretrained_model_name_or_path, args.revision))
-               if cache is not None and not encode else None)
     try:
         family = checked.family.load(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                                      vae_name_or_path=args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
                                      vae_dtype=checked.family.vae_load_dtype(weight_dtype),
-                                     quantize_base=args.quantize_base, components={**empty, **(without or {})},
-                                     **checked.family_options)
+                                     quantize_base=args.quantize_base, **checked.family_options,
+                                     components=given_components(args, checked, accelerator, weight_dtype,
+                                                                 loads_text_encoders=cache is None or encode))
     except OSError as e:  # not on the hub, no network, a missing file: say what, not a traceback
         raise UserError(f"could not load the model {args.pretrained_model_name_or_path!r} ({first_line(e)}); "
                         "point --pretrained_model_name_or_path at a local copy (a directory saved with "
